@@ -1,0 +1,203 @@
+//! The hardware abstraction: what a GPU driver provides to the
+//! device-independent layers above it.
+//!
+//! The split follows the Linux DRM stack. The range manager (`GpuVm`) decides
+//! *what* is mapped where and is the same for every device; a [`Device`]
+//! only applies the result to its page tables, runs work on its queues, and
+//! reports recoverable faults. Policy (which faults are fatal, which are
+//! forwarded to the guest, timeouts, quotas) lives above this trait.
+//!
+//! Contract for implementors:
+//! - [`DeviceVm::unmap`] returns only when no access through the removed
+//!   translations can still happen (TLBs shot down, accesses in flight
+//!   drained): the caller may hand the pages back to the guest right away.
+//! - Every fault the device reports through [`VmEvents::faults`] stays
+//!   pending, with the work that raised it stalled, until
+//!   [`DeviceVm::reply_fault`] ends it: `Replay` retries the stalled work,
+//!   `Cancel` fails the dispatches that raised it. A fault ends exactly once.
+//! - The device never calls [`VmEvents`] while holding a lock that
+//!   [`DeviceVm`] methods take: the receiver may call back into the VM.
+//! - Guest memory is reached only through [`GuestMemory`]: a page outside
+//!   guest RAM is an error, never a host access.
+
+use std::sync::Arc;
+
+use guest_proto::signal::DispatchStatus;
+use guest_proto::{AccessFlags, FaultId, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId};
+
+/// Guest RAM as the vhost-user frontend shared it.
+pub type GuestMemory = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
+
+/// Static properties of a device, reported to the guest in the capset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Human-readable model name.
+    pub name: String,
+    /// Width of a GPU virtual address.
+    pub va_bits: u8,
+    /// Bit `n` set: the device can map pages of `1 << n` bytes.
+    pub page_sizes: u64,
+    /// Number of compute units (worker threads in the simulation).
+    pub compute_units: u32,
+    /// Most queues one VM may have.
+    pub max_queues_per_vm: u32,
+    /// Bit `1 << kernel id` for every kernel the device runs.
+    pub kernels: u64,
+    /// Whether faults stall and replay instead of killing the work.
+    pub recoverable_faults: bool,
+}
+
+/// Per-VM settings chosen by the layer above.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The guest RAM this VM's pages live in.
+    pub memory: GuestMemory,
+    /// Most faults that may be pending at once; further faulting work waits
+    /// (and retries) until earlier faults end.
+    pub max_pending_faults: u32,
+    /// Most dispatches queued or running on one queue.
+    pub max_queue_depth: u32,
+}
+
+/// Parameters of a new compute queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueDesc {
+    /// Scheduling priority, 0 (lowest) to 15.
+    pub priority: u8,
+}
+
+/// Where and what the device writes when a dispatch ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// GPU VA of a 32-byte signal slot (see `guest_proto::signal`), written
+    /// through the VM's own page tables.
+    pub signal: GpuVa,
+    /// The value stored in the slot's `value` field, last.
+    pub value: u64,
+}
+
+/// One kernel launch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dispatch {
+    /// The kernel and its (validated) arguments.
+    pub kernel: Kernel,
+    /// The signal to write on completion, if any.
+    pub completion: Option<Completion>,
+    /// Opaque value handed back in [`VmEvents::dispatch_done`].
+    pub tag: u64,
+}
+
+/// A recoverable fault as the device reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// Unique for the lifetime of the VM.
+    pub id: FaultId,
+    /// The queue whose work faulted first.
+    pub queue: QueueId,
+    /// The faulting page (page-aligned).
+    pub va: GpuVa,
+    /// Union of the accesses that hit this page while the fault was pending.
+    pub access: AccessFlags,
+    /// How many accesses were merged into this record (at least 1).
+    pub merged: u32,
+}
+
+/// How a pending fault ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultReply {
+    /// The translation was fixed: retry the stalled work.
+    Replay,
+    /// Fail every dispatch stalled on the fault with this status.
+    Cancel(DispatchStatus),
+}
+
+/// Errors a device reports to the layer above.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The VA range is outside what the page tables can address, or wraps.
+    #[error("GPU VA range {va}+{len:#x} is outside the device's address space")]
+    VaOutOfRange {
+        /// Start of the range.
+        va: GpuVa,
+        /// Length of the range.
+        len: u64,
+    },
+    /// An address or size is not a multiple of the page size.
+    #[error("{what} {value:#x} is not page aligned")]
+    Misaligned {
+        /// Which argument.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// A page to be mapped is not inside guest RAM.
+    #[error("guest-physical page {0} is not guest RAM")]
+    NotGuestRam(GuestPhysAddr),
+    /// The queue does not exist in this VM.
+    #[error("unknown queue {0:?}")]
+    UnknownQueue(QueueId),
+    /// The fault does not exist or has already ended.
+    #[error("unknown fault {0:?}")]
+    UnknownFault(FaultId),
+    /// A per-VM limit was reached.
+    #[error("{0} limit reached")]
+    Limit(&'static str),
+    /// The kernel is not supported or its arguments are invalid.
+    #[error("invalid dispatch: {0}")]
+    InvalidDispatch(&'static str),
+    /// The VM has been shut down.
+    #[error("VM is shut down")]
+    Shutdown,
+}
+
+/// Notifications from a device VM to the layer above (the "interrupt
+/// handler"). Called from device threads, never with device locks held.
+pub trait VmEvents: Send + Sync {
+    /// New faults, in the order they were raised. Each stays pending until
+    /// [`DeviceVm::reply_fault`] ends it.
+    fn faults(&self, batch: &[FaultRecord]);
+
+    /// A dispatch ended; its completion signal (if any) has been written.
+    fn dispatch_done(&self, queue: QueueId, tag: u64, status: DispatchStatus);
+}
+
+/// A GPU driver: creates one address space per guest context.
+pub trait Device: Send + Sync {
+    /// Static properties.
+    fn info(&self) -> &DeviceInfo;
+
+    /// Creates an empty address space with its own page tables.
+    fn create_vm(
+        &self,
+        config: VmConfig,
+        events: Arc<dyn VmEvents>,
+    ) -> Result<Arc<dyn DeviceVm>, DeviceError>;
+}
+
+/// One GPU address space on the device, with its queues.
+pub trait DeviceVm: Send + Sync {
+    /// Maps `pages.len()` pages at `va` (page-aligned) with `perms`,
+    /// replacing nothing: the range must be unmapped.
+    fn map(&self, va: GpuVa, pages: &[GuestPhysAddr], perms: Perms) -> Result<(), DeviceError>;
+
+    /// Removes every translation in `[va, va + len)`. Returns when no access
+    /// through them can happen any more.
+    fn unmap(&self, va: GpuVa, len: u64) -> Result<(), DeviceError>;
+
+    /// Creates a compute queue.
+    fn create_queue(&self, desc: QueueDesc) -> Result<QueueId, DeviceError>;
+
+    /// Destroys a queue: its queued and running dispatches end `Cancelled`,
+    /// faults only they were waiting on end. Returns when the queue is idle.
+    fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError>;
+
+    /// Queues a dispatch; dispatches on one queue run in order.
+    fn dispatch(&self, queue: QueueId, dispatch: Dispatch) -> Result<(), DeviceError>;
+
+    /// Ends a pending fault.
+    fn reply_fault(&self, fault: FaultId, reply: FaultReply) -> Result<(), DeviceError>;
+
+    /// Cancels all work and pending faults and releases the page tables.
+    /// Returns when nothing of this VM runs any more. Idempotent.
+    fn shutdown(&self);
+}

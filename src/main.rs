@@ -1,0 +1,6 @@
+//! vhost-gpu-nc: a vhost-user virtio-gpu device backend with native GPU
+//! compute contexts.
+fn main() {
+    eprintln!("vhost-gpu-nc: not yet functional");
+    std::process::exit(1);
+}
