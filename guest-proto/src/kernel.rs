@@ -6,9 +6,12 @@
 //! writes on two ranges (copy), atomics from many compute units (atomic add),
 //! floating point read-modify-write (saxpy), data-dependent addresses
 //! (gather) and a serial chain of dependent loads across pages (pointer
-//! chase). `docs/protocol.md` gives their wire layouts.
+//! chase). `docs/protocol.md` section 10 gives their argument blocks,
+//! which [`Kernel::decode_args`] and [`Kernel::write_args`] read and write.
 
+use crate::error::DecodeError;
 use crate::types::GpuVa;
+use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
 
 /// Wire ids of the kernels (the `kernel` field of a DISPATCH request).
 pub mod id {
@@ -24,6 +27,36 @@ pub mod id {
     pub const GATHER: u32 = 5;
     /// [`super::Kernel::PointerChase`]
     pub const POINTER_CHASE: u32 = 6;
+}
+
+/// Size in bytes of each kernel's argument block (section 10).
+pub mod args_len {
+    /// `dst, count, value, reserved`
+    pub const FILL: usize = 24;
+    /// `dst, src, size`
+    pub const COPY: usize = 24;
+    /// `counters, items, addend, num_counters, reserved`
+    pub const ATOMIC_ADD: usize = 32;
+    /// `x, y, count, a, reserved`
+    pub const SAXPY: usize = 32;
+    /// `dst, src, indices, count`
+    pub const GATHER: usize = 32;
+    /// `head, max_steps, result`
+    pub const POINTER_CHASE: usize = 24;
+}
+
+/// The size of the argument block of kernel `kernel_id`, or `None` for an
+/// undefined kernel.
+pub const fn args_len_of(kernel_id: u32) -> Option<usize> {
+    match kernel_id {
+        id::FILL => Some(args_len::FILL),
+        id::COPY => Some(args_len::COPY),
+        id::ATOMIC_ADD => Some(args_len::ATOMIC_ADD),
+        id::SAXPY => Some(args_len::SAXPY),
+        id::GATHER => Some(args_len::GATHER),
+        id::POINTER_CHASE => Some(args_len::POINTER_CHASE),
+        _ => None,
+    }
 }
 
 /// Bit `1 << id` for every kernel the simulated GPU runs (the capset's
@@ -126,6 +159,9 @@ pub enum KernelArgError {
     /// An array would run past the end of the 64-bit address space.
     #[error("array {0} wraps around the address space")]
     Overflow(&'static str),
+    /// Two arrays that must be disjoint share bytes.
+    #[error("array {0} overlaps another argument array")]
+    Overlap(&'static str),
 }
 
 impl Kernel {
@@ -141,6 +177,138 @@ impl Kernel {
         }
     }
 
+    /// The size of this kernel's argument block.
+    pub const fn args_len(&self) -> usize {
+        match self {
+            Kernel::Fill { .. } => args_len::FILL,
+            Kernel::Copy { .. } => args_len::COPY,
+            Kernel::AtomicAdd { .. } => args_len::ATOMIC_ADD,
+            Kernel::Saxpy { .. } => args_len::SAXPY,
+            Kernel::Gather { .. } => args_len::GATHER,
+            Kernel::PointerChase { .. } => args_len::POINTER_CHASE,
+        }
+    }
+
+    /// Decodes the argument block `args` of kernel `kernel_id` and
+    /// validates it ([`Kernel::validate`]). `args` must be exactly the
+    /// kernel's block; reserved fields must be zero.
+    pub fn decode_args(kernel_id: u32, args: &[u8]) -> Result<Kernel, DecodeError> {
+        let expected = args_len_of(kernel_id).ok_or(DecodeError::InvalidValue {
+            field: "kernel",
+            value: u64::from(kernel_id),
+        })?;
+        if args.len() != expected {
+            return Err(DecodeError::WrongLength {
+                expected,
+                actual: args.len(),
+            });
+        }
+        let va = |off| u64_at(args, off).map(GpuVa);
+        let kernel = match kernel_id {
+            id::FILL => {
+                reserved_at(args, 20, 4, "fill.reserved")?;
+                Kernel::Fill {
+                    dst: va(0)?,
+                    count: u64_at(args, 8)?,
+                    value: u32_at(args, 16)?,
+                }
+            }
+            id::COPY => Kernel::Copy {
+                dst: va(0)?,
+                src: va(8)?,
+                size: u64_at(args, 16)?,
+            },
+            id::ATOMIC_ADD => {
+                reserved_at(args, 28, 4, "atomic_add.reserved")?;
+                Kernel::AtomicAdd {
+                    counters: va(0)?,
+                    items: u64_at(args, 8)?,
+                    addend: u64_at(args, 16)?,
+                    num_counters: u32_at(args, 24)?,
+                }
+            }
+            id::SAXPY => {
+                reserved_at(args, 28, 4, "saxpy.reserved")?;
+                Kernel::Saxpy {
+                    x: va(0)?,
+                    y: va(8)?,
+                    count: u64_at(args, 16)?,
+                    a: f32::from_bits(u32_at(args, 24)?),
+                }
+            }
+            id::GATHER => Kernel::Gather {
+                dst: va(0)?,
+                src: va(8)?,
+                indices: va(16)?,
+                count: u64_at(args, 24)?,
+            },
+            _ => Kernel::PointerChase {
+                head: va(0)?,
+                max_steps: u64_at(args, 8)?,
+                result: va(16)?,
+            },
+        };
+        kernel.validate()?;
+        Ok(kernel)
+    }
+
+    /// Writes the argument block into the first [`Kernel::args_len`] bytes
+    /// of `buf`, reserved fields zero.
+    pub fn write_args(&self, buf: &mut [u8]) {
+        match *self {
+            Kernel::Fill { dst, count, value } => {
+                put_u64(buf, 0, dst.raw());
+                put_u64(buf, 8, count);
+                put_u32(buf, 16, value);
+                put_u32(buf, 20, 0);
+            }
+            Kernel::Copy { dst, src, size } => {
+                put_u64(buf, 0, dst.raw());
+                put_u64(buf, 8, src.raw());
+                put_u64(buf, 16, size);
+            }
+            Kernel::AtomicAdd {
+                counters,
+                num_counters,
+                items,
+                addend,
+            } => {
+                put_u64(buf, 0, counters.raw());
+                put_u64(buf, 8, items);
+                put_u64(buf, 16, addend);
+                put_u32(buf, 24, num_counters);
+                put_u32(buf, 28, 0);
+            }
+            Kernel::Saxpy { x, y, count, a } => {
+                put_u64(buf, 0, x.raw());
+                put_u64(buf, 8, y.raw());
+                put_u64(buf, 16, count);
+                put_u32(buf, 24, a.to_bits());
+                put_u32(buf, 28, 0);
+            }
+            Kernel::Gather {
+                dst,
+                src,
+                indices,
+                count,
+            } => {
+                put_u64(buf, 0, dst.raw());
+                put_u64(buf, 8, src.raw());
+                put_u64(buf, 16, indices.raw());
+                put_u64(buf, 24, count);
+            }
+            Kernel::PointerChase {
+                head,
+                max_steps,
+                result,
+            } => {
+                put_u64(buf, 0, head.raw());
+                put_u64(buf, 8, max_steps);
+                put_u64(buf, 16, result.raw());
+            }
+        }
+    }
+
     /// Checks alignment, counts and that every array fits in the address
     /// space. A kernel that passes can be executed without any overflowing
     /// address arithmetic.
@@ -153,7 +321,15 @@ impl Kernel {
             Kernel::Copy { dst, src, size } => {
                 check_count("size", size)?;
                 check_array("dst", dst, size, 1)?;
-                check_array("src", src, size, 1)
+                check_array("src", src, size, 1)?;
+                // Both ranges fit below 2^64 (checked above).
+                let disjoint = dst.raw().saturating_add(size) <= src.raw()
+                    || src.raw().saturating_add(size) <= dst.raw();
+                if disjoint {
+                    Ok(())
+                } else {
+                    Err(KernelArgError::Overlap("src"))
+                }
             }
             Kernel::AtomicAdd {
                 counters,

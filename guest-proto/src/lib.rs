@@ -10,14 +10,48 @@
 //! The types and the codec build with `no_std` + `alloc`, so a guest kernel
 //! driver could use them. With the `guest` feature the crate also carries a
 //! Linux guest runtime over the virtio-gpu DRM UAPI.
-#![cfg_attr(not(feature = "std"), no_std)]
+//!
+//! # The codec
+//!
+//! The device side reads hostile bytes. Its entry points never panic, never
+//! index out of bounds, never overflow, and never allocate: they borrow the
+//! input and decode lazily.
+//! - [`stream::RequestStream`] splits a `SUBMIT_3D` payload into
+//!   [`stream::Framed`] requests, telling a lost framing apart from an
+//!   invalid request (section 3.3).
+//! - [`command::Request::decode`] decodes one request with every check that
+//!   needs no device state; a failure is a [`error::DecodeError`] whose
+//!   [`status`](error::DecodeError::status) is the reply's status.
+//! - [`reply::Reply::encode`], [`capset::Capset::encode`],
+//!   [`fault::FaultRecord::encode`], [`signal::SignalSlot::encode`] produce
+//!   what the device writes into guest memory.
+//!
+//! The guest side builds streams with [`writer::RequestWriter`] and reads
+//! what the device wrote with [`capset::Capset::decode`],
+//! [`reply::Reply::decode`], [`fault::FaultRecord::decode`] and
+//! [`signal::SignalSlot::decode`].
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;
 
+pub mod attr;
+pub mod bind;
+pub mod capset;
+pub mod command;
+pub mod error;
+pub mod fault;
+pub mod header;
 pub mod kernel;
+pub mod reply;
 pub mod signal;
+pub mod stream;
 pub mod types;
+mod wire;
+pub mod writer;
 
+pub use command::{Command, Request};
+pub use error::{DecodeError, EncodeError};
+pub use header::{NO_REPLY, Status};
 pub use kernel::Kernel;
 pub use signal::DispatchStatus;
 pub use types::{

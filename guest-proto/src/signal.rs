@@ -18,6 +18,10 @@
 //! The guest reads `value` with acquire ordering; once it equals the
 //! completion value of the dispatch, `status` and `error_va` are valid.
 
+use crate::error::DecodeError;
+use crate::types::{GpuVa, SignalIndex};
+use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
+
 /// Size of one signal slot in bytes.
 pub const SIGNAL_SLOT_SIZE: u64 = 32;
 /// Offset of `value` in a slot.
@@ -58,6 +62,55 @@ impl DispatchStatus {
             4 => DispatchStatus::Cancelled,
             5 => DispatchStatus::DeviceError,
             _ => return None,
+        })
+    }
+}
+
+/// Offset of slot `index` in the signal area.
+pub const fn signal_slot_offset(index: SignalIndex) -> u64 {
+    index.0 as u64 * SIGNAL_SLOT_SIZE
+}
+
+/// The contents of a signal slot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct SignalSlot {
+    /// The completion value of the dispatch that ended.
+    pub value: u64,
+    /// How it ended.
+    pub status: DispatchStatus,
+    /// The faulting VA for `FAULT_*` statuses, else 0.
+    pub error_va: GpuVa,
+}
+
+impl SignalSlot {
+    /// The 32 bytes of the slot, reserved fields zero. The device stores
+    /// `value` (bytes 0..8) last, with release ordering.
+    pub fn encode(&self) -> [u8; SIGNAL_SLOT_SIZE as usize] {
+        let mut b = [0u8; SIGNAL_SLOT_SIZE as usize];
+        put_u64(&mut b, SIGNAL_VALUE_OFFSET as usize, self.value);
+        put_u32(&mut b, SIGNAL_STATUS_OFFSET as usize, self.status as u32);
+        put_u64(&mut b, SIGNAL_ERROR_VA_OFFSET as usize, self.error_va.raw());
+        b
+    }
+
+    /// Reads a slot: a defined status, reserved fields zero.
+    pub fn decode(bytes: &[u8]) -> Result<SignalSlot, DecodeError> {
+        if bytes.len() < SIGNAL_SLOT_SIZE as usize {
+            return Err(DecodeError::TooShort {
+                needed: SIGNAL_SLOT_SIZE as usize,
+                actual: bytes.len(),
+            });
+        }
+        let raw_status = u32_at(bytes, SIGNAL_STATUS_OFFSET as usize)?;
+        reserved_at(bytes, 12, 4, "signal.reserved12")?;
+        reserved_at(bytes, 24, 8, "signal.reserved24")?;
+        Ok(SignalSlot {
+            value: u64_at(bytes, SIGNAL_VALUE_OFFSET as usize)?,
+            status: DispatchStatus::from_u32(raw_status).ok_or(DecodeError::InvalidValue {
+                field: "signal.status",
+                value: u64::from(raw_status),
+            })?,
+            error_va: GpuVa(u64_at(bytes, SIGNAL_ERROR_VA_OFFSET as usize)?),
         })
     }
 }
