@@ -13,7 +13,7 @@ use core::ops::Range;
 
 use crate::capset::DEFAULT_MAX_REQUEST_BYTES;
 use crate::command::{Command, DecodeLimits, Request};
-use crate::error::EncodeError;
+use crate::error::{DecodeError, EncodeError};
 use crate::header::{NO_REPLY, REQUEST_ALIGN};
 
 /// What the guest needs to find the answer to a request it queued.
@@ -129,8 +129,7 @@ impl RequestWriter {
         let seqno = self.next_seqno;
         let start = self.buf.len();
         request.encode(seqno, reply_off.unwrap_or(NO_REPLY), &mut self.buf)?;
-        let written = self.buf.get(start..).unwrap_or_default();
-        if let Err(e) = Request::decode_with(written, &self.limits) {
+        if let Err(e) = self.check_appended(start) {
             self.buf.truncate(start);
             return Err(EncodeError::Invalid(e));
         }
@@ -148,6 +147,18 @@ impl RequestWriter {
             reply_off,
             reply_len,
         })
+    }
+
+    /// Decodes the request appended at `start` the way the device will,
+    /// including every op of a `VM_BIND` (which the device decodes lazily).
+    fn check_appended(&self, start: usize) -> Result<(), DecodeError> {
+        let written = self.buf.get(start..).unwrap_or_default();
+        if let Request::VmBind(bind) = Request::decode_with(written, &self.limits)? {
+            for op in bind.ops() {
+                op?;
+            }
+        }
+        Ok(())
     }
 
     /// The payload so far.
