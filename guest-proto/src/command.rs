@@ -302,10 +302,14 @@ impl SessionInit {
 
     /// The reply region of a `SESSION_INIT` request whose decoding failed,
     /// if that region alone is valid: section 5.2 writes the error reply
-    /// there when the resource holds it.
+    /// there when the resource holds it. Only a version 1 request of the
+    /// version 1 length has a known reply region.
     pub fn reply_region_of(bytes: &[u8]) -> Option<Region> {
         let header = RequestHeader::decode(bytes).ok()?;
-        if header.cmd != Command::SessionInit.as_u32() || bytes.len() != SESSION_INIT_LEN {
+        if header.cmd != Command::SessionInit.as_u32()
+            || bytes.len() != SESSION_INIT_LEN
+            || u16_at(bytes, 16).ok()? != VERSION_MAJOR
+        {
             return None;
         }
         let reply = Region::decode_at(bytes, 32, &REPLY_NAMES).ok()?;
