@@ -1,0 +1,78 @@
+//! The context's inbox for device events.
+//!
+//! Device threads report faults and finished dispatches here and return at
+//! once: they never wait for the thread that drives the context (which may
+//! itself be waiting for the device, in an unmap's shootdown). The driving
+//! thread drains the inbox in [`ComputeContext::pump`](super::ComputeContext::pump).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use guest_proto::{DispatchStatus, QueueId};
+use parking_lot::Mutex;
+
+use super::NOTIFY_TAG;
+use crate::device::{FaultRecord, VmEvents};
+
+/// Wakes the thread that drives a context (for example by writing an
+/// eventfd); called from device threads.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Events a device VM reported and the context has not taken yet.
+pub(crate) struct EventInbox {
+    faults: Mutex<Vec<FaultRecord>>,
+    dispatches_done: AtomicU64,
+    notify: AtomicBool,
+    waker: Option<Waker>,
+}
+
+impl EventInbox {
+    pub(crate) fn new(waker: Option<Waker>) -> EventInbox {
+        EventInbox {
+            faults: Mutex::new(Vec::new()),
+            dispatches_done: AtomicU64::new(0),
+            notify: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// Takes the faults reported so far, in order.
+    pub(crate) fn take_faults(&self) -> Vec<FaultRecord> {
+        std::mem::take(&mut *self.faults.lock())
+    }
+
+    pub(crate) fn has_faults(&self) -> bool {
+        !self.faults.lock().is_empty()
+    }
+
+    pub(crate) fn take_notify(&self) -> bool {
+        self.notify.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn dispatches_done(&self) -> u64 {
+        self.dispatches_done.load(Ordering::Acquire)
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            waker();
+        }
+    }
+}
+
+impl VmEvents for EventInbox {
+    fn faults(&self, batch: &[FaultRecord]) {
+        // Bounded: the device keeps at most `max_pending_faults` faults
+        // pending, and reports each once.
+        self.faults.lock().extend_from_slice(batch);
+        self.wake();
+    }
+
+    fn dispatch_done(&self, _queue: QueueId, tag: u64, _status: DispatchStatus) {
+        self.dispatches_done.fetch_add(1, Ordering::AcqRel);
+        if tag & NOTIFY_TAG != 0 {
+            self.notify.store(true, Ordering::Release);
+        }
+        self.wake();
+    }
+}

@@ -1,0 +1,369 @@
+//! A native-context session: one guest context's GPU VM, queues and shared
+//! memory, and the execution of its requests (docs/protocol.md 5).
+//!
+//! A session starts with `SESSION_INIT`, which names three regions of guest
+//! resources: the reply buffer, the fault ring and the signal area. From
+//! then on every request's reply goes into the reply buffer (payload first,
+//! `seqno` last with release ordering), forwarded faults go into the fault
+//! ring, and the device writes completion signals into the signal area
+//! through the session's own GPU VM, where the signal area is mapped in the
+//! reserved range.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpu_backend::context::{
+    BoundBytesQuota, ComputeContext, ContextConfig, ContextError, DispatchRequest, GuestAnswer,
+};
+use gpu_backend::gpuvm::{AttrUpdate, VaLayout};
+use gpu_backend::{Completion, Device, GuestMemory};
+use guest_proto::command::{Dispatch, Profile, SessionInit};
+use guest_proto::fault::FaultOutcome;
+use guest_proto::reply::{
+    DeviceQueryReply, FaultReplyAck, QueueCreateReply, Reply, ReplyPayload, SessionInitReply,
+    VmBindReply,
+};
+use guest_proto::signal::SIGNAL_SLOT_SIZE;
+use guest_proto::{GpuVa, PAGE_SIZE, Perms, Request, ResourceId, Status};
+
+use super::region::{GuestRegion, RegionError};
+use super::resources::Resources;
+use super::ring::FaultRingWriter;
+use crate::compute::FenceRef;
+
+/// Limits and settings every session of a guest shares.
+#[derive(Clone, Debug)]
+pub struct SessionLimits {
+    /// VA layout.
+    pub layout: VaLayout,
+    /// Fault answer deadline.
+    pub fault_timeout: Duration,
+    /// Pending faults per session.
+    pub max_pending_faults: u32,
+    /// Dispatches per queue.
+    pub max_queue_depth: u32,
+    /// Queues per session.
+    pub max_queues: u32,
+}
+
+/// What a session needs from its surroundings to start.
+#[derive(Debug)]
+pub struct SessionEnv<'a> {
+    /// The GPU.
+    pub device: &'a dyn Device,
+    /// Guest RAM.
+    pub memory: &'a GuestMemory,
+    /// Limits.
+    pub limits: &'a SessionLimits,
+    /// The guest's bound-bytes allowance.
+    pub quota: &'a Arc<BoundBytesQuota>,
+    /// Resources attached to the context.
+    pub resources: &'a Resources,
+    /// Whether the context was created for our capset (CONTEXT_INIT).
+    pub native_capable: bool,
+}
+
+/// One live session.
+#[derive(Debug)]
+pub struct Session {
+    ctx: ComputeContext,
+    profile: Profile,
+    reply: GuestRegion,
+    ring: FaultRingWriter,
+    signal_slots: u32,
+    signals_va: GpuVa,
+    region_resources: [ResourceId; 3],
+    lost_replies: u32,
+    ring_capacity: u32,
+    held_event: Option<FenceRef>,
+    /// A `NOTIFY` dispatch ended while no `EVENT_ARM` was held.
+    pending_notify: bool,
+}
+
+fn region_status(e: RegionError) -> Status {
+    match e {
+        RegionError::OutOfRange { .. } | RegionError::NotGuestRam(_) => Status::OutOfRange,
+        RegionError::Unaligned(_) => Status::Misaligned,
+    }
+}
+
+impl Session {
+    /// Starts a session as `init` asks. On error, the status for the reply.
+    pub fn start(init: &SessionInit, env: &SessionEnv<'_>) -> Result<Session, Status> {
+        if matches!(init.profile, Profile::Native { .. }) && !env.native_capable {
+            return Err(Status::Version);
+        }
+        let region = |r: &guest_proto::command::Region| -> Result<GuestRegion, Status> {
+            let backing = env.resources.backing(r.resource).ok_or(Status::UnknownResource)?;
+            GuestRegion::new(env.memory.clone(), &backing, r.offset, r.size).map_err(region_status)
+        };
+        let reply = region(&init.reply)?;
+        let ring_region = region(&init.fault_ring)?;
+        let _signals = region(&init.signals)?;
+        let layout = init.fault_ring_layout().ok_or(Status::InvalidArgument)?;
+        let signal_slots = init.signal_slots().ok_or(Status::InvalidArgument)?;
+
+        let limits = env.limits;
+        let config = ContextConfig {
+            layout: limits.layout.clone(),
+            fault_timeout: limits.fault_timeout,
+            max_pending_faults: limits.max_pending_faults,
+            max_queue_depth: limits.max_queue_depth,
+            max_queues: limits.max_queues,
+            bound_quota: env.quota.clone(),
+            waker: None,
+        };
+        let mut ctx = ComputeContext::new(env.device, env.memory.clone(), config)
+            .map_err(|e| e.status())?;
+
+        // The signal area goes into the reserved range, page-granular.
+        let sig = init.signals;
+        let first = sig.offset - sig.offset % PAGE_SIZE;
+        let end = sig
+            .end()
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+            .ok_or(Status::OutOfRange)?;
+        let base = limits.layout.reserved.start;
+        ctx.map_reserved(base, end - first, sig.resource, first, Perms::RW, env.resources)
+            .map_err(|e| e.status())?;
+        let signals_va = GpuVa(base.raw() + sig.offset % PAGE_SIZE);
+
+        let ring = FaultRingWriter::init(ring_region, layout).ok_or(Status::OutOfRange)?;
+        Ok(Session {
+            ctx,
+            profile: init.profile,
+            reply,
+            ring,
+            signal_slots,
+            signals_va,
+            region_resources: [init.reply.resource, init.fault_ring.resource, sig.resource],
+            lost_replies: 0,
+            ring_capacity: layout.capacity(),
+            held_event: None,
+            pending_notify: false,
+        })
+    }
+
+    /// The reply to a successful start.
+    pub fn init_reply(&self, seqno: u32) -> Reply {
+        Reply {
+            seqno,
+            status: Status::Ok,
+            payload: ReplyPayload::SessionInit(SessionInitReply {
+                fault_ring_capacity: self.ring_capacity(),
+                signal_slots: self.signal_slots,
+                signals_va: self.signals_va,
+            }),
+        }
+    }
+
+    fn ring_capacity(&self) -> u32 {
+        self.ring_capacity
+    }
+
+    /// The profile.
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+
+    /// Whether resource `id` holds one of the session's regions.
+    pub fn uses_resource(&self, id: ResourceId) -> bool {
+        self.region_resources.contains(&id)
+    }
+
+    /// The reply buffer's size.
+    pub fn reply_size(&self) -> u64 {
+        self.reply.size()
+    }
+
+    /// A request was not executed because its reply had no place.
+    pub fn count_lost_reply(&mut self) {
+        self.lost_replies = self.lost_replies.saturating_add(1);
+    }
+
+    /// Writes `reply` at `offset` in the reply buffer: everything after the
+    /// `seqno` first, then the `seqno` with release ordering.
+    pub fn write_reply(&self, offset: u32, reply: &Reply) -> bool {
+        let encoded = reply.encode();
+        let off = u64::from(offset);
+        self.reply.write(off + 4, encoded.after_seqno())
+            && self.reply.store_u32_release(off, encoded.seqno())
+    }
+
+    /// Runs one decoded request (not `SESSION_INIT`/`SESSION_DESTROY`/
+    /// `EVENT_ARM`, which need the caller) and returns its reply.
+    pub fn execute(&mut self, seqno: u32, request: &Request<'_>, res: &Resources) -> Reply {
+        let cmd = request.command().as_u32();
+        let result = match request {
+            Request::SessionInit(_) => Err(Status::SessionActive),
+            Request::DeviceQuery => Ok(ReplyPayload::DeviceQuery(self.query())),
+            Request::VmBind(bind) => return self.vm_bind(seqno, bind, res),
+            Request::RangeAttr(attr) => {
+                let a = attr.attrs;
+                let update = AttrUpdate {
+                    access: a.access,
+                    fault_policy: a.fault_policy,
+                    granule_shift: a.granule_shift,
+                };
+                let prefetch = a.prefetch == Some(true);
+                self.ctx
+                    .set_attrs(attr.va, attr.size, update, prefetch)
+                    .map(|()| ReplyPayload::RangeAttr)
+                    .map_err(|e| e.status())
+            }
+            Request::QueueCreate(q) => self
+                .ctx
+                .create_queue(q.priority)
+                .map(|queue| ReplyPayload::QueueCreate(QueueCreateReply { queue }))
+                .map_err(|e| e.status()),
+            Request::QueueDestroy(q) => self
+                .ctx
+                .destroy_queue(q.queue)
+                .map(|()| ReplyPayload::QueueDestroy)
+                .map_err(|e| e.status()),
+            Request::Dispatch(d) => self.dispatch(d).map(|()| ReplyPayload::Dispatch),
+            Request::FaultReply(f) => {
+                let mut ack = FaultReplyAck::default();
+                for entry in f.entries() {
+                    let answer = match entry.outcome {
+                        FaultOutcome::Resolved => GuestAnswer::Resolved,
+                        FaultOutcome::Rejected => GuestAnswer::Rejected,
+                    };
+                    if self.ctx.answer_fault(entry.fault_id, answer) {
+                        ack.accepted += 1;
+                    } else {
+                        ack.unknown += 1;
+                    }
+                }
+                let status = if ack.unknown == 0 {
+                    Status::Ok
+                } else {
+                    Status::UnknownFault
+                };
+                return Reply {
+                    seqno,
+                    status,
+                    payload: ReplyPayload::FaultReply(ack),
+                };
+            }
+            Request::SessionDestroy | Request::EventArm => Err(Status::InvalidArgument),
+        };
+        match result {
+            Ok(payload) => Reply {
+                seqno,
+                status: Status::Ok,
+                payload,
+            },
+            Err(status) => Reply::error(seqno, cmd, status),
+        }
+    }
+
+    fn vm_bind(
+        &mut self,
+        seqno: u32,
+        bind: &guest_proto::bind::VmBind<'_>,
+        res: &Resources,
+    ) -> Reply {
+        let mut status = Status::Ok;
+        let mut ops_done = 0u32;
+        for op in bind.ops() {
+            let result = match op {
+                Ok(op) => self.ctx.bind(&op, res).map_err(|e: ContextError| {
+                    log::debug!("VM_BIND op {ops_done}: {e}");
+                    e.status()
+                }),
+                Err(e) => Err(e.status()),
+            };
+            if let Err(s) = result {
+                status = s;
+                break;
+            }
+            ops_done += 1;
+        }
+        Reply {
+            seqno,
+            status,
+            payload: ReplyPayload::VmBind(VmBindReply {
+                ops_done,
+                bound_bytes: self.ctx.stats().bound_bytes,
+            }),
+        }
+    }
+
+    fn dispatch(&mut self, d: &Dispatch) -> Result<(), Status> {
+        let completion = match d.signal {
+            None => None,
+            Some(index) if index.0 < self.signal_slots => Some(Completion {
+                signal: GpuVa(
+                    self.signals_va.raw() + u64::from(index.0) * SIGNAL_SLOT_SIZE,
+                ),
+                value: d.completion_value,
+            }),
+            Some(_) => return Err(Status::BadSignal),
+        };
+        let notify = d.notify && matches!(self.profile, Profile::Native { .. });
+        self.ctx
+            .dispatch(DispatchRequest {
+                queue: d.queue,
+                kernel: d.kernel,
+                completion,
+                notify,
+            })
+            .map_err(|e| e.status())
+    }
+
+    fn query(&self) -> DeviceQueryReply {
+        let s = self.ctx.stats();
+        DeviceQueryReply {
+            faults_raised: s.faults.raised,
+            faults_resolved: s.faults.resolved,
+            faults_rejected: s.faults.rejected,
+            faults_timed_out: s.faults.timed_out,
+            faults_cancelled: s.faults.cancelled,
+            dispatches_done: s.dispatches_done,
+            bound_bytes: s.bound_bytes,
+            queues: s.queues,
+            lost_replies: self.lost_replies,
+        }
+    }
+
+    /// Unmaps everything backed by `id`.
+    pub fn unmap_resource(&mut self, id: ResourceId) {
+        self.ctx.unmap_resource(id);
+    }
+
+    /// Moves device events into the fault ring; returns a held event fence
+    /// that is now due.
+    pub fn pump(&mut self, now: std::time::Instant) -> Option<FenceRef> {
+        self.ctx.pump(&mut self.ring, now);
+        let notified = self.ctx.take_notify();
+        if self.held_event.is_some() && (notified || self.ring.has_unread()) {
+            return self.held_event.take();
+        }
+        if notified {
+            self.pending_notify = true;
+        }
+        None
+    }
+
+    /// `EVENT_ARM` with `fence`: returns the fences to complete now (a
+    /// previously held one, and this one if an event is already pending);
+    /// holds `fence` otherwise.
+    pub fn arm_event(&mut self, fence: FenceRef) -> (Option<FenceRef>, bool) {
+        let previous = self.held_event.take();
+        let due = std::mem::take(&mut self.pending_notify) || self.ring.has_unread();
+        if due {
+            (previous, false)
+        } else {
+            self.held_event = Some(fence);
+            (previous, true)
+        }
+    }
+
+    /// Ends the session: cancels all work and faults, unmaps everything.
+    /// Returns the held event fence, to be completed.
+    pub fn destroy(mut self) -> Option<FenceRef> {
+        self.ctx.shutdown();
+        self.held_event.take()
+    }
+}

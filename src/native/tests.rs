@@ -1,0 +1,454 @@
+//! The compute layer without virtqueues: a guest driver played in-process
+//! against the simulated GPU and real guest RAM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpu_backend::sim::{SimConfig, SimGpu};
+use guest_proto::bind::{BindOp, PageList as WirePages, VmBind};
+use guest_proto::command::{Dispatch, Profile, QueueCreate, Region, SessionInit};
+use guest_proto::fault::{
+    FAULT_RING_HEAD_OFFSET, FAULT_RING_TAIL_OFFSET, FaultCause, FaultOutcome,
+    FaultRecord as WireFault, FaultReply, FaultReplyEntry, FaultRingLayout,
+};
+use guest_proto::reply::{Reply, ReplyPayload};
+use guest_proto::signal::SignalSlot;
+use guest_proto::writer::RequestWriter;
+use guest_proto::{
+    DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId, Request, ResourceId, SignalIndex,
+    Status,
+};
+use parking_lot::Mutex;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::{NativeConfig, NativeContexts};
+use crate::compute::{
+    Backing, ComputeContexts, ComputeError, ContextInit, CtxId, FenceCompleter,
+    FenceDisposition, FenceRef, ResourceKind, ResourceView,
+};
+
+const RAM: u64 = 64 << 20;
+const REPLY_SIZE: u64 = 4096;
+const RING_CAP: u32 = 64;
+const SIGNAL_SLOTS: u64 = 64;
+const RING_OFF: u64 = 4096;
+const SIGNALS_OFF: u64 = 8192;
+
+#[derive(Default)]
+struct Fences(Mutex<Vec<FenceRef>>);
+
+impl FenceCompleter for Fences {
+    fn complete(&self, fence: FenceRef) {
+        self.0.lock().push(fence);
+    }
+}
+
+/// A guest: RAM, a page allocator, and its resources.
+struct Guest {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    next_free: u64,
+    fences: Arc<Fences>,
+    nc: NativeContexts,
+}
+
+/// One context with a session.
+struct Client {
+    ctx: CtxId,
+    session_res: ResourceId,
+    session_gpa: u64,
+    writer_seq: u32,
+    head: u32,
+}
+
+impl Guest {
+    fn new(config: NativeConfig) -> Guest {
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        let device = SimGpu::new(SimConfig {
+            compute_units: 2,
+            ..SimConfig::default()
+        });
+        let fences = Arc::new(Fences::default());
+        let mut nc = NativeContexts::new(device, config, fences.clone());
+        nc.set_memory(mem.clone());
+        Guest {
+            mem,
+            next_free: 0x10_0000,
+            fences,
+            nc,
+        }
+    }
+
+    fn alloc(&mut self, bytes: u64) -> u64 {
+        let gpa = self.next_free;
+        self.next_free += bytes.next_multiple_of(4096);
+        assert!(self.next_free <= RAM);
+        gpa
+    }
+
+    fn resource(&mut self, ctx: CtxId, id: u32, bytes: u64) -> u64 {
+        let gpa = self.alloc(bytes);
+        let view = ResourceView {
+            id: ResourceId(id),
+            kind: ResourceKind::Buffer3d,
+            size: bytes,
+            backing: Some(Arc::new(Backing {
+                entries: vec![(GuestAddress(gpa), bytes as u32)],
+            })),
+        };
+        self.nc.attach_resource(ctx, &view).unwrap();
+        gpa
+    }
+
+    fn read<const N: usize>(&self, gpa: u64) -> [u8; N] {
+        let mut b = [0u8; N];
+        self.mem.memory().read_slice(&mut b, GuestAddress(gpa)).unwrap();
+        b
+    }
+
+    fn u32_at(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.read::<4>(gpa))
+    }
+
+    fn open(&mut self, ctx: u32, init: ContextInit, profile: Profile) -> Client {
+        let ctx = CtxId(ctx);
+        self.nc.create_context(ctx, init, "test").unwrap();
+        let session_res = ResourceId(ctx.0 * 100);
+        let session_gpa = self.resource(ctx, session_res.0, 16384);
+        let mut client = Client {
+            ctx,
+            session_res,
+            session_gpa,
+            writer_seq: 1,
+            head: 0,
+        };
+        let ring_size = FaultRingLayout::new(RING_CAP).unwrap().size();
+        let init = SessionInit::new(
+            profile,
+            Region { resource: session_res, offset: 0, size: REPLY_SIZE },
+            Region { resource: session_res, offset: RING_OFF, size: ring_size },
+            Region { resource: session_res, offset: SIGNALS_OFF, size: SIGNAL_SLOTS * 32 },
+        );
+        let reply = self.call(&mut client, &Request::SessionInit(init));
+        assert_eq!(reply.status, Status::Ok, "SESSION_INIT");
+        client
+    }
+
+    /// Sends one request and returns its reply.
+    fn call(&mut self, c: &mut Client, request: &Request<'_>) -> Reply {
+        self.call_fenced(c, request, None).1
+    }
+
+    fn call_fenced(
+        &mut self,
+        c: &mut Client,
+        request: &Request<'_>,
+        fence: Option<FenceRef>,
+    ) -> (Result<FenceDisposition, ComputeError>, Reply) {
+        let mut w = RequestWriter::new(0..REPLY_SIZE as u32).with_first_seqno(c.writer_seq);
+        let ticket = w.push(request).unwrap();
+        c.writer_seq = w.next_seqno();
+        let result = self.nc.submit(c.ctx, w.as_bytes(), fence);
+        let off = c.session_gpa + u64::from(ticket.reply_off.unwrap());
+        let bytes = self.read::<80>(off);
+        (result, Reply::decode(&bytes).unwrap())
+    }
+
+    fn signal(&self, c: &Client, slot: u64) -> SignalSlot {
+        SignalSlot::decode(&self.read::<32>(c.session_gpa + SIGNALS_OFF + slot * 32)).unwrap()
+    }
+
+    /// Ticks the compute layer until the signal reaches `value`.
+    fn wait_signal(&mut self, c: &Client, slot: u64, value: u64) -> SignalSlot {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.nc.tick();
+            let s = self.signal(c, slot);
+            if s.value == value {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "signal {slot} never reached {value}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// New fault records since the last call.
+    fn take_faults(&mut self, c: &mut Client) -> Vec<WireFault> {
+        self.nc.tick();
+        let ring = c.session_gpa + RING_OFF;
+        let tail = self.u32_at(ring + FAULT_RING_TAIL_OFFSET);
+        let layout = FaultRingLayout::new(RING_CAP).unwrap();
+        let mut out = Vec::new();
+        while c.head != tail {
+            let rec = self.read::<32>(ring + layout.record_offset(c.head));
+            out.push(WireFault::decode(&rec).unwrap());
+            c.head = c.head.wrapping_add(1);
+        }
+        self.mem
+            .memory()
+            .write_obj(c.head, GuestAddress(ring + FAULT_RING_HEAD_OFFSET))
+            .unwrap();
+        out
+    }
+
+    fn create_queue(&mut self, c: &mut Client) -> QueueId {
+        let r = self.call(c, &Request::QueueCreate(QueueCreate { priority: 0 }));
+        assert_eq!(r.status, Status::Ok);
+        let ReplyPayload::QueueCreate(q) = r.payload else { panic!() };
+        q.queue
+    }
+
+    fn fill(&mut self, c: &mut Client, q: QueueId, va: u64, count: u64, slot: u32, value: u64) -> Status {
+        let d = Dispatch {
+            queue: q,
+            kernel: Kernel::Fill { dst: GpuVa(va), count, value: 0xC0DE_0000 | slot },
+            signal: Some(SignalIndex(slot)),
+            notify: false,
+            completion_value: value,
+        };
+        self.call(c, &Request::Dispatch(d)).status
+    }
+
+    fn bind(&mut self, c: &mut Client, op: BindOp<'_>) -> Reply {
+        let ops = [op];
+        self.call(c, &Request::VmBind(VmBind::new(&ops)))
+    }
+
+    fn answer(&mut self, c: &mut Client, id: guest_proto::FaultId, outcome: FaultOutcome) -> Reply {
+        let entries = [FaultReplyEntry { fault_id: id, outcome }];
+        self.call(c, &Request::FaultReply(FaultReply::new(&entries)))
+    }
+}
+
+fn compat() -> ContextInit {
+    ContextInit { capset_id: None }
+}
+
+#[test]
+fn bind_and_dispatch_write_guest_memory() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let data = g.resource(c.ctx, 2, 1 << 20);
+    let r = g.bind(
+        &mut c,
+        BindOp::MapResource {
+            va: GpuVa(0x1000_0000),
+            size: 1 << 20,
+            perms: Perms::RW,
+            resource: ResourceId(2),
+            offset: 0,
+        },
+    );
+    assert_eq!(r.status, Status::Ok);
+    let ReplyPayload::VmBind(b) = r.payload else { panic!() };
+    assert_eq!((b.ops_done, b.bound_bytes), (1, 1 << 20));
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.fill(&mut c, q, 0x1000_0000, (1 << 20) / 4, 3, 7), Status::Ok);
+    let s = g.wait_signal(&c, 3, 7);
+    assert_eq!(s.status, DispatchStatus::Ok);
+    for at in [0u64, 4, 0x8_0000, (1 << 20) - 4] {
+        assert_eq!(g.u32_at(data + at), 0xC0DE_0003, "offset {at:#x}");
+    }
+    assert_eq!(g.u32_at(data + (1 << 20)), 0, "past the buffer");
+}
+
+#[test]
+fn forwarded_faults_are_resolved_by_binding_pages() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    let va = 0x2000_0000u64;
+    assert_eq!(g.fill(&mut c, q, va, 4 * 1024, 1, 11), Status::Ok);
+    let mut backing = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.signal(&c, 1).value != 11 {
+        for f in g.take_faults(&mut c) {
+            assert!(matches!(f.cause, FaultCause::Access { .. }));
+            let page = g.alloc(4096);
+            backing.insert(f.va.raw(), page);
+            let pages = [GuestPhysAddr(page)];
+            let r = g.bind(
+                &mut c,
+                BindOp::MapPages { va: f.va, perms: Perms::RW, pages: WirePages::new(&pages) },
+            );
+            assert_eq!(r.status, Status::Ok);
+            assert_eq!(g.answer(&mut c, f.fault_id, FaultOutcome::Resolved).status, Status::Ok);
+        }
+        assert!(Instant::now() < deadline, "fill never completed");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(g.signal(&c, 1).status, DispatchStatus::Ok);
+    assert_eq!(backing.len(), 4, "one fault per page");
+    for (page_va, gpa) in &backing {
+        assert!(*page_va >= va && *page_va < va + 16384);
+        assert_eq!(g.u32_at(*gpa), 0xC0DE_0001);
+        assert_eq!(g.u32_at(*gpa + 4092), 0xC0DE_0001);
+    }
+    let r = g.call(&mut c, &Request::DeviceQuery);
+    let ReplyPayload::DeviceQuery(stats) = r.payload else { panic!() };
+    assert_eq!(stats.faults_resolved, 4);
+    assert_eq!(stats.faults_raised, 4);
+    assert_eq!(stats.bound_bytes, 4 * 4096);
+}
+
+#[test]
+fn rejected_and_fatal_faults_fail_the_work() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 2, 5), Status::Ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let faults = loop {
+        let f = g.take_faults(&mut c);
+        if !f.is_empty() {
+            break f;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    assert_eq!(faults[0].va, GpuVa(0x3000_0000));
+    g.answer(&mut c, faults[0].fault_id, FaultOutcome::Rejected);
+    let s = g.wait_signal(&c, 2, 5);
+    assert_eq!(s.status, DispatchStatus::FaultRejected);
+    assert_eq!(s.error_va, GpuVa(0x3000_0000));
+    // A late second answer is unknown.
+    let late = g.answer(&mut c, faults[0].fault_id, FaultOutcome::Resolved);
+    assert_eq!(late.status, Status::UnknownFault);
+
+    // The NULL guard is never forwarded.
+    assert_eq!(g.fill(&mut c, q, 0x1000, 16, 4, 9), Status::Ok);
+    let s = g.wait_signal(&c, 4, 9);
+    assert_eq!(s.status, DispatchStatus::FaultFatal);
+    assert!(g.take_faults(&mut c).is_empty());
+}
+
+#[test]
+fn contexts_cannot_reach_each_other() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut a = g.open(1, compat(), Profile::Compat);
+    let mut b = g.open(2, compat(), Profile::Compat);
+    g.resource(a.ctx, 7, 1 << 16);
+    let qa = g.create_queue(&mut a);
+    let r = g.bind(
+        &mut b,
+        BindOp::MapResource {
+            va: GpuVa(0x1000_0000),
+            size: 4096,
+            perms: Perms::RW,
+            resource: ResourceId(7),
+            offset: 0,
+        },
+    );
+    assert_eq!(r.status, Status::UnknownResource);
+    assert_eq!(g.fill(&mut b, qa, 0x1000_0000, 16, 0, 1), Status::UnknownQueue);
+    // A's session memory is A's: B cannot use it as its own region either.
+    let stolen = Region { resource: a.session_res, offset: 0, size: 4096 };
+    assert!(g.nc.contexts[&b.ctx].resources.backing(stolen.resource).is_none());
+}
+
+#[test]
+fn native_event_fence_is_held_until_a_fault_is_pending() {
+    let mut g = Guest::new(NativeConfig::default());
+    let init = ContextInit { capset_id: Some(guest_proto::capset::VGNC_CAPSET_ID) };
+    let mut c = g.open(1, init, Profile::Native { event_ring: 1 });
+    let q = g.create_queue(&mut c);
+    let fence = FenceRef { ctx: c.ctx, fence_id: 40, ring_idx: Some(1) };
+    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    w.push_no_reply(&Request::EventArm).unwrap();
+    assert_eq!(g.nc.submit(c.ctx, w.as_bytes(), Some(fence)), Ok(FenceDisposition::Hold));
+    g.nc.tick();
+    assert!(g.fences.0.lock().is_empty(), "nothing pending yet");
+    assert_eq!(g.fill(&mut c, q, 0x4000_0000, 16, 0, 1), Status::Ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.fences.0.lock().is_empty() {
+        g.nc.tick();
+        assert!(Instant::now() < deadline, "event fence never completed");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(g.fences.0.lock().as_slice(), &[fence]);
+    // Unconsumed records: a new arm completes at once.
+    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    w.push_no_reply(&Request::EventArm).unwrap();
+    let again = FenceRef { fence_id: 41, ..fence };
+    assert_eq!(g.nc.submit(c.ctx, w.as_bytes(), Some(again)), Ok(FenceDisposition::SignalNow));
+}
+
+#[test]
+fn compat_sessions_are_refused_the_native_profile_and_events() {
+    let mut g = Guest::new(NativeConfig::default());
+    g.nc.create_context(CtxId(5), compat(), "x").unwrap();
+    let gpa = g.resource(CtxId(5), 9, 16384);
+    let init = SessionInit::new(
+        Profile::Native { event_ring: 1 },
+        Region { resource: ResourceId(9), offset: 0, size: REPLY_SIZE },
+        Region { resource: ResourceId(9), offset: RING_OFF, size: FaultRingLayout::new(RING_CAP).unwrap().size() },
+        Region { resource: ResourceId(9), offset: SIGNALS_OFF, size: 2048 },
+    );
+    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    let t = w.push(&Request::SessionInit(init)).unwrap();
+    assert_eq!(g.nc.submit(CtxId(5), w.as_bytes(), None), Err(ComputeError::InvalidParameter));
+    let reply = Reply::decode(&g.read::<32>(gpa + u64::from(t.reply_off.unwrap()))).unwrap();
+    assert_eq!(reply.status, Status::Version);
+}
+
+#[test]
+fn malformed_streams_get_errors_and_the_session_survives() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    // Unknown command, well framed: an error reply, processing goes on.
+    let mut raw = Vec::new();
+    raw.extend_from_slice(&0x7777u32.to_le_bytes());
+    raw.extend_from_slice(&16u32.to_le_bytes());
+    raw.extend_from_slice(&900u32.to_le_bytes());
+    raw.extend_from_slice(&64u32.to_le_bytes());
+    assert_eq!(g.nc.submit(c.ctx, &raw, None), Ok(FenceDisposition::SignalNow));
+    let reply = Reply::decode(&g.read::<16>(c.session_gpa + 64)).unwrap();
+    assert_eq!((reply.seqno, reply.status), (900, Status::UnknownCommand));
+    // Broken framing fails the submit.
+    assert_eq!(g.nc.submit(c.ctx, &[1, 2, 3], None), Err(ComputeError::InvalidParameter));
+    // Unknown context.
+    assert_eq!(g.nc.submit(CtxId(99), &raw, None), Err(ComputeError::InvalidContext));
+    // Still serving.
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.call(&mut c, &Request::DeviceQuery).status, Status::Ok);
+    assert_ne!(q, QueueId(u32::MAX));
+}
+
+#[test]
+fn destroying_a_context_with_pending_faults_cancels_its_work() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.fill(&mut c, q, 0x5000_0000, 4096, 6, 3), Status::Ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.take_faults(&mut c).is_empty() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    g.nc.destroy_context(c.ctx);
+    let s = g.signal(&c, 6);
+    assert_eq!((s.value, s.status), (3, DispatchStatus::Cancelled));
+    // The guest's next context works.
+    let mut d = g.open(2, compat(), Profile::Compat);
+    assert_eq!(g.call(&mut d, &Request::DeviceQuery).status, Status::Ok);
+}
+
+#[test]
+fn bound_bytes_are_a_per_guest_quota() {
+    let config = NativeConfig { max_bound_bytes: 8192, ..NativeConfig::default() };
+    let mut g = Guest::new(config);
+    let mut a = g.open(1, compat(), Profile::Compat);
+    let mut b = g.open(2, compat(), Profile::Compat);
+    let page = g.alloc(8192);
+    let pa = [GuestPhysAddr(page)];
+    let pb = [GuestPhysAddr(page + 4096)];
+    let map = |va, pages| BindOp::MapPages { va: GpuVa(va), perms: Perms::RW, pages };
+    assert_eq!(g.bind(&mut a, map(0x1000_0000, WirePages::new(&pa))).status, Status::Ok);
+    assert_eq!(g.bind(&mut b, map(0x1000_0000, WirePages::new(&pb))).status, Status::Ok);
+    assert_eq!(g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status, Status::Quota);
+    // Remapping in place costs nothing; unmapping gives it back.
+    assert_eq!(g.bind(&mut a, map(0x1000_0000, WirePages::new(&pb))).status, Status::Ok);
+    let unmap = BindOp::Unmap { va: GpuVa(0x1000_0000), size: 4096 };
+    assert_eq!(g.bind(&mut a, unmap).status, Status::Ok);
+    assert_eq!(g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status, Status::Ok);
+}

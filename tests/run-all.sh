@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh checkout:
+#   1. installs what the QEMU suite needs (QEMU 10.0, the Debian 6.12 guest
+#      kernel and its virtio-gpu modules, busybox-static, cpio, the musl
+#      target) - idempotent, fast when everything is there;
+#   2. formatting, lints and every Rust test of the workspace (unit, codec,
+#      property, backend fault lifecycle, the in-process vhost-user harness);
+#   3. the QEMU-driven end-to-end suite against the real daemon.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+echo "== setup"
+tests/qemu/setup.sh
+
+echo "== cargo fmt / clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace --locked
+
+echo "== QEMU suite"
+tests/qemu/run-suite.sh
