@@ -171,8 +171,7 @@ pub trait ComputeContexts: Send {
 
     /// `CTX_ATTACH_RESOURCE`, and again with fresh `backing` whenever an
     /// attached resource's backing changes (`ATTACH_BACKING` after attach).
-    fn attach_resource(&mut self, ctx: CtxId, resource: &ResourceView)
-    -> Result<(), ComputeError>;
+    fn attach_resource(&mut self, ctx: CtxId, resource: &ResourceView) -> Result<(), ComputeError>;
 
     /// `CTX_DETACH_RESOURCE`, `DETACH_BACKING` or `RESOURCE_UNREF` of a
     /// resource attached to `ctx`: the context must stop using its memory

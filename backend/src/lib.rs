@@ -5,10 +5,16 @@
 //!
 //! - [`device`]: the [`Device`](device::Device) trait, the contract a GPU
 //!   driver fulfils (page-table updates, compute queues, recoverable faults).
+//! - [`gpuvm`]: the per-context range manager (drm_gpuvm split/merge
+//!   semantics, prepare/commit) and range attributes.
+//! - [`context`]: the device-independent driver layer of one guest context:
+//!   bind, fault policy and forwarding, quotas.
 //! - [`sim`]: the simulated GPU, the daemon's default device: multi-level page
 //!   tables, per-compute-unit TLBs, compute queues running the protocol's
 //!   kernel set, and retry faults with replay and cancel.
+pub mod context;
 pub mod device;
+pub mod gpuvm;
 
 pub use device::{
     Completion, Device, DeviceError, DeviceInfo, DeviceVm, Dispatch, FaultRecord, FaultReply,

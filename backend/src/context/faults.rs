@@ -67,7 +67,9 @@ struct Granule {
 
 impl Granule {
     fn of(va: GpuVa, shift: u8) -> Granule {
-        let mask = 1u64.checked_shl(u32::from(shift)).map_or(u64::MAX, |g| g - 1);
+        let mask = 1u64
+            .checked_shl(u32::from(shift))
+            .map_or(u64::MAX, |g| g - 1);
         Granule {
             base: va.raw() & !mask,
             shift,
@@ -325,16 +327,29 @@ mod tests {
         t.add_device_fault(&dev(10, 0x20_0000, AccessFlags::READ), 21, now);
         t.add_device_fault(&dev(11, 0x20_1000, AccessFlags::WRITE), 21, now);
         t.add_device_fault(&dev(12, 0x40_0000, AccessFlags::READ), 21, now);
-        let mut ring = VecRing { records: vec![], capacity: 8, dropped: 0 };
+        let mut ring = VecRing {
+            records: vec![],
+            capacity: 8,
+            dropped: 0,
+        };
         assert_eq!(t.flush(&mut ring), 2);
         assert_eq!(ring.records[0].va, GpuVa(0x20_0000));
         assert_eq!(
             ring.records[0].cause,
-            FaultCause::Access { queue: QueueId(1), access: AccessFlags::READ.union(AccessFlags::WRITE), merged: 2 }
+            FaultCause::Access {
+                queue: QueueId(1),
+                access: AccessFlags::READ.union(AccessFlags::WRITE),
+                merged: 2
+            }
         );
-        let ends = t.answer(ring.records[0].fault_id, GuestAnswer::Resolved).unwrap();
+        let ends = t
+            .answer(ring.records[0].fault_id, GuestAnswer::Resolved)
+            .unwrap();
         assert_eq!(ends, vec![FaultId(10), FaultId(11)]);
-        assert_eq!(t.answer(ring.records[0].fault_id, GuestAnswer::Resolved), None);
+        assert_eq!(
+            t.answer(ring.records[0].fault_id, GuestAnswer::Resolved),
+            None
+        );
         assert_eq!(t.counters().resolved, 1);
         assert_eq!(t.pending(), 1);
     }
@@ -346,7 +361,11 @@ mod tests {
         for i in 0..5u64 {
             t.add_device_fault(&dev(i, 0x10_0000 + i * 0x1000, AccessFlags::READ), 12, now);
         }
-        let mut ring = VecRing { records: vec![], capacity: 2, dropped: 0 };
+        let mut ring = VecRing {
+            records: vec![],
+            capacity: 2,
+            dropped: 0,
+        };
         assert_eq!(t.flush(&mut ring), 2);
         assert_eq!(ring.dropped, 1);
         assert_eq!(t.deferred(), 3);
@@ -363,7 +382,11 @@ mod tests {
         let start = Instant::now();
         let mut t = FaultTracker::new(16, Duration::from_millis(10));
         t.add_device_fault(&dev(1, 0x1000_0000, AccessFlags::READ), 12, start);
-        t.add_device_fault(&dev(2, 0x2000_0000, AccessFlags::READ), 12, start + Duration::from_millis(8));
+        t.add_device_fault(
+            &dev(2, 0x2000_0000, AccessFlags::READ),
+            12,
+            start + Duration::from_millis(8),
+        );
         let expired = t.expire(start + Duration::from_millis(12));
         assert_eq!(expired, vec![(GpuVa(0x1000_0000), FaultId(1))]);
         assert_eq!(t.cancel_all(), vec![FaultId(2)]);
@@ -381,9 +404,16 @@ mod tests {
         assert!(!t.add_prefetch(GpuVa(0x3000), 12, now));
         assert!(t.add_prefetch(GpuVa(0x4000), 12, now));
         assert!(!t.add_prefetch(GpuVa(0x5000), 12, now));
-        let mut ring = VecRing { records: vec![], capacity: 8, dropped: 0 };
+        let mut ring = VecRing {
+            records: vec![],
+            capacity: 8,
+            dropped: 0,
+        };
         t.flush(&mut ring);
         assert_eq!(ring.records[1].cause, FaultCause::Prefetch);
-        assert_eq!(t.answer(ring.records[1].fault_id, GuestAnswer::Resolved), Some(vec![]));
+        assert_eq!(
+            t.answer(ring.records[1].fault_id, GuestAnswer::Resolved),
+            Some(vec![])
+        );
     }
 }

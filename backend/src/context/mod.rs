@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_proto::bind::BindOp;
-use guest_proto::{FaultId, FaultPolicy, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, QueueId, Status};
 use guest_proto::{DispatchStatus, Perms, ResourceId};
+use guest_proto::{FaultId, FaultPolicy, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, QueueId, Status};
 
 use crate::device::{
     Completion, Device, DeviceError, DeviceVm, Dispatch, FaultReply, GuestMemory, QueueDesc,
@@ -164,7 +164,7 @@ impl ContextError {
 
 fn gpuvm_status(e: &GpuVmError) -> Status {
     match e {
-        GpuVmError::ZeroSize | GpuVmError::EmptyPerms | GpuVmError::BadGranule(_) => {
+        GpuVmError::ZeroSize(_) | GpuVmError::EmptyPerms | GpuVmError::BadGranule(_) => {
             Status::InvalidArgument
         }
         GpuVmError::Misaligned { .. } => Status::Misaligned,
@@ -283,13 +283,31 @@ impl ComputeContext {
                     id: resource,
                     offset,
                 };
-                self.map(MapRequest { va, size, backing, perms }, res, false)
+                self.map(
+                    MapRequest {
+                        va,
+                        size,
+                        backing,
+                        perms,
+                    },
+                    res,
+                    false,
+                )
             }
             BindOp::MapPages { va, perms, pages } => {
                 let list: Vec<GuestPhysAddr> = pages.iter().collect();
                 let size = pages.size();
                 let backing = Backing::Pages(PageList::new(list));
-                self.map(MapRequest { va, size, backing, perms }, res, false)
+                self.map(
+                    MapRequest {
+                        va,
+                        size,
+                        backing,
+                        perms,
+                    },
+                    res,
+                    false,
+                )
             }
             BindOp::Unmap { va, size } => self.unmap(va, size),
         }
@@ -308,7 +326,16 @@ impl ComputeContext {
     ) -> Result<(), ContextError> {
         self.check_live()?;
         let backing = Backing::Resource { id, offset };
-        self.map(MapRequest { va, size, backing, perms }, res, true)
+        self.map(
+            MapRequest {
+                va,
+                size,
+                backing,
+                perms,
+            },
+            res,
+            true,
+        )
     }
 
     fn map(
@@ -615,12 +642,13 @@ fn map_on_device(
                 res.pages(*id, offset.saturating_add(byte_off), n, &mut chunk)?;
             }
             Backing::Pages(list) => {
-                let pages = list.pages().get(done..done + n).ok_or(ContextError::Device(
-                    DeviceError::VaOutOfRange {
+                let pages = list
+                    .pages()
+                    .get(done..done + n)
+                    .ok_or(ContextError::Device(DeviceError::VaOutOfRange {
                         va: req.va,
                         len: req.size,
-                    },
-                ))?;
+                    }))?;
                 chunk.extend_from_slice(pages);
             }
         }
