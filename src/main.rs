@@ -3,6 +3,7 @@
 #![allow(dead_code)] // until the virtio-gpu layer lands
 
 mod compute;
+mod native;
 
 fn main() {
     eprintln!("vhost-gpu-nc: not yet functional");

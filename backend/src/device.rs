@@ -130,6 +130,9 @@ pub enum DeviceError {
         /// Its value.
         value: u64,
     },
+    /// A page in the range is already mapped (`map` replaces nothing).
+    #[error("GPU VA {0} is already mapped")]
+    AlreadyMapped(GpuVa),
     /// A page to be mapped is not inside guest RAM.
     #[error("guest-physical page {0} is not guest RAM")]
     NotGuestRam(GuestPhysAddr),

@@ -15,6 +15,7 @@
 pub mod context;
 pub mod device;
 pub mod gpuvm;
+pub mod sim;
 
 pub use device::{
     Completion, Device, DeviceError, DeviceInfo, DeviceVm, Dispatch, FaultRecord, FaultReply,

@@ -33,8 +33,8 @@ use guest_proto::stream::{Framed, RequestStream};
 use guest_proto::{Request, ResourceId, Status};
 
 use crate::compute::{
-    CapsetInfo, ComputeContexts, ComputeError, ComputeFactory, ContextInit, CtxId,
-    FenceCompleter, FenceDisposition, FenceRef, ResourceView,
+    CapsetInfo, ComputeContexts, ComputeError, ComputeFactory, ContextInit, CtxId, FenceCompleter,
+    FenceDisposition, FenceRef, ResourceView,
 };
 use region::GuestRegion;
 use resources::Resources;
@@ -77,7 +77,11 @@ impl Default for NativeConfig {
 /// The factory the daemon calls for every connection.
 pub fn factory(device: Arc<dyn Device>, config: NativeConfig) -> ComputeFactory {
     Arc::new(move |completer| {
-        Box::new(NativeContexts::new(device.clone(), config.clone(), completer))
+        Box::new(NativeContexts::new(
+            device.clone(),
+            config.clone(),
+            completer,
+        ))
     })
 }
 
@@ -266,8 +270,7 @@ impl NativeContexts {
         };
         match result {
             Ok(session) => {
-                if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(session.reply_size())
-                {
+                if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(session.reply_size()) {
                     session.write_reply(offset, &session.init_reply(header.seqno));
                 }
                 c.session = Some(session);
@@ -412,11 +415,7 @@ impl ComputeContexts for NativeContexts {
         self.contexts.remove(&ctx);
     }
 
-    fn attach_resource(
-        &mut self,
-        ctx: CtxId,
-        resource: &ResourceView,
-    ) -> Result<(), ComputeError> {
+    fn attach_resource(&mut self, ctx: CtxId, resource: &ResourceView) -> Result<(), ComputeError> {
         if !self.contexts.contains_key(&ctx) {
             return Err(ComputeError::InvalidContext);
         }
@@ -498,7 +497,10 @@ impl NativeContexts {
             return;
         };
         if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(session.reply_size()) {
-            session.write_reply(offset, &Reply::error(header.seqno, header.cmd, lost.status()));
+            session.write_reply(
+                offset,
+                &Reply::error(header.seqno, header.cmd, lost.status()),
+            );
         }
     }
 }

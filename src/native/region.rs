@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use gpu_backend::GuestMemory;
 use guest_proto::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory as _};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend as _};
 
 use crate::compute::Backing;
 
@@ -132,6 +132,12 @@ impl GuestRegion {
         self.size
     }
 
+    /// Whether `len` bytes at `off` lie inside the region.
+    fn fits(&self, off: u64, len: usize) -> bool {
+        off.checked_add(len as u64)
+            .is_some_and(|end| end <= self.size)
+    }
+
     /// The guest-physical address of byte `off`, if inside the region.
     fn addr(&self, off: u64) -> Option<GuestAddress> {
         if off >= self.size {
@@ -144,6 +150,9 @@ impl GuestRegion {
 
     /// Writes `bytes` at `off`; false if they do not fit or memory failed.
     pub fn write(&self, off: u64, bytes: &[u8]) -> bool {
+        if !self.fits(off, bytes.len()) {
+            return false;
+        }
         let mem = self.memory.memory();
         let mut done = 0usize;
         while done < bytes.len() {
@@ -166,6 +175,9 @@ impl GuestRegion {
 
     /// Fills `buf` from `off`; false if it does not fit.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+        if !self.fits(off, buf.len()) {
+            return false;
+        }
         let mem = self.memory.memory();
         let mut done = 0usize;
         while done < buf.len() {
@@ -222,7 +234,10 @@ mod tests {
 
     fn backing(entries: &[(u64, u32)]) -> Backing {
         Backing {
-            entries: entries.iter().map(|(a, l)| (GuestAddress(*a), *l)).collect(),
+            entries: entries
+                .iter()
+                .map(|(a, l)| (GuestAddress(*a), *l))
+                .collect(),
         }
     }
 

@@ -67,6 +67,7 @@ impl FaultRing for FaultRingWriter {
             return false;
         }
         self.tail = self.tail.wrapping_add(1);
-        self.region.store_u32_release(FAULT_RING_TAIL_OFFSET, self.tail)
+        self.region
+            .store_u32_release(FAULT_RING_TAIL_OFFSET, self.tail)
     }
 }

@@ -47,7 +47,7 @@ pub struct SessionLimits {
 }
 
 /// What a session needs from its surroundings to start.
-#[derive(Debug)]
+#[allow(missing_debug_implementations)]
 pub struct SessionEnv<'a> {
     /// The GPU.
     pub device: &'a dyn Device,
@@ -94,7 +94,10 @@ impl Session {
             return Err(Status::Version);
         }
         let region = |r: &guest_proto::command::Region| -> Result<GuestRegion, Status> {
-            let backing = env.resources.backing(r.resource).ok_or(Status::UnknownResource)?;
+            let backing = env
+                .resources
+                .backing(r.resource)
+                .ok_or(Status::UnknownResource)?;
             GuestRegion::new(env.memory.clone(), &backing, r.offset, r.size).map_err(region_status)
         };
         let reply = region(&init.reply)?;
@@ -113,8 +116,8 @@ impl Session {
             bound_quota: env.quota.clone(),
             waker: None,
         };
-        let mut ctx = ComputeContext::new(env.device, env.memory.clone(), config)
-            .map_err(|e| e.status())?;
+        let mut ctx =
+            ComputeContext::new(env.device, env.memory.clone(), config).map_err(|e| e.status())?;
 
         // The signal area goes into the reserved range, page-granular.
         let sig = init.signals;
@@ -124,8 +127,15 @@ impl Session {
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
             .ok_or(Status::OutOfRange)?;
         let base = limits.layout.reserved.start;
-        ctx.map_reserved(base, end - first, sig.resource, first, Perms::RW, env.resources)
-            .map_err(|e| e.status())?;
+        ctx.map_reserved(
+            base,
+            end - first,
+            sig.resource,
+            first,
+            Perms::RW,
+            env.resources,
+        )
+        .map_err(|e| e.status())?;
         let signals_va = GpuVa(base.raw() + sig.offset % PAGE_SIZE);
 
         let ring = FaultRingWriter::init(ring_region, layout).ok_or(Status::OutOfRange)?;
@@ -294,9 +304,7 @@ impl Session {
         let completion = match d.signal {
             None => None,
             Some(index) if index.0 < self.signal_slots => Some(Completion {
-                signal: GpuVa(
-                    self.signals_va.raw() + u64::from(index.0) * SIGNAL_SLOT_SIZE,
-                ),
+                signal: GpuVa(self.signals_va.raw() + u64::from(index.0) * SIGNAL_SLOT_SIZE),
                 value: d.completion_value,
             }),
             Some(_) => return Err(Status::BadSignal),

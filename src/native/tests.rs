@@ -19,12 +19,12 @@ use guest_proto::{
     Status,
 };
 use parking_lot::Mutex;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{NativeConfig, NativeContexts};
 use crate::compute::{
-    Backing, ComputeContexts, ComputeError, ContextInit, CtxId, FenceCompleter,
-    FenceDisposition, FenceRef, ResourceKind, ResourceView,
+    Backing, ComputeContexts, ComputeError, ContextInit, CtxId, FenceCompleter, FenceDisposition,
+    FenceRef, ResourceKind, ResourceView,
 };
 
 const RAM: u64 = 64 << 20;
@@ -102,7 +102,10 @@ impl Guest {
 
     fn read<const N: usize>(&self, gpa: u64) -> [u8; N] {
         let mut b = [0u8; N];
-        self.mem.memory().read_slice(&mut b, GuestAddress(gpa)).unwrap();
+        self.mem
+            .memory()
+            .read_slice(&mut b, GuestAddress(gpa))
+            .unwrap();
         b
     }
 
@@ -125,9 +128,21 @@ impl Guest {
         let ring_size = FaultRingLayout::new(RING_CAP).unwrap().size();
         let init = SessionInit::new(
             profile,
-            Region { resource: session_res, offset: 0, size: REPLY_SIZE },
-            Region { resource: session_res, offset: RING_OFF, size: ring_size },
-            Region { resource: session_res, offset: SIGNALS_OFF, size: SIGNAL_SLOTS * 32 },
+            Region {
+                resource: session_res,
+                offset: 0,
+                size: REPLY_SIZE,
+            },
+            Region {
+                resource: session_res,
+                offset: RING_OFF,
+                size: ring_size,
+            },
+            Region {
+                resource: session_res,
+                offset: SIGNALS_OFF,
+                size: SIGNAL_SLOTS * 32,
+            },
         );
         let reply = self.call(&mut client, &Request::SessionInit(init));
         assert_eq!(reply.status, Status::Ok, "SESSION_INIT");
@@ -167,7 +182,10 @@ impl Guest {
             if s.value == value {
                 return s;
             }
-            assert!(Instant::now() < deadline, "signal {slot} never reached {value}");
+            assert!(
+                Instant::now() < deadline,
+                "signal {slot} never reached {value}"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -194,14 +212,28 @@ impl Guest {
     fn create_queue(&mut self, c: &mut Client) -> QueueId {
         let r = self.call(c, &Request::QueueCreate(QueueCreate { priority: 0 }));
         assert_eq!(r.status, Status::Ok);
-        let ReplyPayload::QueueCreate(q) = r.payload else { panic!() };
+        let ReplyPayload::QueueCreate(q) = r.payload else {
+            panic!()
+        };
         q.queue
     }
 
-    fn fill(&mut self, c: &mut Client, q: QueueId, va: u64, count: u64, slot: u32, value: u64) -> Status {
+    fn fill(
+        &mut self,
+        c: &mut Client,
+        q: QueueId,
+        va: u64,
+        count: u64,
+        slot: u32,
+        value: u64,
+    ) -> Status {
         let d = Dispatch {
             queue: q,
-            kernel: Kernel::Fill { dst: GpuVa(va), count, value: 0xC0DE_0000 | slot },
+            kernel: Kernel::Fill {
+                dst: GpuVa(va),
+                count,
+                value: 0xC0DE_0000 | slot,
+            },
             signal: Some(SignalIndex(slot)),
             notify: false,
             completion_value: value,
@@ -215,7 +247,10 @@ impl Guest {
     }
 
     fn answer(&mut self, c: &mut Client, id: guest_proto::FaultId, outcome: FaultOutcome) -> Reply {
-        let entries = [FaultReplyEntry { fault_id: id, outcome }];
+        let entries = [FaultReplyEntry {
+            fault_id: id,
+            outcome,
+        }];
         self.call(c, &Request::FaultReply(FaultReply::new(&entries)))
     }
 }
@@ -240,10 +275,15 @@ fn bind_and_dispatch_write_guest_memory() {
         },
     );
     assert_eq!(r.status, Status::Ok);
-    let ReplyPayload::VmBind(b) = r.payload else { panic!() };
+    let ReplyPayload::VmBind(b) = r.payload else {
+        panic!()
+    };
     assert_eq!((b.ops_done, b.bound_bytes), (1, 1 << 20));
     let q = g.create_queue(&mut c);
-    assert_eq!(g.fill(&mut c, q, 0x1000_0000, (1 << 20) / 4, 3, 7), Status::Ok);
+    assert_eq!(
+        g.fill(&mut c, q, 0x1000_0000, (1 << 20) / 4, 3, 7),
+        Status::Ok
+    );
     let s = g.wait_signal(&c, 3, 7);
     assert_eq!(s.status, DispatchStatus::Ok);
     for at in [0u64, 4, 0x8_0000, (1 << 20) - 4] {
@@ -269,10 +309,17 @@ fn forwarded_faults_are_resolved_by_binding_pages() {
             let pages = [GuestPhysAddr(page)];
             let r = g.bind(
                 &mut c,
-                BindOp::MapPages { va: f.va, perms: Perms::RW, pages: WirePages::new(&pages) },
+                BindOp::MapPages {
+                    va: f.va,
+                    perms: Perms::RW,
+                    pages: WirePages::new(&pages),
+                },
             );
             assert_eq!(r.status, Status::Ok);
-            assert_eq!(g.answer(&mut c, f.fault_id, FaultOutcome::Resolved).status, Status::Ok);
+            assert_eq!(
+                g.answer(&mut c, f.fault_id, FaultOutcome::Resolved).status,
+                Status::Ok
+            );
         }
         assert!(Instant::now() < deadline, "fill never completed");
         std::thread::sleep(Duration::from_micros(200));
@@ -285,7 +332,9 @@ fn forwarded_faults_are_resolved_by_binding_pages() {
         assert_eq!(g.u32_at(*gpa + 4092), 0xC0DE_0001);
     }
     let r = g.call(&mut c, &Request::DeviceQuery);
-    let ReplyPayload::DeviceQuery(stats) = r.payload else { panic!() };
+    let ReplyPayload::DeviceQuery(stats) = r.payload else {
+        panic!()
+    };
     assert_eq!(stats.faults_resolved, 4);
     assert_eq!(stats.faults_raised, 4);
     assert_eq!(stats.bound_bytes, 4 * 4096);
@@ -340,22 +389,43 @@ fn contexts_cannot_reach_each_other() {
         },
     );
     assert_eq!(r.status, Status::UnknownResource);
-    assert_eq!(g.fill(&mut b, qa, 0x1000_0000, 16, 0, 1), Status::UnknownQueue);
+    assert_eq!(
+        g.fill(&mut b, qa, 0x1000_0000, 16, 0, 1),
+        Status::UnknownQueue
+    );
     // A's session memory is A's: B cannot use it as its own region either.
-    let stolen = Region { resource: a.session_res, offset: 0, size: 4096 };
-    assert!(g.nc.contexts[&b.ctx].resources.backing(stolen.resource).is_none());
+    let stolen = Region {
+        resource: a.session_res,
+        offset: 0,
+        size: 4096,
+    };
+    assert!(
+        g.nc.contexts[&b.ctx]
+            .resources
+            .backing(stolen.resource)
+            .is_none()
+    );
 }
 
 #[test]
 fn native_event_fence_is_held_until_a_fault_is_pending() {
     let mut g = Guest::new(NativeConfig::default());
-    let init = ContextInit { capset_id: Some(guest_proto::capset::VGNC_CAPSET_ID) };
+    let init = ContextInit {
+        capset_id: Some(guest_proto::capset::VGNC_CAPSET_ID),
+    };
     let mut c = g.open(1, init, Profile::Native { event_ring: 1 });
     let q = g.create_queue(&mut c);
-    let fence = FenceRef { ctx: c.ctx, fence_id: 40, ring_idx: Some(1) };
+    let fence = FenceRef {
+        ctx: c.ctx,
+        fence_id: 40,
+        ring_idx: Some(1),
+    };
     let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
     w.push_no_reply(&Request::EventArm).unwrap();
-    assert_eq!(g.nc.submit(c.ctx, w.as_bytes(), Some(fence)), Ok(FenceDisposition::Hold));
+    assert_eq!(
+        g.nc.submit(c.ctx, w.as_bytes(), Some(fence)),
+        Ok(FenceDisposition::Hold)
+    );
     g.nc.tick();
     assert!(g.fences.0.lock().is_empty(), "nothing pending yet");
     assert_eq!(g.fill(&mut c, q, 0x4000_0000, 16, 0, 1), Status::Ok);
@@ -369,8 +439,14 @@ fn native_event_fence_is_held_until_a_fault_is_pending() {
     // Unconsumed records: a new arm completes at once.
     let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
     w.push_no_reply(&Request::EventArm).unwrap();
-    let again = FenceRef { fence_id: 41, ..fence };
-    assert_eq!(g.nc.submit(c.ctx, w.as_bytes(), Some(again)), Ok(FenceDisposition::SignalNow));
+    let again = FenceRef {
+        fence_id: 41,
+        ..fence
+    };
+    assert_eq!(
+        g.nc.submit(c.ctx, w.as_bytes(), Some(again)),
+        Ok(FenceDisposition::SignalNow)
+    );
 }
 
 #[test]
@@ -380,13 +456,28 @@ fn compat_sessions_are_refused_the_native_profile_and_events() {
     let gpa = g.resource(CtxId(5), 9, 16384);
     let init = SessionInit::new(
         Profile::Native { event_ring: 1 },
-        Region { resource: ResourceId(9), offset: 0, size: REPLY_SIZE },
-        Region { resource: ResourceId(9), offset: RING_OFF, size: FaultRingLayout::new(RING_CAP).unwrap().size() },
-        Region { resource: ResourceId(9), offset: SIGNALS_OFF, size: 2048 },
+        Region {
+            resource: ResourceId(9),
+            offset: 0,
+            size: REPLY_SIZE,
+        },
+        Region {
+            resource: ResourceId(9),
+            offset: RING_OFF,
+            size: FaultRingLayout::new(RING_CAP).unwrap().size(),
+        },
+        Region {
+            resource: ResourceId(9),
+            offset: SIGNALS_OFF,
+            size: 2048,
+        },
     );
     let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
     let t = w.push(&Request::SessionInit(init)).unwrap();
-    assert_eq!(g.nc.submit(CtxId(5), w.as_bytes(), None), Err(ComputeError::InvalidParameter));
+    assert_eq!(
+        g.nc.submit(CtxId(5), w.as_bytes(), None),
+        Err(ComputeError::InvalidParameter)
+    );
     let reply = Reply::decode(&g.read::<32>(gpa + u64::from(t.reply_off.unwrap()))).unwrap();
     assert_eq!(reply.status, Status::Version);
 }
@@ -401,13 +492,22 @@ fn malformed_streams_get_errors_and_the_session_survives() {
     raw.extend_from_slice(&16u32.to_le_bytes());
     raw.extend_from_slice(&900u32.to_le_bytes());
     raw.extend_from_slice(&64u32.to_le_bytes());
-    assert_eq!(g.nc.submit(c.ctx, &raw, None), Ok(FenceDisposition::SignalNow));
+    assert_eq!(
+        g.nc.submit(c.ctx, &raw, None),
+        Ok(FenceDisposition::SignalNow)
+    );
     let reply = Reply::decode(&g.read::<16>(c.session_gpa + 64)).unwrap();
     assert_eq!((reply.seqno, reply.status), (900, Status::UnknownCommand));
     // Broken framing fails the submit.
-    assert_eq!(g.nc.submit(c.ctx, &[1, 2, 3], None), Err(ComputeError::InvalidParameter));
+    assert_eq!(
+        g.nc.submit(c.ctx, &[1, 2, 3], None),
+        Err(ComputeError::InvalidParameter)
+    );
     // Unknown context.
-    assert_eq!(g.nc.submit(CtxId(99), &raw, None), Err(ComputeError::InvalidContext));
+    assert_eq!(
+        g.nc.submit(CtxId(99), &raw, None),
+        Err(ComputeError::InvalidContext)
+    );
     // Still serving.
     let q = g.create_queue(&mut c);
     assert_eq!(g.call(&mut c, &Request::DeviceQuery).status, Status::Ok);
@@ -435,20 +535,45 @@ fn destroying_a_context_with_pending_faults_cancels_its_work() {
 
 #[test]
 fn bound_bytes_are_a_per_guest_quota() {
-    let config = NativeConfig { max_bound_bytes: 8192, ..NativeConfig::default() };
+    let config = NativeConfig {
+        max_bound_bytes: 8192,
+        ..NativeConfig::default()
+    };
     let mut g = Guest::new(config);
     let mut a = g.open(1, compat(), Profile::Compat);
     let mut b = g.open(2, compat(), Profile::Compat);
     let page = g.alloc(8192);
     let pa = [GuestPhysAddr(page)];
     let pb = [GuestPhysAddr(page + 4096)];
-    let map = |va, pages| BindOp::MapPages { va: GpuVa(va), perms: Perms::RW, pages };
-    assert_eq!(g.bind(&mut a, map(0x1000_0000, WirePages::new(&pa))).status, Status::Ok);
-    assert_eq!(g.bind(&mut b, map(0x1000_0000, WirePages::new(&pb))).status, Status::Ok);
-    assert_eq!(g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status, Status::Quota);
+    let map = |va, pages| BindOp::MapPages {
+        va: GpuVa(va),
+        perms: Perms::RW,
+        pages,
+    };
+    assert_eq!(
+        g.bind(&mut a, map(0x1000_0000, WirePages::new(&pa))).status,
+        Status::Ok
+    );
+    assert_eq!(
+        g.bind(&mut b, map(0x1000_0000, WirePages::new(&pb))).status,
+        Status::Ok
+    );
+    assert_eq!(
+        g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status,
+        Status::Quota
+    );
     // Remapping in place costs nothing; unmapping gives it back.
-    assert_eq!(g.bind(&mut a, map(0x1000_0000, WirePages::new(&pb))).status, Status::Ok);
-    let unmap = BindOp::Unmap { va: GpuVa(0x1000_0000), size: 4096 };
+    assert_eq!(
+        g.bind(&mut a, map(0x1000_0000, WirePages::new(&pb))).status,
+        Status::Ok
+    );
+    let unmap = BindOp::Unmap {
+        va: GpuVa(0x1000_0000),
+        size: 4096,
+    };
     assert_eq!(g.bind(&mut a, unmap).status, Status::Ok);
-    assert_eq!(g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status, Status::Ok);
+    assert_eq!(
+        g.bind(&mut b, map(0x2000_0000, WirePages::new(&pb))).status,
+        Status::Ok
+    );
 }

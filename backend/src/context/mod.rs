@@ -181,7 +181,7 @@ fn device_status(e: &DeviceError) -> Status {
         DeviceError::UnknownFault(_) => Status::UnknownFault,
         DeviceError::Limit(_) => Status::Quota,
         DeviceError::InvalidDispatch(_) => Status::InvalidArgument,
-        DeviceError::Shutdown => Status::Device,
+        DeviceError::Shutdown | DeviceError::AlreadyMapped(_) => Status::Device,
     }
 }
 

@@ -1,0 +1,659 @@
+//! One simulated GPU VM: page tables, queues, dispatches and retry faults.
+//!
+//! # Translation and shootdown
+//! A wave holds the VM's page-table lock for reading while it translates
+//! *and* performs one step of memory accesses (at most a page worth).
+//! `unmap` takes the lock for writing: that waits for every step in flight
+//! (the drain), clears the entries and bumps the translation generation
+//! (the TLB shootdown). When it returns, no access through the old
+//! translations can happen any more.
+//!
+//! # Faults
+//! A wave that cannot translate an address stalls and is parked on the
+//! fault of that page. One fault per page: later waves hitting the same
+//! page join it (access kinds are ORed, `merged` counts them). At most
+//! `max_pending_faults` faults exist; waves faulting beyond that wait in an
+//! overflow list and run again whenever a fault ends, so nothing is lost.
+//! A fault ends exactly once, by [`DeviceVm::reply_fault`] or by queue /
+//! VM teardown: replay puts its waves back on the compute units, cancel
+//! fails their dispatches.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use guest_proto::signal::{SIGNAL_ERROR_VA_OFFSET, SIGNAL_STATUS_OFFSET};
+use guest_proto::{
+    AccessFlags, DispatchStatus, FaultId, GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, QueueId,
+};
+use parking_lot::{Condvar, Mutex, RwLock};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+
+use super::kernels::{self, StepOutcome, WaveProgress};
+use super::page_table::{PageTable, Pte};
+use super::tlb::Tlb;
+use super::{Pool, SimConfig};
+use crate::device::{
+    Completion, DeviceError, DeviceVm, Dispatch, FaultRecord, FaultReply, GuestMemory, QueueDesc,
+    VmConfig, VmEvents,
+};
+
+/// How one dispatch is doing.
+struct RunState {
+    /// Next work item not yet given to a wave.
+    next: u64,
+    /// Waves running, ready or stalled.
+    live: u32,
+    /// The first error, with the faulting VA.
+    error: Option<(DispatchStatus, GpuVa)>,
+    finished: bool,
+}
+
+/// A dispatch being executed.
+pub(crate) struct DispatchRun {
+    queue: QueueId,
+    dispatch: Dispatch,
+    total: u64,
+    per_wave: u64,
+    state: Mutex<RunState>,
+    done: Condvar,
+}
+
+impl DispatchRun {
+    fn failed(&self) -> bool {
+        self.state.lock().error.is_some()
+    }
+
+    /// Claims the next range of work items for a wave.
+    fn claim(state: &mut RunState, total: u64, per_wave: u64) -> Option<(u64, u64)> {
+        if state.error.is_some() || state.next >= total {
+            return None;
+        }
+        let start = state.next;
+        let end = start.saturating_add(per_wave).min(total);
+        state.next = end;
+        Some((start, end))
+    }
+}
+
+/// A unit of work: a range of a dispatch's work items and how far it got.
+pub(crate) struct Wave {
+    vm: Arc<VmShared>,
+    run: Arc<DispatchRun>,
+    progress: WaveProgress,
+}
+
+/// A fault and the waves stalled on it.
+struct PendingFault {
+    id: FaultId,
+    access: AccessFlags,
+    merged: u32,
+    waiters: Vec<Wave>,
+}
+
+#[derive(Default)]
+struct FaultUnit {
+    next_id: u64,
+    by_page: HashMap<u64, PendingFault>,
+    by_id: HashMap<FaultId, u64>,
+    undelivered: Vec<FaultRecord>,
+    overflow: Vec<Wave>,
+}
+
+struct QueueState {
+    pending: VecDeque<Dispatch>,
+    running: Option<Arc<DispatchRun>>,
+}
+
+#[derive(Default)]
+struct Queues {
+    map: BTreeMap<QueueId, QueueState>,
+    next_id: u32,
+}
+
+/// State shared by the VM handle and its waves.
+pub(crate) struct VmShared {
+    id: u64,
+    memory: GuestMemory,
+    events: Arc<dyn VmEvents>,
+    config: VmConfig,
+    sim: SimConfig,
+    pool: Arc<Pool>,
+    pt: RwLock<PageTable>,
+    generation: AtomicU64,
+    faults: Mutex<FaultUnit>,
+    queues: Mutex<Queues>,
+    shut_down: AtomicBool,
+}
+
+/// A simulated GPU VM (the [`DeviceVm`] handle).
+pub struct SimVm {
+    shared: Arc<VmShared>,
+}
+
+impl std::fmt::Debug for SimVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimVm")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl SimVm {
+    pub(crate) fn new(
+        id: u64,
+        config: VmConfig,
+        events: Arc<dyn VmEvents>,
+        pool: Arc<Pool>,
+        sim: SimConfig,
+    ) -> Arc<SimVm> {
+        Arc::new(SimVm {
+            shared: Arc::new(VmShared {
+                id,
+                memory: config.memory.clone(),
+                events,
+                config,
+                sim,
+                pool,
+                pt: RwLock::new(PageTable::default()),
+                generation: AtomicU64::new(1),
+                faults: Mutex::new(FaultUnit {
+                    next_id: 1,
+                    ..FaultUnit::default()
+                }),
+                queues: Mutex::new(Queues {
+                    next_id: 1,
+                    ..Queues::default()
+                }),
+                shut_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn check_live(&self) -> Result<(), DeviceError> {
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            Err(DeviceError::Shutdown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Pages mapped in the page tables (for tests and statistics).
+    pub fn mapped_pages(&self) -> u64 {
+        self.shared.pt.read().mapped_pages()
+    }
+}
+
+fn check_va_range(va: GpuVa, len: u64) -> Result<(), DeviceError> {
+    if !va.is_page_aligned() {
+        return Err(DeviceError::Misaligned {
+            what: "va",
+            value: va.raw(),
+        });
+    }
+    if len % PAGE_SIZE != 0 {
+        return Err(DeviceError::Misaligned {
+            what: "length",
+            value: len,
+        });
+    }
+    match va.checked_add(len) {
+        Some(end) if PageTable::in_range(GpuVa(end.raw().saturating_sub(1))) || len == 0 => Ok(()),
+        _ => Err(DeviceError::VaOutOfRange { va, len }),
+    }
+}
+
+impl DeviceVm for SimVm {
+    fn map(&self, va: GpuVa, pages: &[GuestPhysAddr], perms: Perms) -> Result<(), DeviceError> {
+        self.check_live()?;
+        let len = (pages.len() as u64).saturating_mul(PAGE_SIZE);
+        check_va_range(va, len)?;
+        {
+            let mem = self.shared.memory.memory();
+            for p in pages {
+                if !p.is_page_aligned() {
+                    return Err(DeviceError::Misaligned {
+                        what: "page",
+                        value: p.raw(),
+                    });
+                }
+                if !mem.check_range(GuestAddress(p.raw()), PAGE_SIZE as usize) {
+                    return Err(DeviceError::NotGuestRam(*p));
+                }
+            }
+        }
+        let mut pt = self.shared.pt.write();
+        for i in 0..pages.len() as u64 {
+            let at = GpuVa(va.raw() + i * PAGE_SIZE);
+            if pt.walk(at).is_valid() {
+                return Err(DeviceError::AlreadyMapped(at));
+            }
+        }
+        for (i, p) in pages.iter().enumerate() {
+            pt.set(GpuVa(va.raw() + i as u64 * PAGE_SIZE), Pte::new(*p, perms));
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, va: GpuVa, len: u64) -> Result<(), DeviceError> {
+        self.check_live()?;
+        check_va_range(va, len)?;
+        // Taking the lock for writing drains every access step in flight.
+        let mut pt = self.shared.pt.write();
+        if pt.clear_range(va, len) > 0 {
+            self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    fn create_queue(&self, _desc: QueueDesc) -> Result<QueueId, DeviceError> {
+        self.check_live()?;
+        let mut q = self.shared.queues.lock();
+        if q.map.len() >= self.shared.sim.max_queues_per_vm as usize {
+            return Err(DeviceError::Limit("queues"));
+        }
+        let id = QueueId(q.next_id);
+        q.next_id = q.next_id.wrapping_add(1).max(1);
+        q.map.insert(
+            id,
+            QueueState {
+                pending: VecDeque::new(),
+                running: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError> {
+        self.check_live()?;
+        destroy_queue(&self.shared, queue)
+    }
+
+    fn dispatch(&self, queue: QueueId, dispatch: Dispatch) -> Result<(), DeviceError> {
+        self.check_live()?;
+        dispatch
+            .kernel
+            .validate()
+            .map_err(|_| DeviceError::InvalidDispatch("kernel arguments"))?;
+        let start = {
+            let mut q = self.shared.queues.lock();
+            let state = q
+                .map
+                .get_mut(&queue)
+                .ok_or(DeviceError::UnknownQueue(queue))?;
+            let depth = state.pending.len() + usize::from(state.running.is_some());
+            if depth >= self.shared.config.max_queue_depth as usize {
+                return Err(DeviceError::Limit("queue depth"));
+            }
+            if state.running.is_none() {
+                let run = new_run(&self.shared, queue, dispatch);
+                state.running = Some(run.clone());
+                Some(run)
+            } else {
+                state.pending.push_back(dispatch);
+                None
+            }
+        };
+        if let Some(run) = start {
+            start_run(&self.shared, &run);
+        }
+        Ok(())
+    }
+
+    fn reply_fault(&self, fault: FaultId, reply: FaultReply) -> Result<(), DeviceError> {
+        let (pending, overflow) = {
+            let mut f = self.shared.faults.lock();
+            let page = f
+                .by_id
+                .remove(&fault)
+                .ok_or(DeviceError::UnknownFault(fault))?;
+            let pending = f.by_page.remove(&page).map(|p| (page, p));
+            (pending, std::mem::take(&mut f.overflow))
+        };
+        if let Some((page, p)) = pending {
+            match reply {
+                FaultReply::Replay => p.waiters.into_iter().for_each(|w| self.shared.pool.push(w)),
+                FaultReply::Cancel(status) => {
+                    for w in p.waiters {
+                        fail_wave(w, status, GpuVa(page));
+                    }
+                }
+            }
+        }
+        overflow.into_iter().for_each(|w| self.shared.pool.push(w));
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        if self.shared.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queues: Vec<QueueId> = self.shared.queues.lock().map.keys().copied().collect();
+        for q in queues {
+            let _ = destroy_queue(&self.shared, q);
+        }
+        let mut pt = self.shared.pt.write();
+        pt.clear();
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for SimVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn new_run(vm: &VmShared, queue: QueueId, dispatch: Dispatch) -> Arc<DispatchRun> {
+    let (total, per_wave) = kernels::work_items(&dispatch.kernel);
+    let _ = vm;
+    Arc::new(DispatchRun {
+        queue,
+        dispatch,
+        total,
+        per_wave,
+        state: Mutex::new(RunState {
+            next: 0,
+            live: 0,
+            error: None,
+            finished: false,
+        }),
+        done: Condvar::new(),
+    })
+}
+
+/// Puts the first waves of a dispatch on the compute units.
+fn start_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>) {
+    let initial = (vm.sim.compute_units as u32 * 2).min(vm.sim.max_waves_per_dispatch);
+    let mut waves = Vec::new();
+    {
+        let mut st = run.state.lock();
+        for _ in 0..initial {
+            match DispatchRun::claim(&mut st, run.total, run.per_wave) {
+                Some((start, end)) => {
+                    st.live += 1;
+                    waves.push(Wave {
+                        vm: vm.clone(),
+                        run: run.clone(),
+                        progress: WaveProgress::new(&run.dispatch.kernel, start, end),
+                    });
+                }
+                None => break,
+            }
+        }
+    }
+    waves.into_iter().for_each(|w| vm.pool.push(w));
+}
+
+/// A compute unit: runs waves until the pool stops.
+pub(crate) fn compute_unit(pool: &Pool) {
+    let mut tlb = Tlb::default();
+    while let Some(mut wave) = pool.pop() {
+        let outcome = run_wave(&mut wave, &mut tlb);
+        match outcome {
+            StepOutcome::Done => next_range_or_end(wave),
+            StepOutcome::Fault { page, access } => stall(wave, page, access),
+            StepOutcome::Error(status, va) => fail_wave(wave, status, va),
+        }
+    }
+}
+
+/// Runs a wave until it finishes, faults or fails.
+fn run_wave(wave: &mut Wave, tlb: &mut Tlb) -> StepOutcome {
+    let vm = wave.vm.clone();
+    loop {
+        if vm.shut_down.load(Ordering::Acquire) {
+            return StepOutcome::Error(DispatchStatus::Cancelled, GpuVa(0));
+        }
+        if wave.run.failed() {
+            return StepOutcome::Done;
+        }
+        let pt = vm.pt.read();
+        let generation = vm.generation.load(Ordering::Acquire);
+        let mem = vm.memory.memory();
+        let mut mmu = kernels::Mmu {
+            vm: vm.id,
+            generation,
+            pt: &pt,
+            tlb,
+            mem: &mem,
+        };
+        match kernels::step(&wave.run.dispatch.kernel, &mut wave.progress, &mut mmu) {
+            StepOutcome::Done if !wave.progress.finished() => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The wave finished its range: take the next one, or end.
+fn next_range_or_end(mut wave: Wave) {
+    let claimed = {
+        let mut st = wave.run.state.lock();
+        DispatchRun::claim(&mut st, wave.run.total, wave.run.per_wave)
+    };
+    match claimed {
+        Some((start, end)) => {
+            wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, start, end);
+            let pool = wave.vm.pool.clone();
+            pool.push(wave);
+        }
+        None => end_wave(wave),
+    }
+}
+
+/// Parks a wave on the fault of `page`.
+fn stall(wave: Wave, page: GpuVa, access: AccessFlags) {
+    let vm = wave.vm.clone();
+    spawn_sibling(&wave);
+    let mut f = vm.faults.lock();
+    // The page may have been mapped since the wave looked: run again.
+    if vm.pt.read().walk(page).allows(access) {
+        drop(f);
+        vm.pool.push(wave);
+        return;
+    }
+    if let Some(p) = f.by_page.get_mut(&page.raw()) {
+        p.access = p.access.union(access);
+        p.merged = p.merged.saturating_add(1);
+        p.waiters.push(wave);
+        return;
+    }
+    if f.by_page.len() >= vm.config.max_pending_faults as usize {
+        f.overflow.push(wave);
+        return;
+    }
+    let id = FaultId(f.next_id);
+    f.next_id += 1;
+    let queue = wave.run.queue;
+    f.by_page.insert(
+        page.raw(),
+        PendingFault {
+            id,
+            access,
+            merged: 1,
+            waiters: vec![wave],
+        },
+    );
+    f.by_id.insert(id, page.raw());
+    f.undelivered.push(FaultRecord {
+        id,
+        queue,
+        va: page,
+        access,
+        merged: 1,
+    });
+    let batch = std::mem::take(&mut f.undelivered);
+    drop(f);
+    vm.events.faults(&batch);
+}
+
+/// While a wave waits for a fault, another one may start on the next range
+/// of the dispatch (a GPU keeps its compute units busy the same way).
+fn spawn_sibling(wave: &Wave) {
+    let run = &wave.run;
+    let claimed = {
+        let mut st = run.state.lock();
+        if st.live >= wave.vm.sim.max_waves_per_dispatch {
+            None
+        } else {
+            let c = DispatchRun::claim(&mut st, run.total, run.per_wave);
+            if c.is_some() {
+                st.live += 1;
+            }
+            c
+        }
+    };
+    if let Some((start, end)) = claimed {
+        wave.vm.pool.push(Wave {
+            vm: wave.vm.clone(),
+            run: run.clone(),
+            progress: WaveProgress::new(&run.dispatch.kernel, start, end),
+        });
+    }
+}
+
+/// Fails the wave's dispatch (first error wins) and ends the wave.
+fn fail_wave(wave: Wave, status: DispatchStatus, va: GpuVa) {
+    {
+        let mut st = wave.run.state.lock();
+        if st.error.is_none() {
+            st.error = Some((status, va));
+        }
+    }
+    end_wave(wave);
+}
+
+/// A wave is gone; the last one of a dispatch completes it.
+fn end_wave(wave: Wave) {
+    let finish = {
+        let mut st = wave.run.state.lock();
+        st.live = st.live.saturating_sub(1);
+        let all_claimed = st.next >= wave.run.total || st.error.is_some();
+        if st.live == 0 && all_claimed && !st.finished {
+            st.finished = true;
+            Some(st.error.map_or((DispatchStatus::Ok, GpuVa(0)), |e| e))
+        } else {
+            None
+        }
+    };
+    if let Some((status, va)) = finish {
+        complete_run(&wave.vm, &wave.run, status, va);
+    }
+}
+
+/// Writes the signal, reports the dispatch and starts the queue's next one.
+fn complete_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>, status: DispatchStatus, va: GpuVa) {
+    if let Some(c) = run.dispatch.completion {
+        write_signal(vm, c, status, va);
+    }
+    vm.events.dispatch_done(run.queue, run.dispatch.tag, status);
+    let next = {
+        let mut q = vm.queues.lock();
+        match q.map.get_mut(&run.queue) {
+            Some(state) if state.running.as_ref().is_some_and(|r| Arc::ptr_eq(r, run)) => {
+                state.running = None;
+                match state.pending.pop_front() {
+                    Some(d) if !vm.shut_down.load(Ordering::Acquire) => {
+                        let next = new_run(vm, run.queue, d);
+                        state.running = Some(next.clone());
+                        Some(next)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    };
+    run.done.notify_all();
+    if let Some(next) = next {
+        start_run(vm, &next);
+    }
+}
+
+/// Completes a dispatch that never started.
+fn complete_unstarted(vm: &VmShared, queue: QueueId, d: &Dispatch, status: DispatchStatus) {
+    if let Some(c) = d.completion {
+        write_signal(vm, c, status, GpuVa(0));
+    }
+    vm.events.dispatch_done(queue, d.tag, status);
+}
+
+/// Writes a completion signal through the VM's page tables: the payload,
+/// then `value` with release ordering.
+fn write_signal(vm: &VmShared, c: Completion, status: DispatchStatus, error_va: GpuVa) {
+    let pt = vm.pt.read();
+    let pte = pt.walk(c.signal);
+    if !pte.allows(AccessFlags::WRITE) || c.signal.raw() % 8 != 0 {
+        log::warn!("signal at {} is not mapped writable; not written", c.signal);
+        return;
+    }
+    let addr = GuestAddress(pte.frame().raw() + c.signal.page_offset());
+    let mem = vm.memory.memory();
+    let mut payload = [0u8; 24];
+    payload[..4].copy_from_slice(&(status as u32).to_le_bytes());
+    let va_at = (SIGNAL_ERROR_VA_OFFSET - SIGNAL_STATUS_OFFSET) as usize;
+    payload[va_at..va_at + 8].copy_from_slice(&error_va.raw().to_le_bytes());
+    let ok = mem
+        .write_slice(&payload, GuestAddress(addr.0 + SIGNAL_STATUS_OFFSET))
+        .and_then(|()| mem.store(c.value, addr, Ordering::Release));
+    if let Err(e) = ok {
+        log::warn!("signal at {}: {e}", c.signal);
+    }
+}
+
+/// Cancels a queue's work and ends the faults only it waited on; returns
+/// when the queue is idle.
+fn destroy_queue(vm: &Arc<VmShared>, queue: QueueId) -> Result<(), DeviceError> {
+    let state = vm
+        .queues
+        .lock()
+        .map
+        .remove(&queue)
+        .ok_or(DeviceError::UnknownQueue(queue))?;
+    for d in &state.pending {
+        complete_unstarted(vm, queue, d, DispatchStatus::Cancelled);
+    }
+    let Some(run) = state.running else {
+        return Ok(());
+    };
+    {
+        let mut st = run.state.lock();
+        if st.error.is_none() {
+            st.error = Some((DispatchStatus::Cancelled, GpuVa(0)));
+        }
+    }
+    let stalled = take_stalled_waves(vm, queue);
+    stalled.into_iter().for_each(end_wave);
+    let mut st = run.state.lock();
+    while !st.finished {
+        run.done.wait(&mut st);
+    }
+    Ok(())
+}
+
+/// Removes the waves of `queue` from every fault (ending faults left with
+/// none) and from the overflow list.
+fn take_stalled_waves(vm: &VmShared, queue: QueueId) -> Vec<Wave> {
+    let mut f = vm.faults.lock();
+    let mut taken = Vec::new();
+    let mut ended = Vec::new();
+    for (page, p) in f.by_page.iter_mut() {
+        let (mine, others): (Vec<Wave>, Vec<Wave>) =
+            p.waiters.drain(..).partition(|w| w.run.queue == queue);
+        p.waiters = others;
+        taken.extend(mine);
+        if p.waiters.is_empty() {
+            ended.push((*page, p.id));
+        }
+    }
+    for (page, id) in ended {
+        f.by_page.remove(&page);
+        f.by_id.remove(&id);
+    }
+    let (mine, others): (Vec<Wave>, Vec<Wave>) = std::mem::take(&mut f.overflow)
+        .into_iter()
+        .partition(|w| w.run.queue == queue);
+    f.overflow = others;
+    taken.extend(mine);
+    taken
+}
