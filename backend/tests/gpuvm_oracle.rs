@@ -2,6 +2,8 @@
 //! unmaps, every page resolves to the backing the oracle says, mappings
 //! never overlap, and the bound byte count matches.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 
 use gpu_backend::gpuvm::{Backing, GpuVm, MapRequest, PageList, ResourceSizes, VaLayout};

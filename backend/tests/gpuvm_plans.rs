@@ -1,6 +1,8 @@
 //! drm_gpuvm's split/merge cases, the unmap cases and the rejections, as
 //! tables over the plans the GpuVm prepares and the state it commits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashMap;
 
 use gpu_backend::gpuvm::{
@@ -263,7 +265,8 @@ fn a_dropped_plan_changes_nothing() {
 #[test]
 fn unmap_cases() {
     let three = vec![m(0, 4, 1, 0), m(4, 4, 2, 0), m(8, 4, 1, 8)];
-    let cases: Vec<(&str, Vec<Mapping>, (u64, u64), usize, Vec<Mapping>)> = vec![
+    type UnmapCase = (&'static str, Vec<Mapping>, (u64, u64), usize, Vec<Mapping>);
+    let cases: Vec<UnmapCase> = vec![
         (
             "exact",
             three.clone(),
