@@ -122,18 +122,12 @@ pub enum ComputeError {
     /// `VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID`.
     #[error("invalid context id")]
     InvalidContext,
-    /// `VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID`.
-    #[error("invalid resource id")]
-    InvalidResource,
     /// `VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER`.
     #[error("invalid parameter")]
     InvalidParameter,
     /// `VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY` (a quota was hit).
     #[error("out of memory")]
     OutOfMemory,
-    /// `VIRTIO_GPU_RESP_ERR_UNSPEC`.
-    #[error("unspecified error")]
-    Unspec,
 }
 
 /// Completes fences the compute layer held. Callable from any thread; the

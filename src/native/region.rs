@@ -174,6 +174,7 @@ impl GuestRegion {
     }
 
     /// Fills `buf` from `off`; false if it does not fit.
+    #[cfg(test)]
     pub fn read(&self, off: u64, buf: &mut [u8]) -> bool {
         if !self.fits(off, buf.len()) {
             return false;

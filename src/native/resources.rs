@@ -30,16 +30,6 @@ impl Resources {
         self.attached.remove(&id)
     }
 
-    /// How many are attached.
-    pub fn len(&self) -> usize {
-        self.attached.len()
-    }
-
-    /// Whether none are attached.
-    pub fn is_empty(&self) -> bool {
-        self.attached.is_empty()
-    }
-
     /// The guest backing of a buffer resource attached here.
     pub fn backing(&self, id: ResourceId) -> Option<Arc<Backing>> {
         let view = self.attached.get(&id)?;
@@ -51,8 +41,13 @@ impl Resources {
 }
 
 impl ResourceSizes for Resources {
+    /// What the guest may map: the backing, but never more than the size
+    /// it created the resource with (rounded up to whole pages).
     fn resource_size(&self, id: ResourceId) -> Option<u64> {
-        self.backing(id).map(|b| b.len())
+        let view = self.attached.get(&id)?;
+        let backing = self.backing(id).filter(|b| !b.is_empty())?;
+        let created = view.size.checked_next_multiple_of(guest_proto::PAGE_SIZE)?;
+        Some(backing.len().min(created))
     }
 }
 

@@ -44,11 +44,6 @@ impl FaultRingWriter {
     pub fn has_unread(&self) -> bool {
         self.head().is_some_and(|head| head != self.tail)
     }
-
-    /// Records the device has written so far.
-    pub fn tail(&self) -> u32 {
-        self.tail
-    }
 }
 
 impl FaultRing for FaultRingWriter {

@@ -1,0 +1,140 @@
+//! Fences whose response waits: per-ring, strictly in order.
+//!
+//! virtio-gpu signals a fence by returning the command that carried it.
+//! Linux expects the fences of one timeline (one ring of one context) to
+//! signal in order, so a command whose fence the compute layer holds blocks
+//! every later fenced command on the same ring until it completes. Commands
+//! without a ring index (the compat profile's single global timeline) are
+//! never held and never wait.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::compute::{CtxId, FenceCompleter, FenceRef};
+
+/// A used-ring entry waiting for its turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    /// Descriptor head.
+    pub head: u16,
+    /// Bytes written.
+    pub len: u32,
+    /// The fence.
+    pub fence: FenceRef,
+    /// Still held by the compute layer.
+    pub held: bool,
+}
+
+/// The per-ring queues of deferred responses.
+#[derive(Debug, Default)]
+pub struct RingQueues {
+    rings: BTreeMap<(CtxId, u8), VecDeque<Deferred>>,
+}
+
+impl RingQueues {
+    /// A fenced response on `fence`'s ring. Returns it back if it may be
+    /// returned right away (not held, nothing ahead of it).
+    pub fn submit(&mut self, d: Deferred) -> Option<Deferred> {
+        let Some(ring) = d.fence.ring_idx else {
+            return (!d.held).then_some(d);
+        };
+        let q = self.rings.entry((d.fence.ctx, ring)).or_default();
+        if q.is_empty() && !d.held {
+            return Some(d);
+        }
+        q.push_back(d);
+        None
+    }
+
+    /// The compute layer completed `fence`: returns the responses that may
+    /// now go back, in order.
+    pub fn complete(&mut self, fence: FenceRef) -> Vec<Deferred> {
+        let Some(ring) = fence.ring_idx else {
+            return Vec::new();
+        };
+        let Some(q) = self.rings.get_mut(&(fence.ctx, ring)) else {
+            return Vec::new();
+        };
+        if let Some(d) = q.iter_mut().find(|d| d.fence == fence) {
+            d.held = false;
+        }
+        let mut out = Vec::new();
+        while q.front().is_some_and(|d| !d.held) {
+            out.extend(q.pop_front());
+        }
+        if q.is_empty() {
+            self.rings.remove(&(fence.ctx, ring));
+        }
+        out
+    }
+}
+
+/// Completions from the compute layer, from any thread, waking the queue
+/// worker through an eventfd.
+#[derive(Debug)]
+pub struct FenceInbox {
+    done: Mutex<Vec<FenceRef>>,
+    event: EventFd,
+}
+
+impl FenceInbox {
+    /// A new inbox.
+    pub fn new() -> std::io::Result<Arc<FenceInbox>> {
+        Ok(Arc::new(FenceInbox {
+            done: Mutex::new(Vec::new()),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+
+    /// The fd the worker polls.
+    pub fn fd(&self) -> i32 {
+        self.event.as_raw_fd()
+    }
+
+    /// Takes the completions so far.
+    pub fn take(&self) -> Vec<FenceRef> {
+        let _ = self.event.read();
+        std::mem::take(&mut *self.done.lock())
+    }
+}
+
+impl FenceCompleter for FenceInbox {
+    fn complete(&self, fence: FenceRef) {
+        self.done.lock().push(fence);
+        let _ = self.event.write(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(id: u64, ring: Option<u8>, held: bool) -> Deferred {
+        Deferred {
+            head: id as u16,
+            len: 24,
+            fence: FenceRef {
+                ctx: CtxId(1),
+                fence_id: id,
+                ring_idx: ring,
+            },
+            held,
+        }
+    }
+
+    #[test]
+    fn a_held_fence_blocks_its_ring_only() {
+        let mut q = RingQueues::default();
+        assert_eq!(q.submit(d(1, Some(1), true)), None);
+        assert_eq!(q.submit(d(2, Some(1), false)), None, "behind the held one");
+        assert_eq!(q.submit(d(3, Some(0), false)), Some(d(3, Some(0), false)));
+        assert_eq!(q.submit(d(4, None, false)), Some(d(4, None, false)));
+        let out = q.complete(d(1, Some(1), true).fence);
+        assert_eq!(out.iter().map(|x| x.head).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(q.complete(d(1, Some(1), true).fence).is_empty());
+    }
+}

@@ -1,0 +1,313 @@
+//! The virtio-gpu device as a vhost-user backend.
+//!
+//! - [`wire`]: control messages on the wire, parsed with bounds checks.
+//! - [`resources`]: resources and their guest backing.
+//! - [`display`]: scanout, EDID and QEMU's GPU socket.
+//! - [`device`]: the command handlers (bytes in, bytes out).
+//! - [`fences`]: held fences and per-ring ordering.
+//!
+//! This module connects them to vhost-user-backend: two virtqueues
+//! (control, cursor), the config space, a 1 ms timer that drives the compute
+//! layer's time-based work (fault deadlines, deferred fault records), and an
+//! eventfd through which held fences complete from any thread.
+
+pub mod device;
+pub mod display;
+pub mod fences;
+pub mod resources;
+pub mod wire;
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_queue::{QueueOwnedT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::compute::ComputeFactory;
+use device::{GpuDevice, GpuLimits, feature};
+use fences::{Deferred, FenceInbox, RingQueues};
+
+/// Control queue index.
+const CONTROL_QUEUE: u16 = 0;
+/// Cursor queue index.
+const CURSOR_QUEUE: u16 = 1;
+/// Virtqueues.
+const NUM_QUEUES: usize = 2;
+/// Largest queue.
+const QUEUE_SIZE: usize = 1024;
+/// Device event of the tick timer (0..=NUM_QUEUES are the library's).
+pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Device event of held-fence completions.
+pub const FENCE_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// Most request bytes read from one descriptor chain: a 1 MiB submit or
+/// `max_backing_entries` memory entries, with headers.
+const MAX_REQUEST_BYTES: usize = (4 << 20) + 64;
+/// How often the compute layer's time-based work runs.
+const TICK: Duration = Duration::from_millis(1);
+
+struct Inner {
+    device: GpuDevice,
+    rings: RingQueues,
+    memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+}
+
+/// One connection's virtio-gpu device.
+pub struct GpuVhostBackend {
+    inner: Mutex<Inner>,
+    inbox: Arc<FenceInbox>,
+    timer: Mutex<TimerFd>,
+    exit: (EventConsumer, EventNotifier),
+}
+
+impl std::fmt::Debug for GpuVhostBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuVhostBackend").finish_non_exhaustive()
+    }
+}
+
+impl GpuVhostBackend {
+    /// A fresh device whose compute contexts come from `factory`.
+    pub fn new(factory: &ComputeFactory, limits: GpuLimits) -> io::Result<GpuVhostBackend> {
+        let inbox = FenceInbox::new()?;
+        let compute = factory(inbox.clone());
+        let mut timer = TimerFd::new()?;
+        timer.reset(TICK, Some(TICK))?;
+        Ok(GpuVhostBackend {
+            inner: Mutex::new(Inner {
+                device: GpuDevice::new(compute, limits),
+                rings: RingQueues::default(),
+                memory: None,
+            }),
+            inbox,
+            timer: Mutex::new(timer),
+            exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+        })
+    }
+
+    /// The timer fd (registered with the vring epoll loop).
+    pub fn timer_fd(&self) -> i32 {
+        self.timer.lock().as_raw_fd()
+    }
+
+    /// The held-fence completion fd (registered with the vring epoll loop).
+    pub fn fence_fd(&self) -> i32 {
+        self.inbox.fd()
+    }
+
+    /// The connection ended: destroy every context.
+    pub fn teardown(&self) {
+        self.inner.lock().device.teardown();
+    }
+
+    fn config_space(&self) -> [u8; 16] {
+        let num_capsets = self.inner.lock().device.num_capsets();
+        let mut c = [0u8; 16];
+        c[8..12].copy_from_slice(&1u32.to_le_bytes()); // num_scanouts
+        c[12..16].copy_from_slice(&num_capsets.to_le_bytes());
+        c
+    }
+
+    fn process_queue(&self, vring: &VringRwLock, cursor: bool) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        let Some(mem) = inner.memory.clone() else {
+            return Ok(());
+        };
+        let guard = mem.memory();
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(guard.clone())
+            .map_err(io::Error::other)?
+            .collect();
+        let mut used = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let request = read_request(&guard, &chain);
+            let (bytes, deferred) = match request {
+                None => (Vec::new(), None),
+                Some(req) if cursor => (inner.device.process_cursor(&req), None),
+                Some(req) => {
+                    let r = inner.device.process(&req);
+                    let deferred = r.fence.map(|fence| (fence, r.held));
+                    (r.bytes, deferred)
+                }
+            };
+            let len = write_response(&guard, &chain, &bytes);
+            let ready = match deferred {
+                None => Some(head),
+                Some((fence, held)) => inner
+                    .rings
+                    .submit(Deferred {
+                        head,
+                        len,
+                        fence,
+                        held,
+                    })
+                    .map(|d| d.head),
+            };
+            if let Some(head) = ready {
+                vring.add_used(head, len).map_err(io::Error::other)?;
+                used = true;
+            }
+        }
+        drop(inner);
+        if used {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Returns the responses whose held fences completed.
+    fn complete_fences(&self, vring: &VringRwLock) -> io::Result<()> {
+        let done = self.inbox.take();
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.inner.lock();
+        let ready: Vec<Deferred> = done
+            .into_iter()
+            .flat_map(|f| inner.rings.complete(f))
+            .collect();
+        drop(inner);
+        for d in &ready {
+            vring.add_used(d.head, d.len).map_err(io::Error::other)?;
+        }
+        if !ready.is_empty() {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// The readable part of a chain, bounded.
+fn read_request<M>(mem: &M, chain: &virtio_queue::DescriptorChain<M>) -> Option<Vec<u8>>
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
+    let mut reader = Reader::new(&**mem, chain.clone()).ok()?;
+    let n = reader.available_bytes().min(MAX_REQUEST_BYTES);
+    let mut buf = vec![0u8; n];
+    reader.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// Writes as much of `bytes` as the writable part of the chain takes.
+fn write_response<M>(mem: &M, chain: &virtio_queue::DescriptorChain<M>, bytes: &[u8]) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
+    let Ok(mut writer) = Writer::new(&**mem, chain.clone()) else {
+        return 0;
+    };
+    let n = writer.available_bytes().min(bytes.len());
+    match bytes.get(..n).map(|b| writer.write_all(b)) {
+        Some(Ok(())) => u32::try_from(n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl VhostUserBackend for GpuVhostBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | feature::VIRGL
+            | feature::EDID
+            | feature::RESOURCE_BLOB
+            | feature::CONTEXT_INIT
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::info!("guest acked features {features:#x}");
+        self.inner.lock().device.set_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = offset as usize;
+        start
+            .checked_add(size as usize)
+            .and_then(|end| c.get(start..end))
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Only `events_clear` is writable, and no event is ever raised.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        inner.device.set_memory(mem.clone());
+        inner.memory = Some(mem);
+        Ok(())
+    }
+
+    fn set_gpu_socket(&self, socket: GpuBackend) -> io::Result<()> {
+        self.inner.lock().device.display_mut().set_socket(socket);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        let control = vrings
+            .get(CONTROL_QUEUE as usize)
+            .ok_or_else(|| io::Error::other("no control queue"))?;
+        match device_event {
+            CONTROL_QUEUE => self.process_queue(control, false)?,
+            CURSOR_QUEUE => {
+                let cursor = vrings
+                    .get(CURSOR_QUEUE as usize)
+                    .ok_or_else(|| io::Error::other("no cursor queue"))?;
+                self.process_queue(cursor, true)?;
+            }
+            TIMER_EVENT => {
+                let _ = self.timer.lock().wait();
+                self.inner.lock().device.tick();
+            }
+            FENCE_EVENT => {}
+            other => log::warn!("unexpected device event {other}"),
+        }
+        self.complete_fences(control)
+    }
+}
