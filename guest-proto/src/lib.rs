@@ -40,6 +40,8 @@ pub mod capset;
 pub mod command;
 pub mod error;
 pub mod fault;
+#[cfg(feature = "guest")]
+pub mod guest;
 pub mod header;
 pub mod kernel;
 pub mod reply;

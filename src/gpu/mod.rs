@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -70,6 +70,7 @@ pub struct GpuVhostBackend {
     inbox: Arc<FenceInbox>,
     timer: Mutex<TimerFd>,
     exit: (EventConsumer, EventNotifier),
+    event_idx: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuVhostBackend {
@@ -94,6 +95,7 @@ impl GpuVhostBackend {
             inbox,
             timer: Mutex::new(timer),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+            event_idx: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -118,6 +120,21 @@ impl GpuVhostBackend {
         c[8..12].copy_from_slice(&1u32.to_le_bytes()); // num_scanouts
         c[12..16].copy_from_slice(&num_capsets.to_le_bytes());
         c
+    }
+
+    /// Drains a queue. With EVENT_IDX the driver is told not to notify
+    /// while we work, and we look again after re-enabling notifications.
+    fn drain_queue(&self, vring: &VringRwLock, cursor: bool) -> io::Result<()> {
+        if !self.event_idx.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.process_queue(vring, cursor);
+        }
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            self.process_queue(vring, cursor)?;
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
     }
 
     fn process_queue(&self, vring: &VringRwLock, cursor: bool) -> io::Result<()> {
@@ -164,7 +181,7 @@ impl GpuVhostBackend {
             }
         }
         drop(inner);
-        if used {
+        if used && vring.needs_notification().unwrap_or(true) {
             vring.signal_used_queue()?;
         }
         Ok(())
@@ -233,7 +250,10 @@ impl VhostUserBackend for GpuVhostBackend {
 
     fn features(&self) -> u64 {
         (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            | (1 << VIRTIO_F_RING_RESET)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | feature::VIRGL
             | feature::EDID
             | feature::RESOURCE_BLOB
@@ -250,7 +270,9 @@ impl VhostUserBackend for GpuVhostBackend {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&self, _enabled: bool) {}
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = self.config_space();
@@ -294,12 +316,12 @@ impl VhostUserBackend for GpuVhostBackend {
             .get(CONTROL_QUEUE as usize)
             .ok_or_else(|| io::Error::other("no control queue"))?;
         match device_event {
-            CONTROL_QUEUE => self.process_queue(control, false)?,
+            CONTROL_QUEUE => self.drain_queue(control, false)?,
             CURSOR_QUEUE => {
                 let cursor = vrings
                     .get(CURSOR_QUEUE as usize)
                     .ok_or_else(|| io::Error::other("no cursor queue"))?;
-                self.process_queue(cursor, true)?;
+                self.drain_queue(cursor, true)?;
             }
             TIMER_EVENT => {
                 let _ = self.timer.lock().wait();

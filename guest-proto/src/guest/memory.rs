@@ -1,0 +1,182 @@
+//! Process memory the GPU may use: pinning pages and finding their
+//! guest-physical addresses.
+//!
+//! This is what a user-space resolver on an unmodified guest kernel can do:
+//! fault the pages in (`MADV_POPULATE_WRITE`), lock them (`mlock`), and read
+//! their frames from `/proc/self/pagemap` (which shows frames only to
+//! `CAP_SYS_ADMIN`). A guest kernel driver would use `pin_user_pages` or HMM
+//! instead; see docs/guest-runtime.md.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::{GuestPhysAddr, PAGE_SIZE};
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14).
+const MADV_POPULATE_WRITE: i32 = 23;
+/// Bits of a pagemap entry.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_PFN_MASK: u64 = (1 << 55) - 1;
+
+/// Decodes one `/proc/<pid>/pagemap` entry: the frame, if the page is
+/// present and the frame is visible.
+pub fn pagemap_frame(entry: u64) -> Option<GuestPhysAddr> {
+    let pfn = entry & PAGEMAP_PFN_MASK;
+    (entry & PAGEMAP_PRESENT != 0 && pfn != 0).then(|| GuestPhysAddr(pfn * PAGE_SIZE))
+}
+
+/// Makes `[addr, addr + len)` (page-aligned) resident and writable-mapped,
+/// and locks it in memory.
+pub fn pin(addr: u64, len: u64) -> io::Result<()> {
+    let (ptr, n) = (addr as *mut libc::c_void, len as usize);
+    // SAFETY: madvise/mlock only change page state of the caller's own
+    // mapping; an invalid range is reported as an error.
+    let populated = unsafe { libc::madvise(ptr, n, MADV_POPULATE_WRITE) } == 0;
+    if !populated {
+        touch(addr, len);
+    }
+    // SAFETY: as above.
+    if unsafe { libc::mlock(ptr, n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Faults pages in by reading and writing back one byte of each (for
+/// kernels without `MADV_POPULATE_WRITE`). The range must be mapped
+/// writable by the caller.
+fn touch(addr: u64, len: u64) {
+    let mut at = addr;
+    while at < addr + len {
+        let p = at as *mut u8;
+        // SAFETY: the caller owns this writable mapping; a volatile
+        // read-modify-write of the same value changes no data.
+        unsafe { p.write_volatile(p.read_volatile()) };
+        at += PAGE_SIZE;
+    }
+}
+
+/// Reads the guest-physical address of every page of `[addr, addr + len)`.
+pub fn frames(addr: u64, len: u64) -> io::Result<Vec<GuestPhysAddr>> {
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let count = (len / PAGE_SIZE) as usize;
+    let mut raw = vec![0u8; count * 8];
+    pagemap.read_exact_at(&mut raw, (addr / PAGE_SIZE) * 8)?;
+    raw.chunks_exact(8)
+        .enumerate()
+        .map(|(i, b)| {
+            let mut e = [0u8; 8];
+            e.copy_from_slice(b);
+            pagemap_frame(u64::from_le_bytes(e)).ok_or_else(|| {
+                io::Error::other(format!(
+                    "page {:#x} has no visible frame (not resident, or no CAP_SYS_ADMIN)",
+                    addr + i as u64 * PAGE_SIZE
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Page-aligned memory owned by the process (not a device buffer): what a
+/// `malloc` gives an application, aligned so GPU pages and CPU pages match.
+#[derive(Debug)]
+pub struct HostBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain anonymous memory owned by this value.
+unsafe impl Send for HostBuffer {}
+
+impl HostBuffer {
+    /// `len` bytes of fresh anonymous memory (not yet resident).
+    pub fn new(len: usize) -> io::Result<HostBuffer> {
+        let len = len.next_multiple_of(PAGE_SIZE as usize);
+        // SAFETY: a new private anonymous mapping; failure is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(HostBuffer { ptr: ptr.cast(), len })
+    }
+
+    /// Start address (the identity GPU VA).
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads `u32` element `i` (volatile: the GPU writes it).
+    pub fn get_u32(&self, i: usize) -> Option<u32> {
+        (i.checked_mul(4)?.checked_add(4)? <= self.len).then(|| {
+            // SAFETY: in bounds and 4-aligned (page-aligned base).
+            unsafe { self.ptr.cast::<u32>().add(i).read_volatile() }
+        })
+    }
+
+    /// Writes `u32` element `i`.
+    pub fn set_u32(&mut self, i: usize, v: u32) -> Option<()> {
+        (i.checked_mul(4)?.checked_add(4)? <= self.len).then(|| {
+            // SAFETY: in bounds and 4-aligned.
+            unsafe { self.ptr.cast::<u32>().add(i).write_volatile(v) }
+        })
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value owns.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_entries_decode() {
+        assert_eq!(pagemap_frame(PAGEMAP_PRESENT | 0x1234), Some(GuestPhysAddr(0x123_4000)));
+        assert_eq!(pagemap_frame(0x1234), None, "not present");
+        assert_eq!(pagemap_frame(PAGEMAP_PRESENT), None, "frame hidden");
+        assert_eq!(
+            pagemap_frame(PAGEMAP_PRESENT | (1 << 55) | 7),
+            Some(GuestPhysAddr(7 * PAGE_SIZE)),
+            "soft-dirty and flag bits are not part of the frame"
+        );
+    }
+
+    #[test]
+    fn pinning_and_reading_our_own_pagemap() {
+        let mut b = HostBuffer::new(3 * PAGE_SIZE as usize).unwrap();
+        pin(b.addr(), b.len() as u64).unwrap();
+        b.set_u32(5, 9).unwrap();
+        assert_eq!(b.get_u32(5), Some(9));
+        assert_eq!(b.get_u32(3 * 1024), None);
+        // Frames are visible only with CAP_SYS_ADMIN; the read must work
+        // either way and give one entry per page when visible.
+        if let Ok(f) = frames(b.addr(), b.len() as u64) {
+            assert_eq!(f.len(), 3);
+            assert!(f.iter().all(|p| p.is_page_aligned()));
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The Linux guest runtime: the guest side of the protocol over the
+//! virtio-gpu DRM UAPI.
+//!
+//! - [`drm`]: the render-node ioctls and buffer mappings.
+//! - [`memory`]: pinning process memory and finding its guest-physical
+//!   pages (what a user-space fault resolver can do on a stock kernel).
+//! - [`session`]: discovery, profile choice, the session's shared memory,
+//!   requests and replies, queues, signals, and the fault resolver.
+//!
+//! Everything the device writes (replies, fault records, signals) is read
+//! with the strict decoders of this crate: device memory is untrusted too.
+
+pub mod drm;
+pub mod memory;
+pub mod session;
+
+use std::io;
+
+use crate::header::Status;
+use crate::{DecodeError, DispatchStatus, EncodeError, GpuVa};
+
+/// Why a guest operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// No render node serves the capset.
+    #[error("no virtio-gpu render node with capset 24")]
+    NoDevice,
+    /// The device wrote something the decoder refused.
+    #[error("device data: {0}")]
+    Decode(DecodeError),
+    /// A request could not be encoded.
+    #[error("encoding a request: {0}")]
+    Encode(EncodeError),
+    /// The device answered with an error status.
+    #[error("command {cmd:#x} failed: {}", status.name())]
+    Status {
+        /// The command.
+        cmd: u32,
+        /// Its status.
+        status: Status,
+    },
+    /// A dispatch ended with an error status.
+    #[error("dispatch ended {0:?} at {1}")]
+    Dispatch(DispatchStatus, GpuVa),
+    /// Waited too long.
+    #[error("timed out waiting for the {0}")]
+    Timeout(&'static str),
+    /// Something inconsistent.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+impl GuestError {
+    fn io(what: &'static str, source: io::Error) -> GuestError {
+        GuestError::Io { what, source }
+    }
+
+    /// The protocol status, if the device answered with one.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            GuestError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Results of the runtime.
+pub type Result<T> = std::result::Result<T, GuestError>;

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Installs what the QEMU suite needs on a fresh Debian bookworm x86-64
+# machine, idempotently:
+#   - bookworm-backports in the apt sources (the mirror URI is taken from the
+#     system's own Debian sources, nothing is hard-coded),
+#   - QEMU 10.0 (qemu-system-x86) from backports, busybox-static, cpio, kmod,
+#   - the Rust musl target for the static guest program,
+#   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
+#     tests/qemu/work/kernel (vmlinuz + modules with modules.dep).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+work="$here/work"
+kdir="$work/kernel"
+mkdir -p "$work"
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+log() { echo "setup: $*"; }
+
+debian_uri() {
+    local uri=""
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+        uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    fi
+    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+        uri=$(awk '$1 == "deb" && $3 ~ /^bookworm/ {print $2; exit}' /etc/apt/sources.list)
+    fi
+    [ -n "$uri" ] || { echo "setup: cannot find the Debian mirror in the apt sources" >&2; exit 1; }
+    echo "$uri"
+}
+
+add_backports() {
+    if grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        return
+    fi
+    local uri
+    uri=$(debian_uri)
+    log "adding bookworm-backports from $uri"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
+        | sudo_ tee /etc/apt/sources.list.d/backports.sources >/dev/null
+    sudo_ apt-get update -q
+}
+
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null || return 1
+    local v
+    v=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1)
+    [ "${v:-0}" -ge 10 ] || return 1
+    qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-gpu-pci
+}
+
+install_packages() {
+    local missing=()
+    command -v busybox >/dev/null && busybox --list 2>/dev/null | grep -qx modprobe || missing+=(busybox-static)
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v depmod >/dev/null || missing+=(kmod)
+    command -v xz >/dev/null || missing+=(xz-utils)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]}"
+        sudo_ apt-get install -y -q "${missing[@]}"
+    fi
+    if ! qemu_ok; then
+        add_backports
+        log "installing QEMU from bookworm-backports"
+        sudo_ apt-get install -y -q -t bookworm-backports --no-install-recommends qemu-system-x86
+    fi
+    qemu_ok || { echo "setup: QEMU >= 10.0 with vhost-user-gpu-pci is not available" >&2; exit 1; }
+    log "$(qemu-system-x86_64 --version | head -n1)"
+}
+
+install_musl_target() {
+    if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+        log "adding the Rust musl target"
+        rustup target add x86_64-unknown-linux-musl
+    fi
+}
+
+install_kernel() {
+    if [ -f "$kdir/vmlinuz" ] && [ -f "$kdir/modules.ok" ]; then
+        log "guest kernel $(cat "$kdir/version") present"
+        return
+    fi
+    add_backports
+    local pkg
+    pkg=$(apt-cache depends -t bookworm-backports linux-image-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-6\.12/ {print $2; exit}')
+    [ -n "$pkg" ] || { echo "setup: no 6.12 kernel package in bookworm-backports" >&2; exit 1; }
+    log "fetching $pkg"
+    rm -rf "$kdir" "$work/deb"
+    mkdir -p "$kdir" "$work/deb"
+    (cd "$work/deb" && apt-get download -t bookworm-backports "$pkg")
+    local root="$work/deb/root"
+    dpkg -x "$work"/deb/*.deb "$root"
+    local version
+    version=$(ls "$root/lib/modules")
+    cp "$root"/boot/vmlinuz-* "$kdir/vmlinuz"
+    echo "$version" > "$kdir/version"
+    # virtio-gpu and what it depends on, as modinfo says.
+    local mroot="$root/lib/modules/$version"
+    local want=(virtio-gpu) seen=() mod file deps
+    mkdir -p "$kdir/lib/modules/$version/kernel"
+    while [ ${#want[@]} -gt 0 ]; do
+        mod=${want[0]}; want=("${want[@]:1}")
+        [[ " ${seen[*]} " == *" $mod "* ]] && continue
+        seen+=("$mod")
+        file=$(find "$mroot" -name "${mod}.ko*" -o -name "$(echo "$mod" | tr - _).ko*" | head -n1)
+        [ -n "$file" ] || { echo "setup: module $mod not found" >&2; exit 1; }
+        cp "$file" "$kdir/lib/modules/$version/kernel/"
+        deps=$(/sbin/modinfo -F depends "$file" | tr , ' ')
+        for d in $deps; do want+=("$d"); done
+    done
+    cp "$mroot"/modules.order "$mroot"/modules.builtin* "$kdir/lib/modules/$version/" 2>/dev/null || true
+    /sbin/depmod -b "$kdir" "$version"
+    rm -rf "$work/deb"
+    touch "$kdir/modules.ok"
+    log "guest kernel $version with modules: ${seen[*]}"
+}
+
+install_packages
+install_musl_target
+install_kernel
+log "done"
