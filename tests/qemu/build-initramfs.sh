@@ -26,6 +26,7 @@ for m in "$kdir/lib/modules/$version/kernel/"*; do
         *) cp "$m" "$root/lib/modules/$version/kernel/" ;;
     esac
 done
+touch "$root/lib/modules/$version/"{modules.order,modules.builtin,modules.builtin.modinfo}
 /sbin/depmod -b "$root" "$version"
 
 cat > "$root/init" <<'INIT'
