@@ -1,152 +1,228 @@
-//! The GpuVm against a per-page oracle: after any sequence of maps and
-//! unmaps, every page resolves to the backing the oracle says, mappings
-//! never overlap, and the bound byte count matches.
-
+//! The GPU VM against a per-page oracle: random maps and unmaps over a small
+//! window, and after every step each page's backing and permissions, the
+//! mapping invariants and `bound_bytes` must match the oracle.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-
-use gpu_backend::gpuvm::{Backing, GpuVm, MapRequest, PageList, ResourceSizes, VaLayout};
-use guest_proto::{GpuVa, GuestPhysAddr, Perms, ResourceId};
+use gpu_backend::gpuvm::{
+    Backing, GpuVm, MapRequest, Mapping, Op, PageBacking, PageList, ResourceSizes, VaLayout,
+};
+use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 use proptest::prelude::*;
 
-const P: u64 = 4096;
-const BASE: u64 = 0x10_0000;
-const WINDOW: u64 = 64;
+const BASE: u64 = 0x4000_0000;
+const WINDOW_PAGES: u64 = 48;
+const MAX_LEN: u64 = 12;
+const RESOURCE_PAGES: u64 = 64;
 
 struct Sizes;
 
 impl ResourceSizes for Sizes {
     fn resource_size(&self, id: ResourceId) -> Option<u64> {
-        (id.0 < 4).then_some(128 * P)
+        (1..=3)
+            .contains(&id.0)
+            .then_some(RESOURCE_PAGES * PAGE_SIZE)
     }
 }
 
-/// What one page maps to: (resource or page list tag, page index), perms.
-type PageTarget = ((u32, u64), u32);
+#[derive(Clone, Debug)]
+enum Source {
+    /// Resource `id` from page `first` on.
+    Resource { id: u32, first: u64 },
+    /// Guest pages `base, base + stride, ...` (pages numbers).
+    Pages { base: u64, stride: u64 },
+}
 
 #[derive(Clone, Debug)]
-enum Action {
-    MapResource {
-        at: u64,
-        pages: u64,
-        res: u32,
-        off: u64,
+enum Step {
+    Map {
+        page: u64,
+        len: u64,
+        source: Source,
         perms: u32,
-    },
-    MapPages {
-        at: u64,
-        pages: u64,
-        tag: u64,
-        perms: u32,
+        commit: bool,
     },
     Unmap {
-        at: u64,
-        pages: u64,
+        page: u64,
+        len: u64,
+        commit: bool,
     },
-    DropPlan {
-        at: u64,
-        pages: u64,
+    UnmapResource {
+        id: u32,
+    },
+    /// Asks again for part of whatever is mapped at `page`, exactly as it
+    /// is mapped: the plan must be empty.
+    Rebind {
+        page: u64,
+        skip: u64,
+        len: u64,
     },
 }
 
-fn action() -> impl Strategy<Value = Action> {
-    let range = (0..WINDOW).prop_flat_map(|at| (Just(at), 1..=(WINDOW - at).min(24)));
+fn source() -> impl Strategy<Value = Source> {
     prop_oneof![
-        (range.clone(), 0..4u32, 0..64u64, 1..8u32).prop_map(|((at, pages), res, off, perms)| {
-            Action::MapResource {
-                at,
-                pages,
-                res,
-                off,
-                perms,
-            }
-        }),
-        (range.clone(), 0..1000u64, 1..8u32).prop_map(|((at, pages), tag, perms)| {
-            Action::MapPages {
-                at,
-                pages,
-                tag,
-                perms,
-            }
-        }),
-        range
-            .clone()
-            .prop_map(|(at, pages)| Action::Unmap { at, pages }),
-        range.prop_map(|(at, pages)| Action::DropPlan { at, pages }),
+        (1u32..=3, 0..RESOURCE_PAGES - MAX_LEN)
+            .prop_map(|(id, first)| Source::Resource { id, first }),
+        (0u64..1 << 20, 1u64..=3).prop_map(|(base, stride)| Source::Pages { base, stride }),
     ]
 }
 
-fn target_of(vm: &GpuVm, page: u64) -> Option<PageTarget> {
-    let va = GpuVa(BASE + page * P);
-    let m = vm.lookup(va)?;
-    let skip = (va.raw() - m.va.raw()) / P;
-    let what = match &m.backing {
-        Backing::Resource { id, offset } => (id.0, offset / P + skip),
-        Backing::Pages(list) => (100, list.pages()[skip as usize].raw() / P),
+fn step() -> impl Strategy<Value = Step> {
+    let place = (0..WINDOW_PAGES, 1..=MAX_LEN).prop_map(|(page, len)| {
+        let len = len.min(WINDOW_PAGES - page);
+        (page, len)
+    });
+    prop_oneof![
+        3 => (place.clone(), source(), 1u32..=7, proptest::bool::weighted(0.9)).prop_map(
+            |((page, len), source, perms, commit)| Step::Map { page, len, source, perms, commit }
+        ),
+        2 => (place, proptest::bool::weighted(0.9))
+            .prop_map(|((page, len), commit)| Step::Unmap { page, len, commit }),
+        1 => (1u32..=3).prop_map(|id| Step::UnmapResource { id }),
+        1 => (0..WINDOW_PAGES, 0..MAX_LEN, 1..=MAX_LEN)
+            .prop_map(|(page, skip, len)| Step::Rebind { page, skip, len }),
+    ]
+}
+
+type Oracle = Vec<Option<(PageBacking, Perms)>>;
+
+fn page_va(page: u64) -> GpuVa {
+    GpuVa(BASE + page * PAGE_SIZE)
+}
+
+fn request(page: u64, len: u64, source: &Source, perms: Perms) -> MapRequest {
+    let backing = match *source {
+        Source::Resource { id, first } => Backing::Resource {
+            id: ResourceId(id),
+            offset: first * PAGE_SIZE,
+        },
+        Source::Pages { base, stride } => Backing::Pages(PageList::new(
+            (0..len)
+                .map(|i| GuestPhysAddr((base + i * stride) * PAGE_SIZE))
+                .collect(),
+        )),
     };
-    Some((what, m.perms.bits()))
+    MapRequest {
+        va: page_va(page),
+        size: len * PAGE_SIZE,
+        backing,
+        perms,
+    }
+}
+
+fn oracle_map(oracle: &mut Oracle, page: u64, len: u64, source: &Source, perms: Perms) {
+    for i in 0..len {
+        let backing = match *source {
+            Source::Resource { id, first } => PageBacking::Resource {
+                id: ResourceId(id),
+                offset: (first + i) * PAGE_SIZE,
+            },
+            Source::Pages { base, stride } => {
+                PageBacking::Guest(GuestPhysAddr((base + i * stride) * PAGE_SIZE))
+            }
+        };
+        oracle[(page + i) as usize] = Some((backing, perms));
+    }
+}
+
+fn check_plan(ops: &[Op]) {
+    let remaps = ops.iter().filter(|o| matches!(o, Op::Remap { .. })).count();
+    let maps = ops.iter().filter(|o| matches!(o, Op::Map(_))).count();
+    assert!(remaps <= 2 && maps <= 1, "{ops:?}");
+    if maps == 1 {
+        assert!(matches!(ops.last(), Some(Op::Map(_))), "{ops:?}");
+    }
+}
+
+fn check(vm: &GpuVm, oracle: &Oracle) {
+    for (page, expected) in oracle.iter().enumerate() {
+        let va = GpuVa(page_va(page as u64).raw() + 0x42);
+        let got = vm
+            .lookup(va)
+            .map(|m| (m.page_backing(va).unwrap(), m.perms));
+        assert_eq!(&got, expected, "page {page}");
+    }
+    let all: Vec<&Mapping> = vm.iter().collect();
+    for m in &all {
+        assert!(m.size > 0 && m.size % PAGE_SIZE == 0 && m.va.is_page_aligned());
+        if let Backing::Pages(list) = &m.backing {
+            assert_eq!(list.len() as u64 * PAGE_SIZE, m.size);
+        }
+    }
+    assert!(all.windows(2).all(|w| w[0].end() <= w[1].va), "overlap");
+    let bound = oracle.iter().filter(|p| p.is_some()).count() as u64 * PAGE_SIZE;
+    assert_eq!(vm.bound_bytes(), bound);
+    let sum: u64 = all.iter().map(|m| m.size).sum();
+    assert_eq!(sum, bound);
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
     #[test]
-    fn matches_a_per_page_oracle(actions in prop::collection::vec(action(), 1..40)) {
+    fn gpuvm_matches_a_per_page_oracle(steps in proptest::collection::vec(step(), 1..60)) {
         let mut vm = GpuVm::new(VaLayout::protocol_default());
-        let mut oracle: BTreeMap<u64, PageTarget> = BTreeMap::new();
-        for a in actions {
-            match a {
-                Action::MapResource { at, pages, res, off, perms } => {
-                    let req = MapRequest {
-                        va: GpuVa(BASE + at * P),
-                        size: pages * P,
-                        backing: Backing::Resource { id: ResourceId(res), offset: off * P },
-                        perms: Perms::from_bits(perms).unwrap(),
-                    };
-                    vm.prepare_map(req, &Sizes).unwrap().commit();
-                    for i in 0..pages {
-                        oracle.insert(at + i, ((res, off + i), perms));
+        let mut oracle: Oracle = vec![None; WINDOW_PAGES as usize];
+        for step in &steps {
+            let before: Vec<Mapping> = vm.iter().cloned().collect();
+            match step {
+                Step::Map { page, len, source, perms, commit } => {
+                    let perms = Perms::from_bits(*perms).unwrap();
+                    let plan = vm.prepare_map(request(*page, *len, source, perms), &Sizes).unwrap();
+                    check_plan(plan.ops());
+                    let after = plan.bound_bytes_after();
+                    if *commit {
+                        plan.commit();
+                        oracle_map(&mut oracle, *page, *len, source, perms);
+                        prop_assert_eq!(vm.bound_bytes(), after);
+                    } else {
+                        drop(plan);
+                        prop_assert_eq!(vm.iter().cloned().collect::<Vec<_>>(), before);
                     }
                 }
-                Action::MapPages { at, pages, tag, perms } => {
-                    let list = (0..pages).map(|i| GuestPhysAddr((tag * 64 + i) * P)).collect();
-                    let req = MapRequest {
-                        va: GpuVa(BASE + at * P),
-                        size: pages * P,
-                        backing: Backing::Pages(PageList::new(list)),
-                        perms: Perms::from_bits(perms).unwrap(),
-                    };
-                    vm.prepare_map(req, &Sizes).unwrap().commit();
-                    for i in 0..pages {
-                        oracle.insert(at + i, ((100, tag * 64 + i), perms));
+                Step::Unmap { page, len, commit } => {
+                    let plan = vm.prepare_unmap(page_va(*page), len * PAGE_SIZE).unwrap();
+                    check_plan(plan.ops());
+                    prop_assert!(!plan.ops().iter().any(|o| matches!(o, Op::Map(_))));
+                    if *commit {
+                        plan.commit();
+                        for p in *page..page + len {
+                            oracle[p as usize] = None;
+                        }
+                    } else {
+                        drop(plan);
+                        prop_assert_eq!(vm.iter().cloned().collect::<Vec<_>>(), before);
                     }
                 }
-                Action::Unmap { at, pages } => {
-                    let plan = vm.prepare_unmap(GpuVa(BASE + at * P), pages * P).unwrap();
-                    let remaps = plan
-                        .ops()
-                        .iter()
-                        .filter(|op| matches!(op, gpu_backend::gpuvm::Op::Remap { .. }))
-                        .count();
-                    prop_assert!(remaps <= 2);
+                Step::UnmapResource { id } => {
+                    let plan = vm.prepare_unmap_resource(ResourceId(*id));
+                    prop_assert!(plan.ops().iter().all(|o| matches!(o, Op::Unmap(m) if m.resource() == Some(ResourceId(*id)))));
                     plan.commit();
-                    for i in 0..pages {
-                        oracle.remove(&(at + i));
+                    for slot in oracle.iter_mut() {
+                        if matches!(slot, Some((PageBacking::Resource { id: r, .. }, _)) if r.0 == *id) {
+                            *slot = None;
+                        }
                     }
                 }
-                Action::DropPlan { at, pages } => {
-                    drop(vm.prepare_unmap(GpuVa(BASE + at * P), pages * P).unwrap());
+                Step::Rebind { page, skip, len } => {
+                    let Some(m) = vm.lookup(page_va(*page)).cloned() else {
+                        continue;
+                    };
+                    let pages = m.size / PAGE_SIZE;
+                    let skip = skip % pages;
+                    let len = (*len).min(pages - skip);
+                    let part = m.sub_mapping(GpuVa(m.va.raw() + skip * PAGE_SIZE), len * PAGE_SIZE).unwrap();
+                    let req = MapRequest { va: part.va, size: part.size, backing: part.backing, perms: part.perms };
+                    prop_assert!(vm.prepare_map(req.clone(), &Sizes).unwrap().is_empty());
+                    // Another permission is a real change.
+                    let other = MapRequest { perms: Perms::from_bits(req.perms.bits() % 7 + 1).unwrap(), ..req };
+                    prop_assert!(!vm.prepare_map(other, &Sizes).unwrap().is_empty());
                 }
             }
-            for page in 0..WINDOW + 1 {
-                prop_assert_eq!(target_of(&vm, page), oracle.get(&page).copied(), "page {}", page);
-            }
-            prop_assert_eq!(vm.bound_bytes(), oracle.len() as u64 * P);
-            let mut last_end = 0;
-            for m in vm.iter() {
-                prop_assert!(m.va.raw() >= last_end, "overlap at {:?}", m.va);
-                last_end = m.end().raw();
-            }
+            check(&vm, &oracle);
         }
+        let cleared = vm.clear();
+        prop_assert_eq!(cleared.iter().map(|m| m.size).sum::<u64>(),
+            oracle.iter().filter(|p| p.is_some()).count() as u64 * PAGE_SIZE);
+        prop_assert_eq!(vm.bound_bytes(), 0);
     }
 }

@@ -1,54 +1,68 @@
-//! Range attributes: fault policy over VA ranges, set the way `madvise`
-//! sets advice on CPU memory.
+//! Range attributes: per-range policy for faults, set like `madvise`.
 //!
-//! Only ranges whose attributes differ from the defaults are stored. Setting
-//! attributes on a range splits the stored ranges at its ends (like a map
-//! request splits mappings), applies the update to every piece inside, and
-//! merges neighbours that end up equal, so the map stays minimal and a
-//! lookup is one ordered-map search.
+//! Attributes are independent of mappings (they may be set before anything
+//! is bound and survive unmaps), but split over ranges the same way: setting
+//! an attribute on part of a range splits it, and the other attributes of
+//! every piece stay as they were. Only ranges that differ from the defaults
+//! are stored, and neighbours with equal attributes are merged after every
+//! change, so the map stays as small as the guest's actual policy and never
+//! grows with the number of requests that produced it.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use guest_proto::attr::{MAX_GRANULE_SHIFT, MIN_GRANULE_SHIFT};
-use guest_proto::{FaultPolicy, Perms};
+use guest_proto::{FaultPolicy, GpuVa, PAGE_SHIFT, Perms};
 
 use super::GpuVmError;
 
-/// The attributes in force at an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The attributes in effect at one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RangeAttrs {
-    /// Permissions the GPU may be granted; a fault needing more is fatal.
+    /// The permissions the GPU may be granted; a fault needing more is
+    /// fatal. Default: read, write, execute.
     pub access: Perms,
-    /// Forward faults to the guest, or fail the work at once.
+    /// Forward faults to the guest or fail the work at once. Default:
+    /// recoverable.
     pub fault_policy: FaultPolicy,
-    /// log2 of the fault granule.
+    /// log2 of the fault granule. Default: one page (12).
     pub granule_shift: u8,
 }
 
 impl Default for RangeAttrs {
-    fn default() -> RangeAttrs {
+    fn default() -> Self {
         RangeAttrs {
             access: Perms::ALL,
             fault_policy: FaultPolicy::Recoverable,
-            granule_shift: MIN_GRANULE_SHIFT,
+            granule_shift: PAGE_SHIFT as u8,
         }
     }
 }
 
-/// A change to some attributes; `None` leaves one as it is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+impl RangeAttrs {
+    /// These attributes with `update` applied.
+    pub fn updated(self, update: &AttrUpdate) -> RangeAttrs {
+        RangeAttrs {
+            access: update.access.unwrap_or(self.access),
+            fault_policy: update.fault_policy.unwrap_or(self.fault_policy),
+            granule_shift: update.granule_shift.unwrap_or(self.granule_shift),
+        }
+    }
+}
+
+/// A change to the attributes of a range; `None` leaves one as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AttrUpdate {
-    /// New access permissions.
+    /// New `access`.
     pub access: Option<Perms>,
-    /// New fault policy.
+    /// New `fault_policy`.
     pub fault_policy: Option<FaultPolicy>,
-    /// New granule shift.
+    /// New `granule_shift`; must be in 12 ..= 30.
     pub granule_shift: Option<u8>,
 }
 
 impl AttrUpdate {
-    /// Checks the values are in their domains.
+    /// Checks every value of the update.
     pub fn validate(&self) -> Result<(), GpuVmError> {
         match self.granule_shift {
             Some(s) if !(MIN_GRANULE_SHIFT..=MAX_GRANULE_SHIFT).contains(&s) => {
@@ -58,197 +72,137 @@ impl AttrUpdate {
         }
     }
 
-    fn apply(&self, to: RangeAttrs) -> RangeAttrs {
-        RangeAttrs {
-            access: self.access.unwrap_or(to.access),
-            fault_policy: self.fault_policy.unwrap_or(to.fault_policy),
-            granule_shift: self.granule_shift.unwrap_or(to.granule_shift),
+    /// Whether the update changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.access.is_none() && self.fault_policy.is_none() && self.granule_shift.is_none()
+    }
+}
+
+/// The persistent attributes of a `RANGE_ATTR` request (its one-shot
+/// `prefetch` is not an attribute and is left to the caller).
+impl From<&guest_proto::attr::RangeAttrs> for AttrUpdate {
+    fn from(wire: &guest_proto::attr::RangeAttrs) -> Self {
+        AttrUpdate {
+            access: wire.access,
+            fault_policy: wire.fault_policy,
+            granule_shift: wire.granule_shift,
         }
     }
 }
 
-/// Non-default attribute ranges, keyed by start, values `(end, attrs)`.
-#[derive(Debug, Default)]
+/// The non-default attribute ranges of a VM: start -> (end, attributes).
+/// Ranges are disjoint, non-empty, never default, and two ranges that touch
+/// never have equal attributes.
+#[derive(Clone, Debug, Default)]
 pub(super) struct AttrMap {
     ranges: BTreeMap<u64, (u64, RangeAttrs)>,
 }
 
 impl AttrMap {
-    pub(super) fn at(&self, addr: u64) -> RangeAttrs {
-        self.ranges
-            .range(..=addr)
-            .next_back()
-            .filter(|(_, (end, _))| addr < *end)
-            .map_or_else(RangeAttrs::default, |(_, (_, a))| *a)
+    /// The attributes at `va`.
+    pub(super) fn at(&self, va: GpuVa) -> RangeAttrs {
+        match self.ranges.range(..=va.raw()).next_back() {
+            Some((_, &(end, attrs))) if va.raw() < end => attrs,
+            _ => RangeAttrs::default(),
+        }
     }
 
-    /// Every piece of `[start, end)` with its attributes, gaps as defaults.
-    pub(super) fn ranges_in(&self, start: u64, end: u64) -> Vec<(Range<u64>, RangeAttrs)> {
-        let mut out = Vec::new();
+    /// Applies `update` to `[start, end)` (non-empty, validated). Cannot
+    /// fail.
+    pub(super) fn apply(&mut self, start: u64, end: u64, update: &AttrUpdate) {
+        self.split_at(start);
+        self.split_at(end);
+        let mut pieces = Vec::new();
         let mut at = start;
-        let first = self
-            .ranges
-            .range(..=start)
-            .next_back()
-            .map_or(start, |(s, _)| *s);
-        for (&s, &(e, a)) in self.ranges.range(first..end) {
-            if e <= at {
-                continue;
-            }
+        for (&s, &(e, attrs)) in self.ranges.range(start..end) {
             if s > at {
-                out.push((at..s, RangeAttrs::default()));
+                pieces.push((at, s, RangeAttrs::default().updated(update)));
             }
-            let piece_end = e.min(end);
-            out.push((s.max(at)..piece_end, a));
-            at = piece_end;
+            pieces.push((s, e, attrs.updated(update)));
+            at = e;
         }
         if at < end {
-            out.push((at..end, RangeAttrs::default()));
+            pieces.push((at, end, RangeAttrs::default().updated(update)));
         }
-        out
-    }
-
-    pub(super) fn set(&mut self, start: u64, end: u64, update: &AttrUpdate) {
-        let pieces = self.ranges_in(start, end);
-        // Split the stored ranges that straddle the ends.
-        let overlapping: Vec<u64> = {
-            let first = self
-                .ranges
-                .range(..=start)
-                .next_back()
-                .filter(|(_, (e, _))| *e > start)
-                .map_or(start, |(s, _)| *s);
-            self.ranges.range(first..end).map(|(s, _)| *s).collect()
-        };
-        for s in overlapping {
-            if let Some((e, a)) = self.ranges.remove(&s) {
-                if s < start {
-                    self.ranges.insert(s, (start, a));
-                }
-                if e > end {
-                    self.ranges.insert(end, (e, a));
-                }
-            }
+        let old: Vec<u64> = self.ranges.range(start..end).map(|(&s, _)| s).collect();
+        for s in old {
+            self.ranges.remove(&s);
         }
-        for (r, a) in pieces {
-            let new = update.apply(a);
-            if new != RangeAttrs::default() {
-                self.ranges.insert(r.start, (r.end, new));
+        for (s, e, attrs) in pieces {
+            if attrs != RangeAttrs::default() {
+                self.ranges.insert(s, (e, attrs));
             }
         }
         self.merge_around(start, end);
     }
 
-    /// Merges equal neighbours in and next to `[start, end]`.
+    /// The ranges covering `[start, end)`, defaults included, clipped to it.
+    pub(super) fn ranges_in(&self, start: u64, end: u64) -> Vec<(Range<GpuVa>, RangeAttrs)> {
+        let mut out = Vec::new();
+        if start >= end {
+            return out;
+        }
+        let first = match self.ranges.range(..=start).next_back() {
+            Some((&s, &(e, _))) if e > start => s,
+            _ => start,
+        };
+        let mut at = start;
+        for (&s, &(e, attrs)) in self.ranges.range(first..end) {
+            if s > at {
+                out.push((GpuVa(at)..GpuVa(s), RangeAttrs::default()));
+            }
+            out.push((GpuVa(s.max(start))..GpuVa(e.min(end)), attrs));
+            at = e;
+        }
+        if at < end {
+            out.push((GpuVa(at)..GpuVa(end), RangeAttrs::default()));
+        }
+        out
+    }
+
+    /// Number of stored (non-default) ranges.
+    pub(super) fn stored_ranges(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.ranges.clear();
+    }
+
+    /// Makes `at` a range boundary: a range spanning it is cut in two.
+    fn split_at(&mut self, at: u64) {
+        let Some((&s, &(e, attrs))) = self.ranges.range(..at).next_back() else {
+            return;
+        };
+        if e > at {
+            self.ranges.insert(s, (at, attrs));
+            self.ranges.insert(at, (e, attrs));
+        }
+    }
+
+    /// Merges touching equal ranges from the one ending at `start` to the
+    /// one starting at `end`.
     fn merge_around(&mut self, start: u64, end: u64) {
-        let from = self
-            .ranges
-            .range(..start)
-            .next_back()
-            .map_or(start, |(s, _)| *s);
-        let keys: Vec<u64> = self.ranges.range(from..=end).map(|(s, _)| *s).collect();
-        let mut prev: Option<u64> = None;
+        let from = match self.ranges.range(..start).next_back() {
+            Some((&s, _)) => s,
+            None => start,
+        };
+        let keys: Vec<u64> = self.ranges.range(from..=end).map(|(&s, _)| s).collect();
+        let mut current: Option<u64> = None;
         for s in keys {
-            let Some(&(e, a)) = self.ranges.get(&s) else {
+            let Some(&(e, attrs)) = self.ranges.get(&s) else {
                 continue;
             };
-            if let Some(p) = prev {
-                if let Some(&(pe, pa)) = self.ranges.get(&p) {
-                    if pe == s && pa == a {
+            if let Some(c) = current {
+                if let Some(&(ce, cattrs)) = self.ranges.get(&c) {
+                    if ce == s && cattrs == attrs {
                         self.ranges.remove(&s);
-                        self.ranges.insert(p, (e, a));
+                        self.ranges.insert(c, (e, attrs));
                         continue;
                     }
                 }
             }
-            prev = Some(s);
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.ranges.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const PAGE: u64 = 4096;
-
-    fn fatal() -> AttrUpdate {
-        AttrUpdate {
-            fault_policy: Some(FaultPolicy::Fatal),
-            ..AttrUpdate::default()
-        }
-    }
-
-    #[test]
-    fn set_splits_and_defaults_fill_gaps() {
-        let mut m = AttrMap::default();
-        m.set(4 * PAGE, 8 * PAGE, &fatal());
-        m.set(
-            6 * PAGE,
-            10 * PAGE,
-            &AttrUpdate {
-                granule_shift: Some(16),
-                ..AttrUpdate::default()
-            },
-        );
-        assert_eq!(m.at(3 * PAGE), RangeAttrs::default());
-        assert_eq!(m.at(5 * PAGE).fault_policy, FaultPolicy::Fatal);
-        assert_eq!(m.at(5 * PAGE).granule_shift, 12);
-        assert_eq!(m.at(7 * PAGE).fault_policy, FaultPolicy::Fatal);
-        assert_eq!(m.at(7 * PAGE).granule_shift, 16);
-        assert_eq!(m.at(9 * PAGE).fault_policy, FaultPolicy::Recoverable);
-        assert_eq!(m.at(9 * PAGE).granule_shift, 16);
-        assert_eq!(m.at(10 * PAGE), RangeAttrs::default());
-        assert_eq!(m.len(), 3);
-        let pieces = m.ranges_in(0, 12 * PAGE);
-        let bounds: Vec<_> = pieces
-            .iter()
-            .map(|(r, _)| (r.start / PAGE, r.end / PAGE))
-            .collect();
-        assert_eq!(bounds, vec![(0, 4), (4, 6), (6, 8), (8, 10), (10, 12)]);
-    }
-
-    #[test]
-    fn equal_neighbours_merge_and_defaults_vanish() {
-        let mut m = AttrMap::default();
-        m.set(0, 2 * PAGE, &fatal());
-        m.set(2 * PAGE, 4 * PAGE, &fatal());
-        assert_eq!(m.len(), 1);
-        assert_eq!(m.ranges_in(0, 4 * PAGE).len(), 1);
-        m.set(
-            PAGE,
-            3 * PAGE,
-            &AttrUpdate {
-                fault_policy: Some(FaultPolicy::Recoverable),
-                ..AttrUpdate::default()
-            },
-        );
-        assert_eq!(m.len(), 2);
-        assert_eq!(m.at(2 * PAGE), RangeAttrs::default());
-        m.set(
-            0,
-            4 * PAGE,
-            &AttrUpdate {
-                fault_policy: Some(FaultPolicy::Recoverable),
-                ..AttrUpdate::default()
-            },
-        );
-        assert_eq!(m.len(), 0);
-    }
-
-    #[test]
-    fn bad_granules_are_refused() {
-        for s in [0u8, 11, 31, 255] {
-            let u = AttrUpdate {
-                granule_shift: Some(s),
-                ..AttrUpdate::default()
-            };
-            assert_eq!(u.validate(), Err(GpuVmError::BadGranule(s)));
+            current = Some(s);
         }
     }
 }

@@ -1,39 +1,76 @@
-//! The GPU VM range manager: what is mapped where in one context's GPU
+//! The GPU VM range manager: what is mapped where in one guest context's GPU
 //! virtual address space.
 //!
-//! This is bookkeeping only, the same for every device, modelled on Linux's
-//! `drm_gpuvm`. Mappings never overlap. A request to map a range over
-//! existing mappings *replaces* what it covers; a request to unmap removes
-//! it. Either is turned into a [`Plan`] of operations first:
+//! # Model
 //!
-//! - [`Op::Unmap`] for every existing mapping the request covers entirely;
-//! - [`Op::Remap`] for a mapping the request covers only partly: it is
-//!   removed and its uncovered `prev` and/or `next` pieces stay, with their
-//!   backing offsets adjusted. A request can only cut into the mappings at
-//!   its two ends, so a plan has at most two remaps (or one remap with both
-//!   pieces, when the request falls inside a single mapping);
-//! - at most one [`Op::Map`], the new mapping.
+//! This is bookkeeping only, identical for every device, and follows Linux's
+//! `drm_gpuvm` (drivers/gpu/drm/drm_gpuvm.c, "Split and merge"). A VM holds
+//! non-overlapping [`Mapping`]s. A map request over existing mappings
+//! *replaces* what it covers, an unmap request removes it, and both are
+//! first turned into a [`Plan`]: a list of [`Op`]s in ascending VA order,
 //!
-//! Preparing a plan validates the request and changes nothing; committing it
-//! cannot fail. A driver applies the plan to its page tables between the
-//! two, and drops the plan instead of committing if the device fails, so
-//! the bookkeeping never describes a state the device is not in. The plan
-//! borrows the VM mutably, so nothing else can change the VM in between.
+//! - one [`Op::Unmap`] for every existing mapping the request covers whole;
+//! - one [`Op::Remap`] for every mapping the request covers only in part:
+//!   the mapping goes and its uncovered `prev` and/or `next` pieces stay,
+//!   their backing moved along (resource offset advanced, page-list window
+//!   narrowed). Only the mappings at the two ends of the request can be cut,
+//!   so there are at most two remaps (one with both pieces when the request
+//!   falls inside a single mapping);
+//! - for a map request, last, exactly one [`Op::Map`]: the new mapping.
 //!
-//! One deliberate difference from `drm_gpuvm`: a map request identical to an
-//! existing mapping (same range, backing, offset and permissions) yields an
-//! empty plan, where `drm_gpuvm` emits an unmap and a map with its `merge`
-//! hint set. Re-binding the same memory is what a fault resolver racing
-//! another one does, and it must not tear down translations in use.
+//! Like `drm_gpuvm`, neighbours are never merged: a new mapping next to (or
+//! over part of) a mapping of the same backing stays a mapping of its own.
+//! One mapping per request keeps every later unmap or remap exact, and
+//! merging would buy nothing the device needs.
 //!
-//! Range attributes ([`attrs`]) live beside the mappings, split and merge
-//! over ranges the same way, and exist independently of them (an attribute
-//! may be set before anything is bound, as with `madvise`).
+//! ## The one special case: a request that is already satisfied
+//!
+//! `drm_gpuvm` documents that a request for a mapping that "already exists
+//! in the exact same way" may produce no operation, but its code emits an
+//! unmap (with a "keep" hint) and a map for the identical case (1 of its
+//! table), and splits the old mapping with "keep" hints for requests inside
+//! it with the same BO at the matching offset (cases 6, 8 and 12). Here a
+//! map request that one existing mapping already satisfies — it covers the
+//! whole range, has the same permissions, and its backing at that place is
+//! exactly the requested backing (same resource at the same offset, or the
+//! same guest pages) — yields an **empty plan** and changes nothing. The
+//! reason is the fault path: guest resolvers racing on duplicate faults
+//! re-bind memory that is already bound, and a plan that tears down and
+//! rebuilds translations would open a window in which running GPU work
+//! faults again on pages that were fine. Page for page the result is the
+//! one `drm_gpuvm` describes; only the bookkeeping keeps one mapping where
+//! `drm_gpuvm` would keep two or three adjacent pieces.
+//!
+//! # Prepare, then commit
+//!
+//! Preparing validates the request against the layout, the alignment and
+//! the backing, computes the plan and changes nothing. The caller applies the
+//! plan to the device's page tables and then [`Plan::commit`]s it, which
+//! cannot fail; if the device fails it drops the plan instead, and the
+//! bookkeeping still describes what it described before. This is why no
+//! device error can leave the range manager half-changed, and why the plan
+//! borrows the VM mutably: nothing can change the VM between the two steps,
+//! so the plan is still exact when it is committed.
+//!
+//! # Address space layout
+//!
+//! The guest binds only inside the aperture ([`VaLayout::aperture`]); the
+//! reserved range ([`VaLayout::reserved`]) belongs to the daemon, which maps
+//! session memory there with [`GpuVm::prepare_map_reserved`].
+//! [`GpuVm::bound_bytes`] counts aperture mappings only: it is what the
+//! guest's bound-bytes quota is charged for.
+//!
+//! # Range attributes
+//!
+//! [`RangeAttrs`] are fault policy for a range ([`GpuVm::set_attrs`]). They
+//! split over ranges like mappings, merge when neighbours become equal, and
+//! are independent of mappings, as `madvise` is of `mmap`.
 
-pub mod attrs;
+mod attrs;
 mod mapping;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::ops::Range;
 
 use guest_proto::capset::{
@@ -42,7 +79,9 @@ use guest_proto::capset::{
 use guest_proto::{GpuVa, PAGE_SIZE, ResourceId};
 
 pub use attrs::{AttrUpdate, RangeAttrs};
-pub use mapping::{Backing, MapRequest, Mapping, PageList};
+pub use mapping::{Backing, MapRequest, Mapping, PageBacking, PageList};
+
+use attrs::AttrMap;
 
 /// The address space layout of a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,78 +93,94 @@ pub struct VaLayout {
 }
 
 impl VaLayout {
-    /// The layout docs/protocol.md specifies: aperture `[64 KiB, 2^47)`,
-    /// reserved `[2^47, 2^48)`.
+    /// The layout of `docs/protocol.md`, as the capset reports it: aperture
+    /// `[64 KiB, 2^47)`, reserved `[2^47, 2^48)`.
     pub fn protocol_default() -> VaLayout {
         VaLayout {
             aperture: DEFAULT_APERTURE_START..DEFAULT_APERTURE_END,
             reserved: DEFAULT_RESERVED_START..DEFAULT_RESERVED_END,
         }
     }
+
+    fn in_aperture(&self, va: GpuVa) -> bool {
+        self.aperture.contains(&va)
+    }
 }
 
-/// Sizes of the resources a VM may map.
+/// The sizes of the resources a VM may map.
 pub trait ResourceSizes {
-    /// Size in bytes of resource `id`, `None` if it does not exist (for
-    /// this context).
+    /// Size in bytes of resource `id`; `None` if this context has no such
+    /// resource.
     fn resource_size(&self, id: ResourceId) -> Option<u64>;
 }
 
-/// Why a request was refused. Nothing changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a request was refused. A refused request changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GpuVmError {
     /// A range of zero bytes.
     #[error("range at {0} has zero size")]
     ZeroSize(GpuVa),
-    /// `va + size` wraps around 2^64.
-    #[error("range {va}+{size:#x} wraps around the address space")]
+    /// `va + size` (or `offset + size`) wraps around 2^64.
+    #[error("{what} {start:#x} + size {size:#x} wraps around 2^64")]
     Overflow {
-        /// Start.
-        va: GpuVa,
-        /// Length.
+        /// Which start: "va" or "offset".
+        what: &'static str,
+        /// The start.
+        start: u64,
+        /// The length.
         size: u64,
     },
-    /// The range is not inside the aperture (or the reserved range, for a
-    /// daemon mapping).
-    #[error("range {va}+{size:#x} is outside the allowed VA range")]
+    /// The range is not inside the aperture.
+    #[error("range {va} + {size:#x} is not inside the aperture {start}..{end}")]
     OutsideAperture {
-        /// Start.
+        /// Start of the range.
         va: GpuVa,
-        /// Length.
+        /// Its length.
         size: u64,
+        /// Start of the aperture.
+        start: GpuVa,
+        /// End of the aperture.
+        end: GpuVa,
     },
-    /// The range touches the reserved range.
-    #[error("range {va}+{size:#x} touches the reserved range")]
+    /// A guest request touches the daemon's reserved range, or a daemon
+    /// mapping is not inside it.
+    #[error("range {va} + {size:#x} crosses the reserved range {start}..{end}")]
     Reserved {
-        /// Start.
+        /// Start of the range.
         va: GpuVa,
-        /// Length.
+        /// Its length.
         size: u64,
+        /// Start of the reserved range.
+        start: GpuVa,
+        /// End of the reserved range.
+        end: GpuVa,
     },
-    /// Not page-aligned.
+    /// A value that must be a multiple of the page size is not.
     #[error("{what} {value:#x} is not page aligned")]
     Misaligned {
-        /// Which argument.
+        /// Which value: "va", "size", "offset" or "page".
         what: &'static str,
-        /// Its value.
+        /// The value.
         value: u64,
     },
-    /// The resource does not exist for this context.
+    /// The context has no such resource.
     #[error("unknown resource {0:?}")]
     UnknownResource(ResourceId),
-    /// The mapping would extend past the end of the resource.
-    #[error("{offset:#x}+{size:#x} is past the end of {id:?} ({resource_size:#x} bytes)")]
+    /// The mapping would reach past the end of its resource.
+    #[error(
+        "offset {offset:#x} + size {size:#x} is past the end of {id:?} ({resource_size:#x} bytes)"
+    )]
     BeyondBacking {
         /// The resource.
         id: ResourceId,
         /// Offset in it.
         offset: u64,
-        /// Length.
+        /// Length of the mapping.
         size: u64,
-        /// Its size.
+        /// Size of the resource.
         resource_size: u64,
     },
-    /// A page list whose length does not match the range.
+    /// A page list that does not hold one page per page of the range.
     #[error("{actual} pages given for a range of {expected} pages")]
     PageCount {
         /// Pages the range needs.
@@ -133,79 +188,120 @@ pub enum GpuVmError {
         /// Pages given.
         actual: u64,
     },
-    /// A map without any permission.
+    /// A mapping without any permission.
     #[error("a mapping needs at least one permission")]
     EmptyPerms,
-    /// A fault granule outside 2^12 ..= 2^30.
+    /// A fault granule shift outside 12 ..= 30.
     #[error("granule shift {0} is outside 12..=30")]
     BadGranule(u8),
 }
 
-/// One step of a plan.
+/// One step of a [`Plan`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// A new mapping.
+    /// Add a mapping over a range that the plan's earlier ops have emptied.
     Map(Mapping),
-    /// An existing mapping shrinks: `unmap` goes, its `prev` and `next`
-    /// pieces (outside the request) stay.
+    /// Remove `unmap`, keeping its pieces `prev` (before the request) and
+    /// `next` (after it) with their backing moved along. At least one of
+    /// the two is present.
     Remap {
-        /// The mapping as it is now.
+        /// The mapping to remove.
         unmap: Mapping,
-        /// The piece before the request, if any.
+        /// Its part before the request's range.
         prev: Option<Mapping>,
-        /// The piece after the request, if any.
+        /// Its part after the request's range.
         next: Option<Mapping>,
     },
-    /// An existing mapping goes entirely.
+    /// Remove a mapping the request covers whole.
     Unmap(Mapping),
 }
 
-/// The operations that carry out one request, not yet applied. Dropping it
-/// aborts the request.
-#[derive(Debug)]
-#[must_use = "a plan changes nothing until it is committed"]
+/// The operations a request needs, not yet applied to the VM. Commit it once
+/// the device has applied them; drop it to leave the VM as it is. It
+/// borrows the VM mutably, so the VM cannot change in between.
 pub struct Plan<'vm> {
     vm: &'vm mut GpuVm,
     ops: Vec<Op>,
 }
 
 impl Plan<'_> {
-    /// The operations, unmaps and remaps in ascending VA order, then the
+    /// The operations, in ascending VA order, unmaps and remaps before the
     /// map.
     pub fn ops(&self) -> &[Op] {
         &self.ops
     }
 
-    /// Whether the request changes nothing.
+    /// Whether nothing is to be done.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
 
-    /// Applies the plan to the bookkeeping.
-    pub fn commit(self) {
-        let Plan { vm, ops } = self;
-        for op in ops {
-            match op {
-                Op::Unmap(m) => vm.remove(&m),
-                Op::Remap { unmap, prev, next } => {
-                    vm.remove(&unmap);
-                    for piece in [prev, next].into_iter().flatten() {
-                        vm.insert(piece);
-                    }
-                }
-                Op::Map(m) => vm.insert(m),
-            }
+    /// What [`GpuVm::bound_bytes`] will be after the commit.
+    pub fn bound_bytes_after(&self) -> u64 {
+        let layout = &self.vm.layout;
+        let bytes = |m: &Mapping| if layout.in_aperture(m.va) { m.size } else { 0 };
+        let some = |m: &Option<Mapping>| m.as_ref().map_or(0, bytes);
+        self.ops
+            .iter()
+            .fold(self.vm.bound_bytes, |total, op| match op {
+                Op::Map(m) => total.saturating_add(bytes(m)),
+                Op::Remap { unmap, prev, next } => total
+                    .saturating_sub(bytes(unmap))
+                    .saturating_add(some(prev))
+                    .saturating_add(some(next)),
+                Op::Unmap(m) => total.saturating_sub(bytes(m)),
+            })
+    }
+
+    /// Applies the plan to the VM. Cannot fail.
+    pub fn commit(mut self) {
+        let mut ops = std::mem::take(&mut self.ops);
+        for op in ops.drain(..) {
+            self.vm.apply(op);
+        }
+        self.ops = ops;
+    }
+}
+
+/// Largest op buffer a VM keeps for the next plan: enough for any ordinary
+/// bind, small enough that one huge unmap does not pin its memory.
+const SPARE_OPS_CAPACITY: usize = 16;
+
+/// Hands the (now empty or abandoned) op buffer back to the VM, so the next
+/// plan does not allocate.
+impl Drop for Plan<'_> {
+    fn drop(&mut self) {
+        if self.ops.capacity() <= SPARE_OPS_CAPACITY {
+            self.ops.clear();
+            self.vm.spare_ops = std::mem::take(&mut self.ops);
         }
     }
 }
 
-/// The mappings and range attributes of one GPU VM.
-#[derive(Debug)]
+impl fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan").field("ops", &self.ops).finish()
+    }
+}
+
+/// The range manager of one GPU VM.
+#[derive(Clone, Debug)]
 pub struct GpuVm {
     layout: VaLayout,
-    mappings: BTreeMap<GpuVa, Mapping>,
+    /// Mappings by start VA; they never overlap.
+    mappings: BTreeMap<u64, Mapping>,
+    /// Total size of the aperture mappings.
     bound_bytes: u64,
-    attrs: attrs::AttrMap,
+    attrs: AttrMap,
+    /// The op buffer of the last plan, kept to be reused.
+    spare_ops: Vec<Op>,
+}
+
+/// Which part of the layout a request may touch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Aperture,
+    Reserved,
 }
 
 impl GpuVm {
@@ -215,251 +311,348 @@ impl GpuVm {
             layout,
             mappings: BTreeMap::new(),
             bound_bytes: 0,
-            attrs: attrs::AttrMap::default(),
+            attrs: AttrMap::default(),
+            spare_ops: Vec::new(),
         }
     }
 
-    /// The layout.
+    /// The layout the VM was created with.
     pub fn layout(&self) -> &VaLayout {
         &self.layout
     }
 
-    /// Plans a guest map, inside the aperture.
+    /// Plans a guest map request in the aperture.
     pub fn prepare_map(
         &mut self,
         req: MapRequest,
         res: &dyn ResourceSizes,
     ) -> Result<Plan<'_>, GpuVmError> {
-        check_range(&self.layout, req.va, req.size, Space::Aperture)?;
-        self.plan_map(req, res)
+        self.prepare_map_in(Area::Aperture, req, res)
     }
 
-    /// Plans a daemon map, inside the reserved range.
+    /// Plans a daemon map request in the reserved range (session memory).
     pub fn prepare_map_reserved(
         &mut self,
         req: MapRequest,
         res: &dyn ResourceSizes,
     ) -> Result<Plan<'_>, GpuVmError> {
-        check_range(&self.layout, req.va, req.size, Space::Reserved)?;
-        self.plan_map(req, res)
+        self.prepare_map_in(Area::Reserved, req, res)
     }
 
-    fn plan_map(
-        &mut self,
-        req: MapRequest,
-        res: &dyn ResourceSizes,
-    ) -> Result<Plan<'_>, GpuVmError> {
-        if req.perms.is_empty() {
-            return Err(GpuVmError::EmptyPerms);
-        }
-        check_backing(&req, res)?;
-        let new = Mapping {
-            va: req.va,
-            size: req.size,
-            backing: req.backing,
-            perms: req.perms,
-        };
-        if self.mappings.get(&new.va) == Some(&new) {
-            return Ok(Plan {
-                vm: self,
-                ops: Vec::new(),
-            });
-        }
-        let mut ops = self.cut(new.va, new.size);
-        ops.push(Op::Map(new));
-        Ok(Plan { vm: self, ops })
-    }
-
-    /// Plans a guest unmap of `[va, va + size)`, inside the aperture. An
-    /// empty range gives an empty plan.
+    /// Plans removing whatever is mapped in `[va, va + size)` of the
+    /// aperture. A range where nothing is mapped gives an empty plan (not an
+    /// error, as in `docs/protocol.md`); a zero size is refused like
+    /// everywhere else.
     pub fn prepare_unmap(&mut self, va: GpuVa, size: u64) -> Result<Plan<'_>, GpuVmError> {
-        check_range(&self.layout, va, size, Space::Aperture)?;
-        let ops = self.cut(va, size);
+        let end = self.check_range(Area::Aperture, va, size)?;
+        let mut ops = self.take_ops();
+        self.cut(va.raw(), end, &mut ops);
         Ok(Plan { vm: self, ops })
     }
 
-    /// Plans the removal of every mapping backed by resource `id`.
+    /// Plans removing every mapping backed by resource `id`, in the aperture
+    /// and the reserved range (the resource is going away). Walks every
+    /// mapping: resource teardown is rare, binds are not.
     pub fn prepare_unmap_resource(&mut self, id: ResourceId) -> Plan<'_> {
-        let ops = self
-            .mappings
-            .values()
-            .filter(|m| m.resource() == Some(id))
-            .cloned()
-            .map(Op::Unmap)
-            .collect();
+        let mut ops = self.take_ops();
+        ops.extend(
+            self.mappings
+                .values()
+                .filter(|m| m.resource() == Some(id))
+                .map(|m| Op::Unmap(m.clone())),
+        );
         Plan { vm: self, ops }
     }
 
-    /// Removes everything (teardown); returns what was mapped.
+    /// Forgets every mapping and attribute (teardown) and returns the
+    /// mappings, in VA order.
     pub fn clear(&mut self) -> Vec<Mapping> {
         self.bound_bytes = 0;
-        self.attrs = attrs::AttrMap::default();
+        self.attrs.clear();
         std::mem::take(&mut self.mappings).into_values().collect()
     }
 
-    /// The mapping that contains `va`.
+    /// The mapping holding `va`.
     pub fn lookup(&self, va: GpuVa) -> Option<&Mapping> {
         self.mappings
-            .range(..=va)
+            .range(..=va.raw())
             .next_back()
             .map(|(_, m)| m)
             .filter(|m| m.contains(va))
     }
 
-    /// The mappings that overlap `[va, va + size)`, in VA order.
+    /// The mappings overlapping `[va, va + size)`, in VA order (the range
+    /// is clipped at 2^64).
     pub fn mappings_in(&self, va: GpuVa, size: u64) -> impl Iterator<Item = &Mapping> {
-        let end = GpuVa(va.raw().saturating_add(size));
-        let first = self.lookup(va).map_or(va, |m| m.va);
+        let start = va.raw();
+        let end = start.saturating_add(size);
+        let first = self.first_overlapping(start).unwrap_or(start);
         self.mappings
-            .range(first..end)
+            .range(first..end.max(first))
             .map(|(_, m)| m)
-            .filter(move |m| size > 0 && m.end() > va)
+            .filter(move |m| m.end().raw() > start && size > 0)
     }
 
-    /// All mappings, in VA order.
+    /// Every mapping, in VA order.
     pub fn iter(&self) -> impl Iterator<Item = &Mapping> {
         self.mappings.values()
     }
 
-    /// Bytes mapped in the aperture.
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.mappings.len()
+    }
+
+    /// Whether nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    /// Bytes mapped in the aperture (the daemon's reserved mappings are not
+    /// counted).
     pub fn bound_bytes(&self) -> u64 {
         self.bound_bytes
     }
 
-    /// Sets attributes on `[va, va + size)` (aperture only). Validates
-    /// everything before changing anything.
+    /// Applies `update` to the attributes of `[va, va + size)` in the
+    /// aperture. Everything is validated before anything changes.
     pub fn set_attrs(
         &mut self,
         va: GpuVa,
         size: u64,
         update: AttrUpdate,
     ) -> Result<(), GpuVmError> {
-        check_range(&self.layout, va, size, Space::Aperture)?;
+        let end = self.check_range(Area::Aperture, va, size)?;
         update.validate()?;
-        self.attrs.set(va.raw(), va.raw() + size, &update);
+        if !update.is_empty() {
+            self.attrs.apply(va.raw(), end, &update);
+        }
         Ok(())
     }
 
-    /// The attributes in force at `va`.
+    /// The attributes in effect at `va` (the defaults where none was set).
     pub fn attrs_at(&self, va: GpuVa) -> RangeAttrs {
-        self.attrs.at(va.raw())
+        self.attrs.at(va)
     }
 
-    /// The attribute ranges covering `[va, va + size)`, defaults included,
-    /// in VA order.
-    pub fn attr_ranges_in(&self, va: GpuVa, size: u64) -> Vec<(Range<GpuVa>, RangeAttrs)> {
+    /// The attribute ranges covering `[va, va + size)` (clipped at 2^64),
+    /// defaults included, in VA order, clipped to the range; neighbours
+    /// always differ.
+    pub fn attr_ranges_in(
+        &self,
+        va: GpuVa,
+        size: u64,
+    ) -> impl Iterator<Item = (Range<GpuVa>, RangeAttrs)> {
         self.attrs
             .ranges_in(va.raw(), va.raw().saturating_add(size))
             .into_iter()
-            .map(|(r, a)| (GpuVa(r.start)..GpuVa(r.end), a))
-            .collect()
     }
 
-    /// The ops that clear `[va, va + size)`: unmaps of covered mappings and
-    /// remaps of the (at most two) mappings cut at the ends.
-    fn cut(&self, va: GpuVa, size: u64) -> Vec<Op> {
-        let end = GpuVa(va.raw() + size);
-        self.mappings_in(va, size)
-            .map(|m| {
-                if va <= m.va && m.end() <= end {
-                    return Op::Unmap(m.clone());
-                }
-                let prev = (m.va < va).then(|| m.piece(m.va, va.raw() - m.va.raw()));
-                let next = (m.end() > end).then(|| m.piece(end, m.end().raw() - end.raw()));
-                Op::Remap {
+    /// Number of stored attribute ranges (those that differ from the
+    /// defaults), for a quota on guest-driven state.
+    pub fn attr_range_count(&self) -> usize {
+        self.attrs.stored_ranges()
+    }
+
+    fn prepare_map_in(
+        &mut self,
+        area: Area,
+        req: MapRequest,
+        res: &dyn ResourceSizes,
+    ) -> Result<Plan<'_>, GpuVmError> {
+        let end = self.check_range(area, req.va, req.size)?;
+        if req.perms.is_empty() {
+            return Err(GpuVmError::EmptyPerms);
+        }
+        check_backing(&req, res)?;
+        let mut ops = self.take_ops();
+        self.cut(req.va.raw(), end, &mut ops);
+        // One mapping that already satisfies the request is the only one
+        // the request overlaps: nothing to do (see the module docs).
+        let satisfied = match ops.as_slice() {
+            [Op::Remap { unmap, .. }] | [Op::Unmap(unmap)] => unmap.satisfies(&req),
+            _ => false,
+        };
+        if satisfied {
+            ops.clear();
+        } else {
+            ops.push(Op::Map(req.into_mapping()));
+        }
+        Ok(Plan { vm: self, ops })
+    }
+
+    /// Checks `[va, va + size)` for `area` and returns its end.
+    fn check_range(&self, area: Area, va: GpuVa, size: u64) -> Result<u64, GpuVmError> {
+        if size == 0 {
+            return Err(GpuVmError::ZeroSize(va));
+        }
+        check_aligned("va", va.raw())?;
+        check_aligned("size", size)?;
+        let end = va.checked_add(size).ok_or(GpuVmError::Overflow {
+            what: "va",
+            start: va.raw(),
+            size,
+        })?;
+        let (aperture, reserved) = (&self.layout.aperture, &self.layout.reserved);
+        let inside = |r: &Range<GpuVa>| r.start <= va && end <= r.end;
+        let touches = |r: &Range<GpuVa>| va < r.end && r.start < end;
+        let reserved_err = GpuVmError::Reserved {
+            va,
+            size,
+            start: reserved.start,
+            end: reserved.end,
+        };
+        match area {
+            Area::Aperture if touches(reserved) => Err(reserved_err),
+            Area::Aperture if !inside(aperture) => Err(GpuVmError::OutsideAperture {
+                va,
+                size,
+                start: aperture.start,
+                end: aperture.end,
+            }),
+            Area::Reserved if !inside(reserved) => Err(reserved_err),
+            _ => Ok(end.raw()),
+        }
+    }
+
+    /// The start of the mapping that begins before `start` and reaches past
+    /// it.
+    fn first_overlapping(&self, start: u64) -> Option<u64> {
+        self.mappings
+            .range(..start)
+            .next_back()
+            .filter(|(_, m)| m.end().raw() > start)
+            .map(|(&s, _)| s)
+    }
+
+    /// Appends the unmaps and remaps that empty `[start, end)`, in VA
+    /// order. One descent of the tree: the overlapping mappings are the
+    /// ones before `end`, walking down until one ends at or before `start`.
+    fn cut(&self, start: u64, end: u64, ops: &mut Vec<Op>) {
+        let first = ops.len();
+        let overlapping = self
+            .mappings
+            .range(..end)
+            .rev()
+            .map(|(_, m)| m)
+            .take_while(|m| m.end().raw() > start);
+        for m in overlapping {
+            let m_end = m.end().raw();
+            let prev = (m.va.raw() < start)
+                .then(|| m.sub_mapping(m.va, start - m.va.raw()))
+                .flatten();
+            let next = (m_end > end)
+                .then(|| m.sub_mapping(GpuVa(end), m_end - end))
+                .flatten();
+            if prev.is_none() && next.is_none() {
+                ops.push(Op::Unmap(m.clone()));
+            } else {
+                ops.push(Op::Remap {
                     unmap: m.clone(),
                     prev,
                     next,
+                });
+            }
+        }
+        if let Some(found) = ops.get_mut(first..) {
+            found.reverse();
+        }
+    }
+
+    /// An empty op list for a new plan, reusing the last plan's buffer.
+    fn take_ops(&mut self) -> Vec<Op> {
+        let mut ops = std::mem::take(&mut self.spare_ops);
+        ops.clear();
+        ops
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Map(m) => self.insert(m),
+            Op::Remap { unmap, prev, next } => {
+                // `prev` starts where `unmap` did: replace it in place.
+                match prev {
+                    Some(p) => self.replace(&unmap, p),
+                    None => self.remove(&unmap),
                 }
-            })
-            .collect()
+                if let Some(n) = next {
+                    self.insert(n);
+                }
+            }
+            Op::Unmap(m) => self.remove(&m),
+        }
     }
 
-    fn in_aperture(&self, m: &Mapping) -> bool {
-        m.va >= self.layout.aperture.start && m.end() <= self.layout.aperture.end
-    }
-
-    fn remove(&mut self, m: &Mapping) {
-        if self.mappings.remove(&m.va).is_some() && self.in_aperture(m) {
-            self.bound_bytes -= m.size;
+    /// Replaces `old` by `new`, which starts at the same VA.
+    fn replace(&mut self, old: &Mapping, new: Mapping) {
+        let aperture = self.layout.in_aperture(new.va);
+        match self.mappings.get_mut(&old.va.raw()) {
+            Some(slot) if new.va == old.va => {
+                if aperture {
+                    self.bound_bytes = self
+                        .bound_bytes
+                        .saturating_sub(slot.size)
+                        .saturating_add(new.size);
+                }
+                *slot = new;
+            }
+            _ => {
+                self.remove(old);
+                self.insert(new);
+            }
         }
     }
 
     fn insert(&mut self, m: Mapping) {
-        if self.in_aperture(&m) {
-            self.bound_bytes += m.size;
+        if self.layout.in_aperture(m.va) {
+            self.bound_bytes = self.bound_bytes.saturating_add(m.size);
         }
-        self.mappings.insert(m.va, m);
+        self.mappings.insert(m.va.raw(), m);
+    }
+
+    fn remove(&mut self, m: &Mapping) {
+        if self.mappings.remove(&m.va.raw()).is_some() && self.layout.in_aperture(m.va) {
+            self.bound_bytes = self.bound_bytes.saturating_sub(m.size);
+        }
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Space {
-    Aperture,
-    Reserved,
-}
-
-fn check_range(layout: &VaLayout, va: GpuVa, size: u64, space: Space) -> Result<(), GpuVmError> {
-    if size == 0 {
-        return Err(GpuVmError::ZeroSize(va));
-    }
-    if !va.is_page_aligned() {
-        return Err(GpuVmError::Misaligned {
-            what: "va",
-            value: va.raw(),
-        });
-    }
-    if size % PAGE_SIZE != 0 {
-        return Err(GpuVmError::Misaligned {
-            what: "size",
-            value: size,
-        });
-    }
-    let end = va
-        .checked_add(size)
-        .ok_or(GpuVmError::Overflow { va, size })?;
-    let allowed = match space {
-        Space::Aperture => &layout.aperture,
-        Space::Reserved => &layout.reserved,
-    };
-    if va >= allowed.start && end <= allowed.end {
-        return Ok(());
-    }
-    let touches_reserved = va < layout.reserved.end && end > layout.reserved.start;
-    if space == Space::Aperture && touches_reserved {
-        Err(GpuVmError::Reserved { va, size })
+fn check_aligned(what: &'static str, value: u64) -> Result<(), GpuVmError> {
+    if value % PAGE_SIZE == 0 {
+        Ok(())
     } else {
-        Err(GpuVmError::OutsideAperture { va, size })
+        Err(GpuVmError::Misaligned { what, value })
     }
 }
 
+/// Checks that the backing of `req` holds exactly `req.size` bytes.
 fn check_backing(req: &MapRequest, res: &dyn ResourceSizes) -> Result<(), GpuVmError> {
+    let size = req.size;
     match &req.backing {
         Backing::Resource { id, offset } => {
-            if offset % PAGE_SIZE != 0 {
-                return Err(GpuVmError::Misaligned {
-                    what: "offset",
-                    value: *offset,
-                });
-            }
+            check_aligned("offset", *offset)?;
             let resource_size = res
                 .resource_size(*id)
                 .ok_or(GpuVmError::UnknownResource(*id))?;
-            let beyond = GpuVmError::BeyondBacking {
-                id: *id,
-                offset: *offset,
-                size: req.size,
-                resource_size,
-            };
-            match offset.checked_add(req.size) {
-                Some(end) if end <= resource_size => Ok(()),
-                _ => Err(beyond),
+            let end = offset.checked_add(size).ok_or(GpuVmError::Overflow {
+                what: "offset",
+                start: *offset,
+                size,
+            })?;
+            if end > resource_size {
+                return Err(GpuVmError::BeyondBacking {
+                    id: *id,
+                    offset: *offset,
+                    size,
+                    resource_size,
+                });
             }
+            Ok(())
         }
         Backing::Pages(list) => {
-            let expected = req.size / PAGE_SIZE;
-            let actual = list.pages().len() as u64;
-            if expected != actual {
+            let expected = size / PAGE_SIZE;
+            let actual = list.len() as u64;
+            if actual != expected {
                 return Err(GpuVmError::PageCount { expected, actual });
             }
             match list.pages().iter().find(|p| !p.is_page_aligned()) {

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use guest_proto::attr::RangeAttrs;
+use guest_proto::capset::Features;
 use guest_proto::guest::memory::HostBuffer;
 use guest_proto::guest::session::{Device, OwnedRange, ResolvePolicy, Session, dispatch_ok};
 use guest_proto::kernel::ALL_KERNELS_MASK;
-use guest_proto::capset::Features;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
 
 type Outcome = Result<String, String>;
@@ -37,21 +37,31 @@ fn main() -> ExitCode {
         .filter(|(n, _)| name == "all" || *n == name)
         .collect();
     if chosen.is_empty() {
-        eprintln!("usage: nc-guest <all|{}>", SCENARIOS.iter().map(|s| s.0).collect::<Vec<_>>().join("|"));
+        eprintln!(
+            "usage: nc-guest <all|{}>",
+            SCENARIOS.iter().map(|s| s.0).collect::<Vec<_>>().join("|")
+        );
         return ExitCode::from(2);
     }
     let mut failed = false;
     for (n, f) in chosen {
         let start = Instant::now();
         match f() {
-            Ok(detail) => println!("RESULT {n} PASS {detail} ({} ms)", start.elapsed().as_millis()),
+            Ok(detail) => println!(
+                "RESULT {n} PASS {detail} ({} ms)",
+                start.elapsed().as_millis()
+            ),
             Err(reason) => {
                 failed = true;
                 println!("RESULT {n} FAIL {reason}");
             }
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// `?` for runtime errors, with the step that failed.
@@ -100,13 +110,25 @@ fn discovery() -> Outcome {
     );
     ensure(d.virgl, || "VIRGL not offered".into())?;
     ensure(c.va_bits == 48, || format!("va_bits {}", c.va_bits))?;
-    ensure(c.kernels & ALL_KERNELS_MASK == ALL_KERNELS_MASK, || "kernels missing".into())?;
-    ensure(c.features.contains(Features::RECOVERABLE_FAULTS), || "no recoverable faults".into())?;
-    ensure(c.aperture_end <= c.reserved_start, || "aperture overlaps reserved".into())?;
+    ensure(c.kernels & ALL_KERNELS_MASK == ALL_KERNELS_MASK, || {
+        "kernels missing".into()
+    })?;
+    ensure(c.features.contains(Features::RECOVERABLE_FAULTS), || {
+        "no recoverable faults".into()
+    })?;
+    ensure(c.aperture_end <= c.reserved_start, || {
+        "aperture overlaps reserved".into()
+    })?;
     let mut s = Session::open(d).step("SESSION_INIT")?;
     let q = s.query().step("DEVICE_QUERY")?;
-    ensure(q.queues == 0 && q.bound_bytes == 0, || "fresh session not empty".into())?;
-    Ok(format!("profile={:?} cus={}", s.profile(), s.device().capset.compute_units))
+    ensure(q.queues == 0 && q.bound_bytes == 0, || {
+        "fresh session not empty".into()
+    })?;
+    Ok(format!(
+        "profile={:?} cus={}",
+        s.profile(),
+        s.device().capset.compute_units
+    ))
 }
 
 fn read_u32s(buf: &guest_proto::guest::session::SharedBuffer, n: usize) -> Vec<u32> {
@@ -132,43 +154,100 @@ fn binds() -> Outcome {
     let mut a = s.alloc(bytes).step("alloc a")?;
     let b = s.alloc(bytes).step("alloc b")?;
     for buf in [&a, &b] {
-        s.map_buffer(buf, buf.map.addr(), Perms::RW).step("VM_BIND")?;
+        s.map_buffer(buf, buf.map.addr(), Perms::RW)
+            .step("VM_BIND")?;
     }
     let q = s.create_queue().step("QUEUE_CREATE")?;
     let (va_a, va_b) = (a.map.addr(), b.map.addr());
 
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(va_a), count: N as u64, value: 0xA5A5_0001 }, WAIT).step("fill")?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(va_a),
+                count: N as u64,
+                value: 0xA5A5_0001,
+            },
+            WAIT,
+        )
+        .step("fill")?;
     dispatch_ok(&st).step("fill")?;
-    ensure(read_u32s(&a, N).iter().all(|v| *v == 0xA5A5_0001), || "fill data wrong".into())?;
+    ensure(read_u32s(&a, N).iter().all(|v| *v == 0xA5A5_0001), || {
+        "fill data wrong".into()
+    })?;
 
     write_u32s(&mut a, |i| i as u32 * 3);
-    let st = s.run(q, Kernel::Copy { dst: GpuVa(va_b), src: GpuVa(va_a), size: bytes }, WAIT).step("copy")?;
+    let st = s
+        .run(
+            q,
+            Kernel::Copy {
+                dst: GpuVa(va_b),
+                src: GpuVa(va_a),
+                size: bytes,
+            },
+            WAIT,
+        )
+        .step("copy")?;
     dispatch_ok(&st).step("copy")?;
     let got = read_u32s(&b, N);
-    ensure(got.iter().enumerate().all(|(i, v)| *v == i as u32 * 3), || "copy data wrong".into())?;
+    ensure(
+        got.iter().enumerate().all(|(i, v)| *v == i as u32 * 3),
+        || "copy data wrong".into(),
+    )?;
 
     let counters = s.alloc(4096).step("alloc counters")?;
-    s.map_buffer(&counters, counters.map.addr(), Perms::RW).step("VM_BIND counters")?;
-    let k = Kernel::AtomicAdd { counters: GpuVa(counters.map.addr()), num_counters: 8, items: 100_000, addend: 3 };
+    s.map_buffer(&counters, counters.map.addr(), Perms::RW)
+        .step("VM_BIND counters")?;
+    let k = Kernel::AtomicAdd {
+        counters: GpuVa(counters.map.addr()),
+        num_counters: 8,
+        items: 100_000,
+        addend: 3,
+    };
     dispatch_ok(&s.run(q, k, WAIT).step("atomic add")?).step("atomic add")?;
-    let sums: Vec<u64> = counters.map.as_slice().chunks_exact(8).take(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-    ensure(sums.iter().all(|v| *v == 100_000 / 8 * 3), || format!("atomic sums {sums:?}"))?;
+    let sums: Vec<u64> = counters
+        .map
+        .as_slice()
+        .chunks_exact(8)
+        .take(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    ensure(sums.iter().all(|v| *v == 100_000 / 8 * 3), || {
+        format!("atomic sums {sums:?}")
+    })?;
 
     write_u32s(&mut a, |i| (i as f32).to_bits());
     let mut b = b;
     write_u32s(&mut b, |_| 1.0f32.to_bits());
-    let k = Kernel::Saxpy { x: GpuVa(va_a), y: GpuVa(va_b), count: N as u64, a: 2.0 };
+    let k = Kernel::Saxpy {
+        x: GpuVa(va_a),
+        y: GpuVa(va_b),
+        count: N as u64,
+        a: 2.0,
+    };
     dispatch_ok(&s.run(q, k, WAIT).step("saxpy")?).step("saxpy")?;
     let y = read_u32s(&b, N);
-    ensure(y.iter().enumerate().all(|(i, v)| f32::from_bits(*v) == 2.0 * i as f32 + 1.0), || "saxpy data wrong".into())?;
+    ensure(
+        y.iter()
+            .enumerate()
+            .all(|(i, v)| f32::from_bits(*v) == 2.0 * i as f32 + 1.0),
+        || "saxpy data wrong".into(),
+    )?;
 
     // A userptr bind: pinned process memory mapped page by page.
     let mut host = HostBuffer::new(bytes as usize).step("host buffer")?;
-    s.map_host(host.addr(), host.addr(), bytes, Perms::RW).step("MAP_PAGES")?;
-    let k = Kernel::Copy { dst: GpuVa(host.addr()), src: GpuVa(va_b), size: bytes };
+    s.map_host(host.addr(), host.addr(), bytes, Perms::RW)
+        .step("MAP_PAGES")?;
+    let k = Kernel::Copy {
+        dst: GpuVa(host.addr()),
+        src: GpuVa(va_b),
+        size: bytes,
+    };
     dispatch_ok(&s.run(q, k, WAIT).step("copy to host")?).step("copy to host")?;
-    ensure((0..N).all(|i| host.get_u32(i) == Some((2.0 * i as f32 + 1.0).to_bits())), || "userptr data wrong".into())?;
+    ensure(
+        (0..N).all(|i| host.get_u32(i) == Some((2.0 * i as f32 + 1.0).to_bits())),
+        || "userptr data wrong".into(),
+    )?;
     host.set_u32(0, 0).ok_or("touch")?;
     let bound = s.query().step("query")?.bound_bytes;
     Ok(format!("fill copy atomic saxpy userptr ok, bound={bound}"))
@@ -184,28 +263,67 @@ fn unified_at(gpu: Option<u64>, len: usize) -> Outcome {
     let mut s = open()?;
     let mut host = HostBuffer::new(len).step("malloc")?;
     let gpu = gpu.unwrap_or(host.addr());
-    s.own(OwnedRange { gpu, cpu: host.addr(), len: len as u64 });
-    s.set_attrs(gpu, len as u64, RangeAttrs { granule_shift: Some(21), ..RangeAttrs::default() })
-        .step("RANGE_ATTR granularity")?;
+    s.own(OwnedRange {
+        gpu,
+        cpu: host.addr(),
+        len: len as u64,
+    });
+    s.set_attrs(
+        gpu,
+        len as u64,
+        RangeAttrs {
+            granule_shift: Some(21),
+            ..RangeAttrs::default()
+        },
+    )
+    .step("RANGE_ATTR granularity")?;
     let q = s.create_queue().step("QUEUE_CREATE")?;
     let n = (len / 4) as u64;
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(gpu), count: n, value: 0x5EED }, WAIT).step("fill")?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(gpu),
+                count: n,
+                value: 0x5EED,
+            },
+            WAIT,
+        )
+        .step("fill")?;
     dispatch_ok(&st).step("fill")?;
     let step = 1021;
-    ensure((0..n as usize).step_by(step).all(|i| host.get_u32(i) == Some(0x5EED)), || "fill data wrong".into())?;
+    ensure(
+        (0..n as usize)
+            .step_by(step)
+            .all(|i| host.get_u32(i) == Some(0x5EED)),
+        || "fill data wrong".into(),
+    )?;
     // The CPU writes the first half; the GPU copies it to the second half.
     let half = len / 2;
     for i in (0..half / 4).step_by(step) {
         host.set_u32(i, i as u32 ^ 0x1234).ok_or("cpu write")?;
     }
-    let k = Kernel::Copy { dst: GpuVa(gpu + half as u64), src: GpuVa(gpu), size: half as u64 };
+    let k = Kernel::Copy {
+        dst: GpuVa(gpu + half as u64),
+        src: GpuVa(gpu),
+        size: half as u64,
+    };
     dispatch_ok(&s.run(q, k, WAIT).step("copy")?).step("copy")?;
-    let ok = (0..half / 4).step_by(step).all(|i| host.get_u32(half / 4 + i) == Some(i as u32 ^ 0x1234));
+    let ok = (0..half / 4)
+        .step_by(step)
+        .all(|i| host.get_u32(half / 4 + i) == Some(i as u32 ^ 0x1234));
     ensure(ok, || "copy data wrong".into())?;
     let stats = s.query().step("query")?;
-    println!("faults raised={} resolved={} bound={}", stats.faults_raised, stats.faults_resolved, stats.bound_bytes);
-    ensure(stats.faults_resolved > 0, || "no fault was forwarded".into())?;
-    ensure(stats.bound_bytes == len as u64, || format!("bound {} of {len}", stats.bound_bytes))?;
+    println!(
+        "faults raised={} resolved={} bound={}",
+        stats.faults_raised, stats.faults_resolved, stats.bound_bytes
+    );
+    ensure(stats.faults_resolved > 0, || {
+        "no fault was forwarded".into()
+    })?;
+    ensure(stats.bound_bytes == len as u64, || {
+        format!("bound {} of {len}", stats.bound_bytes)
+    })?;
     Ok(format!("{} MiB, faults={}", len >> 20, stats.faults_raised))
 }
 
@@ -215,10 +333,25 @@ fn offset() -> Outcome {
     const N: usize = 16 * 1024;
     let buf = s.alloc((N * 4) as u64).step("alloc")?;
     let va = 0x1000_0000_0000u64;
-    s.map_buffer(&buf, va, Perms::RW).step("VM_BIND at offset VA")?;
+    s.map_buffer(&buf, va, Perms::RW)
+        .step("VM_BIND at offset VA")?;
     let q = s.create_queue().step("QUEUE_CREATE")?;
-    dispatch_ok(&s.run(q, Kernel::Fill { dst: GpuVa(va), count: N as u64, value: 77 }, WAIT).step("fill")?).step("fill")?;
-    ensure(read_u32s(&buf, N).iter().all(|v| *v == 77), || "offset fill wrong".into())?;
+    dispatch_ok(
+        &s.run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(va),
+                count: N as u64,
+                value: 77,
+            },
+            WAIT,
+        )
+        .step("fill")?,
+    )
+    .step("fill")?;
+    ensure(read_u32s(&buf, N).iter().all(|v| *v == 77), || {
+        "offset fill wrong".into()
+    })?;
     drop(s);
     unified_at(Some(0x2000_0000_0000), 4 << 20).map(|d| format!("bound at {va:#x}; unified {d}"))
 }
@@ -227,7 +360,8 @@ fn offset() -> Outcome {
 fn isolation() -> Outcome {
     let mut a = open()?;
     let buf = a.alloc(4096 * 4).step("alloc A")?;
-    a.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind A")?;
+    a.map_buffer(&buf, buf.map.addr(), Perms::RW)
+        .step("bind A")?;
     let qa = a.create_queue().step("queue A")?;
     let (res_a, addr_a) = (buf.resource(), buf.map.addr());
     // SAFETY: fork in a single-threaded program; the child only runs Rust
@@ -247,8 +381,22 @@ fn isolation() -> Outcome {
     }
     let status = wait_child(pid)?;
     ensure(status == 0, || "child could reach the other context".into())?;
-    dispatch_ok(&a.run(qa, Kernel::Fill { dst: GpuVa(addr_a), count: 4096, value: 1 }, WAIT).step("A fill")?).step("A fill")?;
-    ensure(read_u32s(&buf, 4096).iter().all(|v| *v == 1), || "A data wrong".into())?;
+    dispatch_ok(
+        &a.run(
+            qa,
+            Kernel::Fill {
+                dst: GpuVa(addr_a),
+                count: 4096,
+                value: 1,
+            },
+            WAIT,
+        )
+        .step("A fill")?,
+    )
+    .step("A fill")?;
+    ensure(read_u32s(&buf, 4096).iter().all(|v| *v == 1), || {
+        "A data wrong".into()
+    })?;
     Ok("resource and queue ids of another context are unknown".into())
 }
 
@@ -262,17 +410,42 @@ fn isolated_child(res_a: ResourceId, qa: QueueId, addr_a: u64) -> Result<(), Str
         offset: 0,
     };
     let err = b.bind(&[op]).err().and_then(|e| e.status());
-    ensure(err == Some(Status::UnknownResource), || format!("foreign resource: {err:?}"))?;
+    ensure(err == Some(Status::UnknownResource), || {
+        format!("foreign resource: {err:?}")
+    })?;
     let err = b
-        .dispatch(qa, Kernel::Fill { dst: GpuVa(addr_a), count: 1, value: 9 }, 1, 1)
+        .dispatch(
+            qa,
+            Kernel::Fill {
+                dst: GpuVa(addr_a),
+                count: 1,
+                value: 9,
+            },
+            1,
+            1,
+        )
         .err()
         .and_then(|e| e.status());
-    ensure(err == Some(Status::UnknownQueue), || format!("foreign queue: {err:?}"))?;
+    ensure(err == Some(Status::UnknownQueue), || {
+        format!("foreign queue: {err:?}")
+    })?;
     // B's own work, at A's address: B has nothing there, so it faults and
     // B's resolver (owning nothing) rejects it. A's memory is untouched.
     let qb = b.create_queue().step("queue B")?;
-    let st = b.run(qb, Kernel::Fill { dst: GpuVa(addr_a), count: 16, value: 0xBAD }, WAIT).step("B fill")?;
-    ensure(st.status == DispatchStatus::FaultRejected, || format!("B fill ended {:?}", st.status))?;
+    let st = b
+        .run(
+            qb,
+            Kernel::Fill {
+                dst: GpuVa(addr_a),
+                count: 16,
+                value: 0xBAD,
+            },
+            WAIT,
+        )
+        .step("B fill")?;
+    ensure(st.status == DispatchStatus::FaultRejected, || {
+        format!("B fill ended {:?}", st.status)
+    })?;
     println!("child: foreign ids refused, foreign address rejected");
     Ok(())
 }
@@ -283,24 +456,76 @@ fn wait_child(pid: i32) -> Result<i32, String> {
     // SAFETY: waiting for our own child with a valid status pointer.
     let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
     ensure(rc == pid, || "waitpid failed".into())?;
-    Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 })
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    })
 }
 
 /// Kernels at addresses nobody maps end with an error, and nothing hangs.
 fn bad_address() -> Outcome {
     let mut s = open()?;
     let q = s.create_queue().step("QUEUE_CREATE")?;
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(0x4000_0000_0000), count: 1024, value: 1 }, WAIT).step("unowned VA")?;
-    ensure(st.status == DispatchStatus::FaultRejected, || format!("unowned VA ended {:?}", st.status))?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(0x4000_0000_0000),
+                count: 1024,
+                value: 1,
+            },
+            WAIT,
+        )
+        .step("unowned VA")?;
+    ensure(st.status == DispatchStatus::FaultRejected, || {
+        format!("unowned VA ended {:?}", st.status)
+    })?;
     let reserved = s.device().capset.reserved_start.raw() + 0x100_0000;
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(reserved), count: 16, value: 1 }, WAIT).step("reserved VA")?;
-    ensure(st.status == DispatchStatus::FaultFatal, || format!("reserved VA ended {:?}", st.status))?;
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(0x100), count: 16, value: 1 }, WAIT).step("NULL")?;
-    ensure(st.status == DispatchStatus::FaultFatal, || format!("NULL ended {:?}", st.status))?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(reserved),
+                count: 16,
+                value: 1,
+            },
+            WAIT,
+        )
+        .step("reserved VA")?;
+    ensure(st.status == DispatchStatus::FaultFatal, || {
+        format!("reserved VA ended {:?}", st.status)
+    })?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(0x100),
+                count: 16,
+                value: 1,
+            },
+            WAIT,
+        )
+        .step("NULL")?;
+    ensure(st.status == DispatchStatus::FaultFatal, || {
+        format!("NULL ended {:?}", st.status)
+    })?;
     // The queue still works.
     let buf = s.alloc(4096).step("alloc")?;
     s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
-    dispatch_ok(&s.run(q, Kernel::Fill { dst: GpuVa(buf.map.addr()), count: 1024, value: 5 }, WAIT).step("fill")?).step("fill")?;
+    dispatch_ok(
+        &s.run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(buf.map.addr()),
+                count: 1024,
+                value: 5,
+            },
+            WAIT,
+        )
+        .step("fill")?,
+    )
+    .step("fill")?;
     Ok("unowned VA rejected, reserved range and NULL guard fatal, queue still works".into())
 }
 
@@ -308,7 +533,9 @@ fn bad_address() -> Outcome {
 fn killed() -> Outcome {
     let mut pipe = [0i32; 2];
     // SAFETY: `pipe` is a valid array of two fds.
-    ensure(unsafe { libc::pipe(pipe.as_mut_ptr()) } == 0, || "pipe failed".into())?;
+    ensure(unsafe { libc::pipe(pipe.as_mut_ptr()) } == 0, || {
+        "pipe failed".into()
+    })?;
     // SAFETY: see `isolation`.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -326,7 +553,9 @@ fn killed() -> Outcome {
     let mut byte = [0u8; 1];
     // SAFETY: reading one byte into a valid buffer.
     let n = unsafe { libc::read(pipe[0], byte.as_mut_ptr().cast(), 1) };
-    ensure(n == 1 && byte[0] == b'F', || "child never saw its faults".into())?;
+    ensure(n == 1 && byte[0] == b'F', || {
+        "child never saw its faults".into()
+    })?;
     // SAFETY: killing our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let _ = wait_child(pid);
@@ -338,7 +567,17 @@ fn hanging_child(ready: i32) -> Result<(), String> {
     let host = HostBuffer::new(1 << 20).step("malloc")?;
     s.set_policy(ResolvePolicy::Ignore);
     let q = s.create_queue().step("queue")?;
-    s.dispatch(q, Kernel::Fill { dst: GpuVa(host.addr()), count: 1 << 18, value: 3 }, 0, 1).step("dispatch")?;
+    s.dispatch(
+        q,
+        Kernel::Fill {
+            dst: GpuVa(host.addr()),
+            count: 1 << 18,
+            value: 3,
+        },
+        0,
+        1,
+    )
+    .step("dispatch")?;
     let deadline = Instant::now() + WAIT;
     while s.take_faults().step("fault ring")?.is_empty() {
         ensure(Instant::now() < deadline, || "no fault arrived".into())?;
@@ -356,9 +595,22 @@ fn smoke() -> Outcome {
     let buf = s.alloc(64 * 1024).step("alloc")?;
     s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
     let q = s.create_queue().step("queue")?;
-    let st = s.run(q, Kernel::Fill { dst: GpuVa(buf.map.addr()), count: 16 * 1024, value: 0x600D }, WAIT).step("fill")?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(buf.map.addr()),
+                count: 16 * 1024,
+                value: 0x600D,
+            },
+            WAIT,
+        )
+        .step("fill")?;
     dispatch_ok(&st).step("fill")?;
-    ensure(read_u32s(&buf, 16 * 1024).iter().all(|v| *v == 0x600D), || "fill data wrong".into())?;
+    ensure(
+        read_u32s(&buf, 16 * 1024).iter().all(|v| *v == 0x600D),
+        || "fill data wrong".into(),
+    )?;
     s.destroy().step("SESSION_DESTROY")?;
     Ok("bind + fill ok".into())
 }

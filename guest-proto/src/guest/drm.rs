@@ -229,9 +229,18 @@ impl Drm {
     /// `CONTEXT_INIT` for `capset` with `rings` rings, polling `poll_mask`.
     pub fn context_init(&self, capset: u32, rings: u32, poll_mask: u64) -> io::Result<()> {
         let mut params = [
-            ContextSetParam { param: CTX_PARAM_CAPSET_ID, value: u64::from(capset) },
-            ContextSetParam { param: CTX_PARAM_NUM_RINGS, value: u64::from(rings) },
-            ContextSetParam { param: CTX_PARAM_POLL_RINGS_MASK, value: poll_mask },
+            ContextSetParam {
+                param: CTX_PARAM_CAPSET_ID,
+                value: u64::from(capset),
+            },
+            ContextSetParam {
+                param: CTX_PARAM_NUM_RINGS,
+                value: u64::from(rings),
+            },
+            ContextSetParam {
+                param: CTX_PARAM_POLL_RINGS_MASK,
+                value: poll_mask,
+            },
         ];
         let mut ci = ContextInit {
             num_params: params.len() as u32,
@@ -255,7 +264,10 @@ impl Drm {
             ..ResourceCreate::default()
         };
         ioctl(&self.file, IOCTL_RESOURCE_CREATE, &mut rc)?;
-        Ok(Bo { handle: rc.bo_handle, res_id: rc.res_handle })
+        Ok(Bo {
+            handle: rc.bo_handle,
+            res_id: rc.res_handle,
+        })
     }
 
     /// A guest-memory blob of `size` bytes (native profile, section 3.2).
@@ -267,19 +279,28 @@ impl Drm {
             ..ResourceCreateBlob::default()
         };
         ioctl(&self.file, IOCTL_RESOURCE_CREATE_BLOB, &mut rc)?;
-        Ok(Bo { handle: rc.bo_handle, res_id: rc.res_handle })
+        Ok(Bo {
+            handle: rc.bo_handle,
+            res_id: rc.res_handle,
+        })
     }
 
     /// The `mmap` offset of a buffer.
     pub fn map_offset(&self, bo: Bo) -> io::Result<u64> {
-        let mut m = Map { handle: bo.handle, ..Map::default() };
+        let mut m = Map {
+            handle: bo.handle,
+            ..Map::default()
+        };
         ioctl(&self.file, IOCTL_MAP, &mut m)?;
         Ok(m.offset)
     }
 
     /// Closes a GEM handle.
     pub fn close(&self, bo: Bo) {
-        let mut c = GemClose { handle: bo.handle, pad: 0 };
+        let mut c = GemClose {
+            handle: bo.handle,
+            pad: 0,
+        };
         let _ = ioctl(&self.file, IOCTL_GEM_CLOSE, &mut c);
     }
 
@@ -300,7 +321,11 @@ impl Drm {
     /// Waits up to `timeout_ms` for the file to become readable (a fence
     /// of a polled ring signalled), then drains the pending DRM events.
     pub fn wait_event(&self, timeout_ms: i32) -> io::Result<bool> {
-        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: `pfd` is a valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if rc < 0 {
@@ -346,7 +371,10 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping { ptr: ptr.cast(), len })
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     /// Start address (identity VA for binds).

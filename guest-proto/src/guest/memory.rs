@@ -107,7 +107,10 @@ impl HostBuffer {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(HostBuffer { ptr: ptr.cast(), len })
+        Ok(HostBuffer {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     /// Start address (the identity GPU VA).
@@ -155,7 +158,10 @@ mod tests {
 
     #[test]
     fn pagemap_entries_decode() {
-        assert_eq!(pagemap_frame(PAGEMAP_PRESENT | 0x1234), Some(GuestPhysAddr(0x123_4000)));
+        assert_eq!(
+            pagemap_frame(PAGEMAP_PRESENT | 0x1234),
+            Some(GuestPhysAddr(0x123_4000))
+        );
         assert_eq!(pagemap_frame(0x1234), None, "not present");
         assert_eq!(pagemap_frame(PAGEMAP_PRESENT), None, "frame hidden");
         assert_eq!(

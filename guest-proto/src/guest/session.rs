@@ -178,7 +178,8 @@ impl Backoff {
         match self.round {
             0..=64 => Duration::ZERO,
             65..=128 => Duration::from_micros(10),
-            n => Duration::from_micros(u64::from(n.min(400) - 128) * 10).min(Duration::from_millis(2)),
+            n => Duration::from_micros(u64::from(n.min(400) - 128) * 10)
+                .min(Duration::from_millis(2)),
         }
     }
 
@@ -213,9 +214,21 @@ impl Session {
         };
         let init = SessionInit::new(
             wire_profile,
-            Region { resource: res, offset: REPLY_OFF, size: REPLY_SIZE },
-            Region { resource: res, offset: RING_OFF, size: ring_size },
-            Region { resource: res, offset: SIGNALS_OFF, size: SIGNAL_SLOTS * 32 },
+            Region {
+                resource: res,
+                offset: REPLY_OFF,
+                size: REPLY_SIZE,
+            },
+            Region {
+                resource: res,
+                offset: RING_OFF,
+                size: ring_size,
+            },
+            Region {
+                resource: res,
+                offset: SIGNALS_OFF,
+                size: SIGNAL_SLOTS * 32,
+            },
         );
         let mut s = Session {
             device,
@@ -274,7 +287,9 @@ impl Session {
     pub fn call_many(&mut self, requests: &[Request<'_>]) -> Result<Vec<Reply>> {
         let mut w = RequestWriter::new(0..REPLY_SIZE as u32)
             .with_first_seqno(self.seq)
-            .with_limits(crate::command::DecodeLimits::from_capset(&self.device.capset));
+            .with_limits(crate::command::DecodeLimits::from_capset(
+                &self.device.capset,
+            ));
         let mut tickets = Vec::with_capacity(requests.len());
         for r in requests {
             tickets.push(w.push(r).map_err(GuestError::Encode)?);
@@ -350,20 +365,31 @@ impl Session {
         let mut bound = 0;
         for (i, chunk) in pages.chunks(512).enumerate() {
             let va = GpuVa(gpu + i as u64 * 512 * PAGE_SIZE);
-            bound = self.bind(&[BindOp::MapPages { va, perms, pages: PageList::new(chunk) }])?;
+            bound = self.bind(&[BindOp::MapPages {
+                va,
+                perms,
+                pages: PageList::new(chunk),
+            }])?;
         }
         Ok(bound)
     }
 
     /// Sets range attributes.
     pub fn set_attrs(&mut self, va: u64, size: u64, attrs: RangeAttrs) -> Result<()> {
-        self.call(&Request::RangeAttr(RangeAttr { va: GpuVa(va), size, attrs }))
-            .map(|_| ())
+        self.call(&Request::RangeAttr(RangeAttr {
+            va: GpuVa(va),
+            size,
+            attrs,
+        }))
+        .map(|_| ())
     }
 
     /// Creates a queue.
     pub fn create_queue(&mut self) -> Result<QueueId> {
-        match self.call(&Request::QueueCreate(QueueCreate { priority: 0 }))?.payload {
+        match self
+            .call(&Request::QueueCreate(QueueCreate { priority: 0 }))?
+            .payload
+        {
             ReplyPayload::QueueCreate(q) => Ok(q.queue),
             _ => Err(GuestError::Invalid("QUEUE_CREATE reply")),
         }
@@ -371,11 +397,18 @@ impl Session {
 
     /// Destroys a queue.
     pub fn destroy_queue(&mut self, queue: QueueId) -> Result<()> {
-        self.call(&Request::QueueDestroy(QueueDestroy { queue })).map(|_| ())
+        self.call(&Request::QueueDestroy(QueueDestroy { queue }))
+            .map(|_| ())
     }
 
     /// Queues `kernel` on `queue`, signalling `slot` with `value`.
-    pub fn dispatch(&mut self, queue: QueueId, kernel: Kernel, slot: u32, value: u64) -> Result<()> {
+    pub fn dispatch(
+        &mut self,
+        queue: QueueId,
+        kernel: Kernel,
+        slot: u32,
+        value: u64,
+    ) -> Result<()> {
         let d = Dispatch {
             queue,
             kernel,
@@ -441,7 +474,11 @@ impl Session {
     /// New fault records (consumed from the ring).
     pub fn take_faults(&mut self) -> Result<Vec<FaultRecord>> {
         let ring = RING_OFF as usize;
-        let Some(tail) = self.shared.map.load_u32(ring + FAULT_RING_TAIL_OFFSET as usize) else {
+        let Some(tail) = self
+            .shared
+            .map
+            .load_u32(ring + FAULT_RING_TAIL_OFFSET as usize)
+        else {
             return Ok(Vec::new());
         };
         let layout = FaultRingLayout::new(RING_CAPACITY).ok_or(GuestError::Invalid("ring"))?;
@@ -496,11 +533,18 @@ impl Session {
                 }
                 None => FaultOutcome::Rejected,
             };
-            answers.push(FaultReplyEntry { fault_id: f.fault_id, outcome });
+            answers.push(FaultReplyEntry {
+                fault_id: f.fault_id,
+                outcome,
+            });
         }
         let ops: Vec<BindOp<'_>> = pages
             .iter()
-            .map(|(va, p)| BindOp::MapPages { va: GpuVa(*va), perms: Perms::RW, pages: PageList::new(p) })
+            .map(|(va, p)| BindOp::MapPages {
+                va: GpuVa(*va),
+                perms: Perms::RW,
+                pages: PageList::new(p),
+            })
             .collect();
         let mut requests = Vec::new();
         for op in ops.chunks(1) {
@@ -510,7 +554,11 @@ impl Session {
         let replies = self.call_many(&requests)?;
         for r in replies {
             if r.status != Status::Ok && r.status != Status::UnknownFault {
-                log::warn!("resolver: {:#x} answered {}", r.payload.cmd(), r.status.name());
+                log::warn!(
+                    "resolver: {:#x} answered {}",
+                    r.payload.cmd(),
+                    r.status.name()
+                );
             }
         }
         Ok(())
@@ -520,7 +568,11 @@ impl Session {
     /// memory this process owns, pinned. `None`: not ours.
     fn resolve(&self, f: &FaultRecord) -> Result<Option<(u64, Vec<GuestPhysAddr>)>> {
         let va = f.va.raw();
-        let Some(range) = self.ranges.iter().find(|r| va >= r.gpu && va - r.gpu < r.len) else {
+        let Some(range) = self
+            .ranges
+            .iter()
+            .find(|r| va >= r.gpu && va - r.gpu < r.len)
+        else {
             return Ok(None);
         };
         let granule = 1u64 << f.granule_shift.clamp(12, 30);
