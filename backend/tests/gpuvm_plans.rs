@@ -785,3 +785,40 @@ fn daemon_maps_only_inside_the_reserved_range() {
     assert_eq!(vm.len(), 1);
     assert_eq!(vm.bound_bytes(), 0);
 }
+
+#[test]
+fn sub_mappings_move_the_backing_and_refuse_bad_ranges() {
+    let all = pages(10, 4);
+    let m = page_mapping(0, all.clone());
+    let part = m
+        .sub_mapping(GpuVa(BASE + PAGE_SIZE), 2 * PAGE_SIZE)
+        .unwrap();
+    assert_eq!(part, page_mapping(1, all[1..3].to_vec()));
+    assert_eq!(m.sub_mapping(GpuVa(BASE), 4 * PAGE_SIZE), Some(m.clone()));
+    assert_eq!(m.sub_mapping(GpuVa(BASE), 5 * PAGE_SIZE), None, "too long");
+    assert_eq!(m.sub_mapping(GpuVa(BASE - PAGE_SIZE), PAGE_SIZE), None);
+    assert_eq!(
+        m.sub_mapping(GpuVa(BASE + 8), PAGE_SIZE),
+        None,
+        "misaligned"
+    );
+    assert_eq!(m.sub_mapping(GpuVa(BASE), 0), None, "empty");
+    assert_eq!(m.page_backing(m.end()), None);
+    assert_eq!(
+        m.page_backing(GpuVa(m.end().raw() - 1)),
+        Some(PageBacking::Guest(all[3]))
+    );
+    let r = res(0, 2, A, N);
+    assert_eq!(
+        r.sub_mapping(va(1), U),
+        Some(res(1, 2, A, N + U)),
+        "resource offset advanced"
+    );
+    assert_eq!(r.resource(), Some(A));
+    assert_eq!(m.resource(), None);
+    // Lists are equal by content, whatever array they share.
+    let list = PageList::new(all.clone());
+    assert_eq!(list.sub_list(1, 2), Some(PageList::new(all[1..3].to_vec())));
+    assert_eq!(list.sub_list(3, 2), None);
+    assert_eq!(list.sub_list(usize::MAX, 2), None);
+}

@@ -345,15 +345,17 @@ impl ComputeContext {
         reserved: bool,
     ) -> Result<(), ContextError> {
         let (va, size) = (req.va, req.size);
+        let before = self.vm.bound_bytes();
         let plan = if reserved {
             self.vm.prepare_map_reserved(req.clone(), res)?
         } else {
             self.vm.prepare_map(req.clone(), res)?
         };
+        // Reserved mappings are the daemon's, never charged to the guest.
         let charge = if reserved {
             0
         } else {
-            size.saturating_sub(replaced_bytes(plan.ops()))
+            plan.bound_bytes_after().saturating_sub(before)
         };
         if !self.config.bound_quota.try_charge(charge) {
             return Err(ContextError::BoundBytesQuota {
@@ -608,20 +610,6 @@ impl Drop for ComputeContext {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// Bytes of existing mappings a plan removes or shrinks.
-fn replaced_bytes(ops: &[Op]) -> u64 {
-    ops.iter()
-        .map(|op| match op {
-            Op::Unmap(m) => m.size,
-            Op::Remap { unmap, prev, next } => unmap
-                .size
-                .saturating_sub(prev.as_ref().map_or(0, |m| m.size))
-                .saturating_sub(next.as_ref().map_or(0, |m| m.size)),
-            Op::Map(_) => 0,
-        })
-        .sum()
 }
 
 /// Maps the pages of `req` on the device, in bounded chunks.
