@@ -1,0 +1,283 @@
+//! The daemon as a virtio-gpu device, over its real vhost-user socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{
+    Daemon, Desc, F_BLOB, F_CONTEXT_INIT, F_EDID, F_VIRGL, REQ_GPA, RESP_GPA, Vmm, cmd, entries,
+    hdr, req,
+};
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+#[test]
+fn features_and_config_space() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID | F_CONTEXT_INIT | F_BLOB);
+    for f in [F_VIRGL, F_EDID, F_CONTEXT_INIT, F_BLOB] {
+        assert_ne!(vmm.features & f, 0, "feature {f:#x} offered");
+    }
+    let c = vmm.config();
+    assert_eq!(u32_at(&c, 8), 1, "num_scanouts");
+    assert_eq!(u32_at(&c, 12), 1, "num_capsets");
+}
+
+#[test]
+fn display_info_edid_and_capsets() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
+    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    assert_eq!(u32_at(&r, 0), cmd::OK_DISPLAY_INFO);
+    assert_eq!(
+        (u32_at(&r, 32), u32_at(&r, 36), u32_at(&r, 40)),
+        (1024, 768, 1)
+    );
+    assert_eq!(u32_at(&r, 24 + 24 + 16), 0, "scanout 1 disabled");
+
+    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    let size = u32_at(&r, 24) as usize;
+    let edid = &r[32..32 + size];
+    assert_eq!(&edid[..8], &[0, 255, 255, 255, 255, 255, 255, 0]);
+    assert_eq!(
+        edid[..128].iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+        0,
+        "checksum"
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_EDID, 0, &[1, 0])),
+        cmd::ERR_INVALID_SCANOUT_ID
+    );
+
+    let r = vmm.ctrl(&req(cmd::GET_CAPSET_INFO, 0, &[0, 0]), 40);
+    assert_eq!(u32_at(&r, 0), cmd::OK_CAPSET_INFO);
+    assert_eq!(
+        (u32_at(&r, 24), u32_at(&r, 28), u32_at(&r, 32)),
+        (24, 1, 128)
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_CAPSET_INFO, 0, &[1, 0])),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    let r = vmm.ctrl(&req(cmd::GET_CAPSET, 0, &[24, 1]), 24 + 128);
+    assert_eq!(u32_at(&r, 0), cmd::OK_CAPSET);
+    let capset = guest_proto::capset::Capset::decode(&r[24..]).unwrap();
+    assert_eq!(capset.va_bits, 48);
+    assert_eq!(capset.compute_units, 2);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_CAPSET, 0, &[6, 1])),
+        cmd::ERR_INVALID_PARAMETER
+    );
+}
+
+#[test]
+fn two_d_resources_transfer_flush_and_scanout() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
+        cmd::ERR_INVALID_RESOURCE_ID,
+        "reused id"
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[2, 2, 0, 64])),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    let gpa = vmm.alloc(64 * 64 * 4);
+    vmm.ram.write(gpa, &vec![0x7f; 64 * 64 * 4]);
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    a.extend(entries(&[(gpa, 64 * 64 * 4)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    // rect, offset, resource
+    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, 64, 64]);
+    t.extend_from_slice(&0u64.to_le_bytes());
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(vmm.ctrl_type(&t), cmd::OK_NODATA);
+    let mut bad = req(cmd::TRANSFER_TO_HOST_2D, 0, &[60, 0, 8, 64]);
+    bad.extend_from_slice(&0u64.to_le_bytes());
+    bad.extend_from_slice(&1u32.to_le_bytes());
+    bad.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(
+        vmm.ctrl_type(&bad),
+        cmd::ERR_INVALID_PARAMETER,
+        "rect outside the image"
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 64, 64, 0, 1])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 64, 64, 3, 1])),
+        cmd::ERR_INVALID_SCANOUT_ID
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 64, 64, 1, 0])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
+        cmd::ERR_INVALID_RESOURCE_ID
+    );
+}
+
+#[test]
+fn contexts_with_and_without_context_init() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_CONTEXT_INIT);
+    assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA, "compat context");
+    assert_eq!(
+        vmm.ctx_create(1, 0),
+        cmd::ERR_INVALID_CONTEXT_ID,
+        "reused id"
+    );
+    assert_eq!(vmm.ctx_create(2, 24), cmd::OK_NODATA, "native context");
+    assert_eq!(
+        vmm.ctx_create(3, 1),
+        cmd::ERR_INVALID_PARAMETER,
+        "a capset we do not serve"
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::CTX_DESTROY, 2, &[])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::CTX_DESTROY, 2, &[])),
+        cmd::ERR_INVALID_CONTEXT_ID
+    );
+    assert_eq!(vmm.ctx_attach(9, 1), cmd::ERR_INVALID_CONTEXT_ID);
+    assert_eq!(vmm.ctx_attach(1, 77), cmd::ERR_INVALID_RESOURCE_ID);
+}
+
+#[test]
+fn malformed_commands_get_errors_and_the_device_keeps_working() {
+    let mut d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    // Too short for a header.
+    assert_eq!(vmm.ctrl_type(&[1, 2, 3]), cmd::ERR_UNSPEC);
+    // Unknown command.
+    assert_eq!(vmm.ctrl_type(&req(0x0999, 0, &[])), cmd::ERR_UNSPEC);
+    // Truncated body.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5])),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    // Backing outside guest RAM, and a huge entry count.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 16, 16])),
+        cmd::OK_NODATA
+    );
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[5, 1]);
+    a.extend(entries(&[(1 << 40, 4096)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::ERR_INVALID_PARAMETER);
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[5, u32::MAX]);
+    a.extend(entries(&[(0x40_0000, 4096)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::ERR_INVALID_PARAMETER);
+    // SUBMIT_3D whose size runs past the request.
+    let mut s = hdr(cmd::SUBMIT_3D, 0, 0, 0, 0);
+    s.extend_from_slice(&4096u32.to_le_bytes());
+    s.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(vmm.ctrl_type(&s), cmd::ERR_INVALID_CONTEXT_ID);
+    // A response buffer too small for the response: truncated, not a crash.
+    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 8);
+    assert_eq!(r.len(), 8);
+    // A chain whose descriptor points outside guest RAM: returned empty.
+    vmm.post(
+        0,
+        &[
+            Desc {
+                addr: 1 << 40,
+                len: 64,
+                write: false,
+            },
+            Desc {
+                addr: RESP_GPA,
+                len: 24,
+                write: true,
+            },
+        ],
+    );
+    let (_, len) = vmm.wait_used(0, Duration::from_secs(10)).unwrap();
+    assert_eq!(len, 0);
+    // A chain that loops onto itself.
+    vmm.ram.write(REQ_GPA, &req(cmd::GET_DISPLAY_INFO, 0, &[]));
+    vmm.raw_desc(0, 200, REQ_GPA, 24, 1, 200);
+    vmm.publish(0, 200);
+    let (head, len) = vmm.wait_used(0, Duration::from_secs(10)).unwrap();
+    assert_eq!((head, len), (200, 0));
+    // Still serving.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    assert!(d.alive());
+}
+
+#[test]
+fn the_resource_quota_is_enforced() {
+    let d = Daemon::start(&["--max-resources", "3"]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    for id in 1..=3 {
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
+            cmd::OK_NODATA
+        );
+    }
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
+        cmd::ERR_OUT_OF_MEMORY
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[2, 0])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
+        cmd::OK_NODATA
+    );
+}
+
+#[test]
+fn reconnect_gets_fresh_state_and_sigterm_exits_cleanly() {
+    let mut d = Daemon::start(&[]);
+    {
+        let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+            cmd::OK_NODATA
+        );
+        assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        cmd::OK_NODATA,
+        "id 1 is free again"
+    );
+    assert_eq!(
+        vmm.ctx_create(1, 0),
+        cmd::OK_NODATA,
+        "context 1 is free again"
+    );
+    drop(vmm);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let status = d.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!d.socket.exists(), "socket removed");
+    let _ = REQ_GPA;
+}
