@@ -10,11 +10,11 @@ mod config;
 mod gpu;
 mod native;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use clap::Parser;
 use gpu_backend::sim::{SimConfig, SimGpu};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -36,9 +36,18 @@ fn main() {
         ..SimConfig::default()
     });
     let factory = native::factory(device, config.native());
+    // One listening socket for the life of the process: a frontend that
+    // reconnects (QEMU restarted) always finds it.
+    let mut listener = match Listener::new(&config.socket_path, true) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("cannot listen on {}: {e}", config.socket_path.display());
+            std::process::exit(1);
+        }
+    };
     log::info!("listening on {}", config.socket_path.display());
     loop {
-        if let Err(e) = serve_one(&config, &factory) {
+        if let Err(e) = serve_one(&config, &factory, &mut listener) {
             log::error!("connection ended with an error: {e}");
         }
         log::info!("frontend disconnected; waiting for the next connection");
@@ -51,7 +60,11 @@ fn init_logging(config: &Config) {
 }
 
 /// Serves one frontend connection with fresh device state.
-fn serve_one(config: &Config, factory: &compute::ComputeFactory) -> Result<(), String> {
+fn serve_one(
+    config: &Config,
+    factory: &compute::ComputeFactory,
+    listener: &mut Listener,
+) -> Result<(), String> {
     let backend = Arc::new(
         GpuVhostBackend::new(factory, config.gpu_limits()).map_err(|e| format!("device: {e}"))?,
     );
@@ -71,9 +84,22 @@ fn serve_one(config: &Config, factory: &compute::ComputeFactory) -> Result<(), S
             .register_listener(fd, EventSet::IN, u64::from(event))
             .map_err(|e| format!("registering event {event}: {e}"))?;
     }
-    let result = daemon.serve(Path::new(&config.socket_path));
+    daemon
+        .start(listener)
+        .map_err(|e| format!("accepting: {e}"))?;
+    let result = daemon.wait();
+    // Stop this connection's vring worker threads, then forget its state.
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
     backend.teardown();
-    result.map_err(|e| e.to_string())
+    match result {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 mod signals {
