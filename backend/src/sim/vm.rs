@@ -443,6 +443,12 @@ fn next_range_or_end(mut wave: Wave) {
 
 /// Parks a wave on the fault of `page`.
 fn stall(wave: Wave, page: GpuVa, access: AccessFlags) {
+    // A wave of a dispatch that already failed is killed, not parked: its
+    // fault would never be answered.
+    if wave.run.failed() {
+        end_wave(wave);
+        return;
+    }
     let vm = wave.vm.clone();
     spawn_sibling(&wave);
     let mut f = vm.faults.lock();
