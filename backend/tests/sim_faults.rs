@@ -14,7 +14,9 @@ use gpu_backend::{
     Completion, Device, DeviceError, DeviceVm, Dispatch, FaultRecord, FaultReply, GuestMemory,
     VmConfig, VmEvents,
 };
-use guest_proto::{AccessFlags, DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId};
+use guest_proto::{
+    AccessFlags, DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId,
+};
 use parking_lot::{Condvar, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -39,7 +41,10 @@ impl VmEvents for Recorder {
 
     fn dispatch_done(&self, _queue: QueueId, tag: u64, status: DispatchStatus) {
         let mut done = self.done.lock();
-        assert!(done.insert(tag, status).is_none(), "dispatch {tag} ended twice");
+        assert!(
+            done.insert(tag, status).is_none(),
+            "dispatch {tag} ended twice"
+        );
         self.wake.notify_all();
     }
 }
@@ -78,12 +83,25 @@ struct Rig {
 fn rig(max_pending_faults: u32) -> Rig {
     let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let mem = GuestMemoryAtomic::new(mmap);
-    let gpu = SimGpu::new(SimConfig { compute_units: 2, ..SimConfig::default() });
+    let gpu = SimGpu::new(SimConfig {
+        compute_units: 2,
+        ..SimConfig::default()
+    });
     let events = Arc::new(Recorder::default());
-    let config = VmConfig { memory: mem.clone(), max_pending_faults, max_queue_depth: 64 };
+    let config = VmConfig {
+        memory: mem.clone(),
+        max_pending_faults,
+        max_queue_depth: 64,
+    };
     let vm = gpu.create_vm(config, events.clone()).unwrap();
-    vm.map(GpuVa(SIGNALS_VA), &[GuestPhysAddr(SIGNALS_GPA)], Perms::RW).unwrap();
-    Rig { mem, events, vm, _gpu: gpu }
+    vm.map(GpuVa(SIGNALS_VA), &[GuestPhysAddr(SIGNALS_GPA)], Perms::RW)
+        .unwrap();
+    Rig {
+        mem,
+        events,
+        vm,
+        _gpu: gpu,
+    }
 }
 
 impl Rig {
@@ -101,7 +119,10 @@ impl Rig {
     fn dispatch(&self, kernel: Kernel, tag: u64) -> Dispatch {
         Dispatch {
             kernel,
-            completion: Some(Completion { signal: GpuVa(SIGNALS_VA + (tag % 64) * 32), value: tag }),
+            completion: Some(Completion {
+                signal: GpuVa(SIGNALS_VA + (tag % 64) * 32),
+                value: tag,
+            }),
             tag,
         }
     }
@@ -164,24 +185,54 @@ fn every_kernel_computes_through_the_page_tables() {
         }
     }
     let gpa = |va: u64| {
-        let (base, i) = if va >= z { (z, 2) } else if va >= y { (y, 1) } else { (x, 0) };
+        let (base, i) = if va >= z {
+            (z, 2)
+        } else if va >= y {
+            (y, 1)
+        } else {
+            (x, 0)
+        };
         let p = (va - base) / P;
         0x100_0000 + (p * 3 + i) * 0x10_0000 + (va - base) % P
     };
     let q = r.queue();
-    assert_eq!(r.run(q, Kernel::Fill { dst: GpuVa(x), count: 4096, value: 7 }, 1), DispatchStatus::Ok);
+    assert_eq!(
+        r.run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(x),
+                count: 4096,
+                value: 7
+            },
+            1
+        ),
+        DispatchStatus::Ok
+    );
     assert!((0..4096).all(|i| r.u32(gpa(x + i * 4)) == 7));
-    assert_eq!(r.signal(1), (1, 0, 0), "signal written: value, status, error_va");
+    assert_eq!(
+        r.signal(1),
+        (1, 0, 0),
+        "signal written: value, status, error_va"
+    );
 
     for i in 0..4096u64 {
         r.put(gpa(x + i * 4), (i as f32).to_bits());
         r.put(gpa(y + i * 4), 1.0f32.to_bits());
     }
-    let k = Kernel::Saxpy { x: GpuVa(x), y: GpuVa(y), count: 4096, a: 3.0 };
+    let k = Kernel::Saxpy {
+        x: GpuVa(x),
+        y: GpuVa(y),
+        count: 4096,
+        a: 3.0,
+    };
     assert_eq!(r.run(q, k, 2), DispatchStatus::Ok);
     assert!((0..4096u64).all(|i| f32::from_bits(r.u32(gpa(y + i * 4))) == 3.0 * i as f32 + 1.0));
 
-    let k = Kernel::Copy { dst: GpuVa(z + 100), src: GpuVa(x + 4), size: 8000 };
+    let k = Kernel::Copy {
+        dst: GpuVa(z + 100),
+        src: GpuVa(x + 4),
+        size: 8000,
+    };
     assert_eq!(r.run(q, k, 3), DispatchStatus::Ok);
     assert_eq!(r.u32(gpa(z + 100)), 1.0f32.to_bits());
 
@@ -189,26 +240,42 @@ fn every_kernel_computes_through_the_page_tables() {
         r.put(gpa(x + i * 4), ((i * 7) % 1024) as u32);
         r.put(gpa(y + i * 4), (i * 10) as u32);
     }
-    let k = Kernel::Gather { dst: GpuVa(z), src: GpuVa(y), indices: GpuVa(x), count: 1024 };
+    let k = Kernel::Gather {
+        dst: GpuVa(z),
+        src: GpuVa(y),
+        indices: GpuVa(x),
+        count: 1024,
+    };
     assert_eq!(r.run(q, k, 4), DispatchStatus::Ok);
     assert!((0..1024u64).all(|i| r.u32(gpa(z + i * 4)) == ((i * 7) % 1024 * 10) as u32));
 
     for i in 0..4u64 {
         r.put(gpa(z + i * 8), 0u64);
     }
-    let k = Kernel::AtomicAdd { counters: GpuVa(z), num_counters: 4, items: 1001, addend: 2 };
+    let k = Kernel::AtomicAdd {
+        counters: GpuVa(z),
+        num_counters: 4,
+        items: 1001,
+        addend: 2,
+    };
     assert_eq!(r.run(q, k, 5), DispatchStatus::Ok);
     let sums: Vec<u64> = (0..4).map(|i| r.u64(gpa(z + i * 8))).collect();
     assert_eq!(sums, vec![251 * 2, 250 * 2, 250 * 2, 250 * 2]);
 
     // A list across all twelve pages.
-    let nodes: Vec<u64> = (0..12).map(|i| [x, y, z][i % 3] + (i as u64 / 3) * P + 64).collect();
+    let nodes: Vec<u64> = (0..12)
+        .map(|i| [x, y, z][i % 3] + (i as u64 / 3) * P + 64)
+        .collect();
     for (i, n) in nodes.iter().enumerate() {
         let next = nodes.get(i + 1).copied().unwrap_or(0);
         r.put(gpa(*n), next);
         r.put(gpa(*n + 8), i as u64 + 1);
     }
-    let k = Kernel::PointerChase { head: GpuVa(nodes[0]), max_steps: 100, result: GpuVa(x + 2048) };
+    let k = Kernel::PointerChase {
+        head: GpuVa(nodes[0]),
+        max_steps: 100,
+        result: GpuVa(x + 2048),
+    };
     assert_eq!(r.run(q, k, 6), DispatchStatus::Ok);
     assert_eq!((r.u64(gpa(x + 2048)), r.u64(gpa(x + 2056))), (78, 12));
 }
@@ -220,7 +287,12 @@ fn unmapped_memory_faults_and_replays_to_the_exact_result() {
     let (va, gpa) = (0x4000_0000u64, 0x40_0000u64);
     let resolver = r.resolver(va, gpa);
     // Atomic adds stalled and replayed must not double count.
-    let k = Kernel::AtomicAdd { counters: GpuVa(va), num_counters: 2048, items: 2048 * 5, addend: 1 };
+    let k = Kernel::AtomicAdd {
+        counters: GpuVa(va),
+        num_counters: 2048,
+        items: 2048 * 5,
+        addend: 1,
+    };
     assert_eq!(r.run(q, k, 1), DispatchStatus::Ok);
     let resolved = resolver.join().unwrap();
     assert_eq!(resolved, 4, "one fault per page of counters");
@@ -233,14 +305,29 @@ fn faults_on_one_page_are_merged_and_a_storm_beyond_the_cap_loses_nothing() {
     let q = r.queue();
     let (va, gpa) = (0x5000_0000u64, 0x80_0000u64);
     // 64 pages, 4 faults pending at most.
-    r.vm.dispatch(q, r.dispatch(Kernel::Fill { dst: GpuVa(va), count: 64 * 1024, value: 9 }, 1)).unwrap();
+    r.vm.dispatch(
+        q,
+        r.dispatch(
+            Kernel::Fill {
+                dst: GpuVa(va),
+                count: 64 * 1024,
+                value: 9,
+            },
+            1,
+        ),
+    )
+    .unwrap();
     let first = r.events.wait_faults(4);
     assert_eq!(first.len(), 4, "capped at max_pending_faults");
     std::thread::sleep(Duration::from_millis(50));
-    assert!(r.events.faults.lock().is_empty(), "nothing beyond the cap is raised");
+    assert!(
+        r.events.faults.lock().is_empty(),
+        "nothing beyond the cap is raised"
+    );
     for f in &first {
         assert_eq!(f.access, AccessFlags::WRITE);
-        r.vm.map(f.va, &[GuestPhysAddr(gpa + (f.va.raw() - va))], Perms::RW).unwrap();
+        r.vm.map(f.va, &[GuestPhysAddr(gpa + (f.va.raw() - va))], Perms::RW)
+            .unwrap();
         r.vm.reply_fault(f.id, FaultReply::Replay).unwrap();
     }
     let resolver = r.resolver(va, gpa);
@@ -248,17 +335,29 @@ fn faults_on_one_page_are_merged_and_a_storm_beyond_the_cap_loses_nothing() {
     assert_eq!(resolver.join().unwrap(), 60);
     assert!((0..64 * 1024).step_by(97).all(|i| r.u32(gpa + i * 4) == 9));
     // Each fault ended once: replying again is an error.
-    assert_eq!(r.vm.reply_fault(first[0].id, FaultReply::Replay), Err(DeviceError::UnknownFault(first[0].id)));
+    assert_eq!(
+        r.vm.reply_fault(first[0].id, FaultReply::Replay),
+        Err(DeviceError::UnknownFault(first[0].id))
+    );
 
     // Many waves on one page: one fault, merged.
-    let k = Kernel::Gather { dst: GpuVa(va), src: GpuVa(0x6000_0000), indices: GpuVa(va), count: 16 * 1024 };
+    let k = Kernel::Gather {
+        dst: GpuVa(va),
+        src: GpuVa(0x6000_0000),
+        indices: GpuVa(va),
+        count: 16 * 1024,
+    };
     r.vm.dispatch(q, r.dispatch(k, 2)).unwrap();
     let f = r.events.wait_faults(1);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].va, GpuVa(0x6000_0000));
-    r.vm.reply_fault(f[0].id, FaultReply::Cancel(DispatchStatus::FaultRejected)).unwrap();
+    r.vm.reply_fault(f[0].id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+        .unwrap();
     assert_eq!(r.events.wait_done(2), DispatchStatus::FaultRejected);
-    assert_eq!(r.signal(2), (2, DispatchStatus::FaultRejected as u32, 0x6000_0000));
+    assert_eq!(
+        r.signal(2),
+        (2, DispatchStatus::FaultRejected as u32, 0x6000_0000)
+    );
 }
 
 #[test]
@@ -267,36 +366,77 @@ fn after_unmap_no_kernel_touches_the_old_pages() {
     let q = r.queue();
     let (va, old, new) = (0x7000_0000u64, 0x100_0000u64, 0x110_0000u64);
     r.map(va, old, 4);
-    assert_eq!(r.run(q, Kernel::Fill { dst: GpuVa(va), count: 4096, value: 1 }, 1), DispatchStatus::Ok);
+    assert_eq!(
+        r.run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(va),
+                count: 4096,
+                value: 1
+            },
+            1
+        ),
+        DispatchStatus::Ok
+    );
     r.vm.unmap(GpuVa(va), 4 * P).unwrap();
     // Remap at the same VA: the TLBs must not serve the old translation.
     r.map(va, new, 4);
-    assert_eq!(r.run(q, Kernel::Fill { dst: GpuVa(va), count: 4096, value: 2 }, 2), DispatchStatus::Ok);
-    assert!((0..4096).all(|i| r.u32(old + i * 4) == 1), "old pages untouched");
+    assert_eq!(
+        r.run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(va),
+                count: 4096,
+                value: 2
+            },
+            2
+        ),
+        DispatchStatus::Ok
+    );
+    assert!(
+        (0..4096).all(|i| r.u32(old + i * 4) == 1),
+        "old pages untouched"
+    );
     assert!((0..4096).all(|i| r.u32(new + i * 4) == 2));
     // Unmap while a long fill runs, then scribble the old pages: the fill
     // faults instead of writing them.
     r.vm.unmap(GpuVa(va), 4 * P).unwrap();
     r.map(va, old, 4);
-    r.vm.dispatch(q, r.dispatch(Kernel::Fill { dst: GpuVa(va), count: 4096, value: 3 }, 3)).unwrap();
+    r.vm.dispatch(
+        q,
+        r.dispatch(
+            Kernel::Fill {
+                dst: GpuVa(va),
+                count: 4096,
+                value: 3,
+            },
+            3,
+        ),
+    )
+    .unwrap();
     r.vm.unmap(GpuVa(va), 4 * P).unwrap();
     for i in 0..4096 {
         r.put(old + i * 4, 0xDEADu32);
     }
     let faults = r.events.wait_faults(0);
     for f in faults {
-        r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected)).unwrap();
+        r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+            .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while !r.events.done.lock().contains_key(&3) {
         for f in std::mem::take(&mut *r.events.faults.lock()) {
-            r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected)).unwrap();
+            r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+                .unwrap();
         }
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(20));
-    assert!((0..4096).all(|i| r.u32(old + i * 4) == 0xDEAD), "nothing written after unmap returned");
+    assert!(
+        (0..4096).all(|i| r.u32(old + i * 4) == 0xDEAD),
+        "nothing written after unmap returned"
+    );
 }
 
 #[test]
@@ -308,32 +448,85 @@ fn map_refuses_pages_outside_guest_ram_and_overlaps() {
     );
     r.map(0x1000_0000, 0x10_0000, 1);
     assert_eq!(
-        r.vm.map(GpuVa(0x0FFF_F000), &[GuestPhysAddr(0x20_0000), GuestPhysAddr(0x21_0000)], Perms::RW),
+        r.vm.map(
+            GpuVa(0x0FFF_F000),
+            &[GuestPhysAddr(0x20_0000), GuestPhysAddr(0x21_0000)],
+            Perms::RW
+        ),
         Err(DeviceError::AlreadyMapped(GpuVa(0x1000_0000)))
     );
-    assert!(r.vm.map(GpuVa(1 << 48), &[GuestPhysAddr(0x20_0000)], Perms::RW).is_err());
-    assert!(r.vm.map(GpuVa(0x2000_0010), &[GuestPhysAddr(0x20_0000)], Perms::RW).is_err());
+    assert!(
+        r.vm.map(GpuVa(1 << 48), &[GuestPhysAddr(0x20_0000)], Perms::RW)
+            .is_err()
+    );
+    assert!(
+        r.vm.map(GpuVa(0x2000_0010), &[GuestPhysAddr(0x20_0000)], Perms::RW)
+            .is_err()
+    );
 }
 
 #[test]
 fn queue_destroy_and_shutdown_end_stalled_work_once() {
     let r = rig(16);
     let (q1, q2) = (r.queue(), r.queue());
-    r.vm.dispatch(q1, r.dispatch(Kernel::Fill { dst: GpuVa(0x9000_0000), count: 1024, value: 1 }, 1)).unwrap();
-    r.vm.dispatch(q1, r.dispatch(Kernel::Fill { dst: GpuVa(0x9000_0000), count: 1024, value: 1 }, 2)).unwrap();
-    r.vm.dispatch(q2, r.dispatch(Kernel::Fill { dst: GpuVa(0xA000_0000), count: 1024, value: 1 }, 3)).unwrap();
+    r.vm.dispatch(
+        q1,
+        r.dispatch(
+            Kernel::Fill {
+                dst: GpuVa(0x9000_0000),
+                count: 1024,
+                value: 1,
+            },
+            1,
+        ),
+    )
+    .unwrap();
+    r.vm.dispatch(
+        q1,
+        r.dispatch(
+            Kernel::Fill {
+                dst: GpuVa(0x9000_0000),
+                count: 1024,
+                value: 1,
+            },
+            2,
+        ),
+    )
+    .unwrap();
+    r.vm.dispatch(
+        q2,
+        r.dispatch(
+            Kernel::Fill {
+                dst: GpuVa(0xA000_0000),
+                count: 1024,
+                value: 1,
+            },
+            3,
+        ),
+    )
+    .unwrap();
     let faults = r.events.wait_faults(2);
     r.vm.destroy_queue(q1).unwrap();
     assert_eq!(r.events.wait_done(1), DispatchStatus::Cancelled);
-    assert_eq!(r.events.wait_done(2), DispatchStatus::Cancelled, "queued behind it");
+    assert_eq!(
+        r.events.wait_done(2),
+        DispatchStatus::Cancelled,
+        "queued behind it"
+    );
     assert_eq!(r.signal(2).1, DispatchStatus::Cancelled as u32);
     let q1_fault = faults.iter().find(|f| f.queue == q1).unwrap();
-    assert_eq!(r.vm.reply_fault(q1_fault.id, FaultReply::Replay), Err(DeviceError::UnknownFault(q1_fault.id)));
+    assert_eq!(
+        r.vm.reply_fault(q1_fault.id, FaultReply::Replay),
+        Err(DeviceError::UnknownFault(q1_fault.id))
+    );
     assert_eq!(r.vm.destroy_queue(q1), Err(DeviceError::UnknownQueue(q1)));
     r.vm.shutdown();
     assert_eq!(r.events.wait_done(3), DispatchStatus::Cancelled);
     r.vm.shutdown();
-    assert_eq!(r.vm.create_queue(QueueDesc { priority: 0 }), Err(DeviceError::Shutdown));
+    assert_eq!(
+        r.vm.create_queue(QueueDesc { priority: 0 }),
+        Err(DeviceError::Shutdown)
+    );
     let q2_fault = faults.iter().find(|f| f.queue == q2).unwrap();
     assert!(r.vm.reply_fault(q2_fault.id, FaultReply::Replay).is_err());
     let _ = FaultId(0);

@@ -146,7 +146,12 @@ impl SimGpu {
 
 impl Drop for SimGpu {
     fn drop(&mut self) {
-        self.pool.stop.store(true, Ordering::Release);
+        {
+            // Under the lock: a compute unit between its check of `stop` and
+            // its wait cannot miss the wakeup.
+            let _ready = self.pool.ready.lock();
+            self.pool.stop.store(true, Ordering::Release);
+        }
         self.pool.wakeup.notify_all();
         for w in self.workers.lock().drain(..) {
             let _ = w.join();
