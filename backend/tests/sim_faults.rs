@@ -158,7 +158,7 @@ impl Rig {
                     resolved += 1;
                 }
                 if batch.is_empty() {
-                    if events.done.lock().len() > 0 && events.faults.lock().is_empty() {
+                    if !events.done.lock().is_empty() && events.faults.lock().is_empty() {
                         return resolved;
                     }
                     std::thread::sleep(Duration::from_micros(100));
