@@ -9,6 +9,13 @@ use guest_proto::capset::Capset;
 use crate::gpu::device::GpuLimits;
 use crate::native::NativeConfig;
 
+/// The device models the daemon can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceModel {
+    /// The embedded simulated GPU.
+    Sim,
+}
+
 /// vhost-user virtio-gpu device with native GPU compute contexts.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -16,6 +23,11 @@ pub struct Config {
     /// Unix socket to listen on; the frontend (QEMU, crosvm) connects to it.
     #[arg(long)]
     pub socket_path: PathBuf,
+
+    /// The GPU behind the contexts. `sim`: the simulated GPU (page tables,
+    /// TLBs, retry faults), the only device model so far.
+    #[arg(long, value_enum, default_value_t = DeviceModel::Sim)]
+    pub device: DeviceModel,
 
     /// Compute units of the simulated GPU (worker threads); default: cores.
     #[arg(long)]

@@ -29,12 +29,14 @@ fn main() {
         log::error!("cannot install signal handling: {e}");
         std::process::exit(1);
     }
-    let device = SimGpu::new(SimConfig {
-        compute_units: config
-            .compute_units
-            .unwrap_or(SimConfig::default().compute_units),
-        ..SimConfig::default()
-    });
+    let device = match config.device {
+        config::DeviceModel::Sim => SimGpu::new(SimConfig {
+            compute_units: config
+                .compute_units
+                .unwrap_or(SimConfig::default().compute_units),
+            ..SimConfig::default()
+        }),
+    };
     let factory = native::factory(device, config.native());
     // One listening socket for the life of the process: a frontend that
     // reconnects (QEMU restarted) always finds it.

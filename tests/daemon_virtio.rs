@@ -281,3 +281,33 @@ fn reconnect_gets_fresh_state_and_sigterm_exits_cleanly() {
     assert!(!d.socket.exists(), "socket removed");
     let _ = REQ_GPA;
 }
+
+#[test]
+fn host_copies_of_images_are_bounded_per_guest() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    // 64 MiB each; 256 MiB in total.
+    for id in 1..=4 {
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 4096, 4096])),
+            cmd::OK_NODATA
+        );
+    }
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4096, 4096])),
+        cmd::ERR_OUT_OF_MEMORY
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4097, 4096])),
+        cmd::ERR_INVALID_PARAMETER,
+        "over 64 MiB"
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4096, 4096])),
+        cmd::OK_NODATA
+    );
+}

@@ -45,6 +45,8 @@ pub struct GpuLimits {
     pub max_resources: u32,
     /// Memory entries per backing.
     pub max_backing_entries: u32,
+    /// Host memory for copies of 2D images (scanout sources), in total.
+    pub max_image_bytes: u64,
 }
 
 impl Default for GpuLimits {
@@ -52,6 +54,7 @@ impl Default for GpuLimits {
         GpuLimits {
             max_resources: 16384,
             max_backing_entries: 1 << 18,
+            max_image_bytes: 256 << 20,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct GpuDevice {
     features: u64,
     limits: GpuLimits,
     resources: BTreeMap<ResourceId, Resource>,
+    /// Host bytes reserved for 2D image copies.
+    image_bytes: u64,
     contexts: BTreeMap<CtxId, ContextInit>,
     scanout: Option<(ResourceId, Rect)>,
     display: Display,
@@ -113,6 +118,7 @@ impl GpuDevice {
             features: 0,
             limits,
             resources: BTreeMap::new(),
+            image_bytes: 0,
             contexts: BTreeMap::new(),
             scanout: None,
             display: Display::default(),
@@ -154,6 +160,7 @@ impl GpuDevice {
         }
         self.contexts.clear();
         self.resources.clear();
+        self.image_bytes = 0;
     }
 
     /// Processes one control-queue request.
@@ -300,8 +307,15 @@ impl GpuDevice {
         if width == 0 || height == 0 || size > MAX_IMAGE_BYTES {
             return Err(bad);
         }
+        // The host copy is allocated on the first transfer; its bytes are
+        // reserved now, against the guest's total.
+        let total = self.image_bytes.saturating_add(size);
+        if total > self.limits.max_image_bytes {
+            return Err(resp::ERR_OUT_OF_MEMORY);
+        }
         let res = Resource::new(ResourceId(id), ResourceKind::Image2d, width, height, size);
         self.new_resource(res)?;
+        self.image_bytes = total;
         nodata(hdr)
     }
 
@@ -368,7 +382,11 @@ impl GpuDevice {
             self.scanout = None;
             self.display.set_scanout(0, 0);
         }
-        self.resources.remove(&id);
+        if let Some(res) = self.resources.remove(&id) {
+            if res.kind == ResourceKind::Image2d {
+                self.image_bytes = self.image_bytes.saturating_sub(res.size);
+            }
+        }
         Ok(())
     }
 
