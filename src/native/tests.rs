@@ -577,3 +577,178 @@ fn bound_bytes_are_a_per_guest_quota() {
         Status::Ok
     );
 }
+
+#[test]
+fn unanswered_faults_time_out_and_late_answers_are_unknown() {
+    let config = NativeConfig {
+        fault_timeout: Duration::from_millis(50),
+        ..NativeConfig::default()
+    };
+    let mut g = Guest::new(config);
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 1, 4), Status::Ok);
+    let s = g.wait_signal(&c, 1, 4);
+    assert_eq!(
+        (s.status, s.error_va),
+        (DispatchStatus::FaultTimedOut, GpuVa(0x3000_0000))
+    );
+    let f = g.take_faults(&mut c);
+    assert_eq!(f.len(), 1);
+    let late = g.answer(&mut c, f[0].fault_id, FaultOutcome::Resolved);
+    assert_eq!(late.status, Status::UnknownFault);
+    let ReplyPayload::DeviceQuery(stats) = g.call(&mut c, &Request::DeviceQuery).payload else {
+        panic!()
+    };
+    assert_eq!(stats.faults_timed_out, 1);
+}
+
+#[test]
+fn range_attributes_make_faults_fatal_or_prefetch_granules() {
+    use guest_proto::FaultPolicy;
+    use guest_proto::attr::{RangeAttr, RangeAttrs};
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    let attr = |va: u64, size: u64, attrs: RangeAttrs| {
+        Request::RangeAttr(RangeAttr {
+            va: GpuVa(va),
+            size,
+            attrs,
+        })
+    };
+    // Fatal policy: never forwarded.
+    let fatal = RangeAttrs {
+        fault_policy: Some(FaultPolicy::Fatal),
+        ..RangeAttrs::default()
+    };
+    assert_eq!(
+        g.call(&mut c, &attr(0x1000_0000, 1 << 20, fatal)).status,
+        Status::Ok
+    );
+    assert_eq!(g.fill(&mut c, q, 0x1000_0000, 16, 1, 1), Status::Ok);
+    assert_eq!(g.wait_signal(&c, 1, 1).status, DispatchStatus::FaultFatal);
+    // Read-only access: a write fault is fatal, a read fault is forwarded.
+    let ro = RangeAttrs {
+        access: Some(Perms::READ),
+        ..RangeAttrs::default()
+    };
+    assert_eq!(
+        g.call(&mut c, &attr(0x2000_0000, 1 << 20, ro)).status,
+        Status::Ok
+    );
+    assert_eq!(g.fill(&mut c, q, 0x2000_0000, 16, 2, 2), Status::Ok);
+    assert_eq!(g.wait_signal(&c, 2, 2).status, DispatchStatus::FaultFatal);
+    assert!(
+        g.take_faults(&mut c).is_empty(),
+        "fatal faults are never written"
+    );
+    // Prefetch: one record per unbound 64 KiB granule, none where bound.
+    let page = g.alloc(4096);
+    let pages = [GuestPhysAddr(page)];
+    let bound = BindOp::MapPages {
+        va: GpuVa(0x4001_0000),
+        perms: Perms::RW,
+        pages: WirePages::new(&pages),
+    };
+    assert_eq!(g.bind(&mut c, bound).status, Status::Ok);
+    let pf = RangeAttrs {
+        granule_shift: Some(16),
+        prefetch: Some(true),
+        ..RangeAttrs::default()
+    };
+    assert_eq!(
+        g.call(&mut c, &attr(0x4000_0000, 4 << 16, pf)).status,
+        Status::Ok
+    );
+    let f = g.take_faults(&mut c);
+    let vas: Vec<u64> = f.iter().map(|r| r.va.raw()).collect();
+    assert_eq!(
+        vas,
+        vec![0x4000_0000, 0x4001_1000, 0x4002_0000, 0x4003_0000]
+    );
+    assert!(
+        f.iter()
+            .all(|r| r.cause == FaultCause::Prefetch && r.granule_shift == 16)
+    );
+    // Outside the aperture (the reserved range) attributes are refused.
+    let reserved = RangeAttrs {
+        granule_shift: Some(16),
+        ..RangeAttrs::default()
+    };
+    assert_eq!(
+        g.call(&mut c, &attr(1 << 47, 1 << 16, reserved)).status,
+        Status::OutOfRange
+    );
+}
+
+#[test]
+fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
+    let mut g = Guest::new(NativeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let q = g.create_queue(&mut c);
+    assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 5, 8), Status::Ok);
+    g.nc.detach_resource(c.ctx, c.session_res);
+    assert_eq!(
+        g.signal(&c, 5).status,
+        DispatchStatus::Cancelled,
+        "the session's work was cancelled"
+    );
+    // No session now: requests are refused at the virtio level.
+    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    w.push(&Request::DeviceQuery).unwrap();
+    assert_eq!(
+        g.nc.submit(c.ctx, w.as_bytes(), None),
+        Err(ComputeError::InvalidParameter)
+    );
+    // Re-attach and start again.
+    let view = ResourceView {
+        id: c.session_res,
+        kind: ResourceKind::Buffer3d,
+        size: 16384,
+        backing: Some(Arc::new(Backing {
+            entries: vec![(GuestAddress(c.session_gpa), 16384)],
+        })),
+    };
+    g.nc.attach_resource(c.ctx, &view).unwrap();
+    let ring_size = FaultRingLayout::new(RING_CAP).unwrap().size();
+    let init = SessionInit::new(
+        Profile::Compat,
+        Region {
+            resource: c.session_res,
+            offset: 0,
+            size: REPLY_SIZE,
+        },
+        Region {
+            resource: c.session_res,
+            offset: RING_OFF,
+            size: ring_size,
+        },
+        Region {
+            resource: c.session_res,
+            offset: SIGNALS_OFF,
+            size: SIGNAL_SLOTS * 32,
+        },
+    );
+    c.head = 0;
+    assert_eq!(
+        g.call(&mut c, &Request::SessionInit(init)).status,
+        Status::Ok
+    );
+    assert_eq!(
+        g.call(&mut c, &Request::SessionInit(init)).status,
+        Status::SessionActive
+    );
+    // EVENT_ARM must not ask for a reply; if it does it is refused there.
+    let mut raw = Vec::new();
+    for v in [0x40u32, 16, 77, 512] {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(
+        g.nc.submit(c.ctx, &raw, None),
+        Ok(FenceDisposition::SignalNow)
+    );
+    let reply = Reply::decode(&g.read::<16>(c.session_gpa + 512)).unwrap();
+    assert_eq!((reply.seqno, reply.status), (77, Status::InvalidArgument));
+    assert_eq!(g.call(&mut c, &Request::SessionDestroy).status, Status::Ok);
+}

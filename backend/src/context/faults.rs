@@ -156,7 +156,8 @@ impl FaultTracker {
         self.by_granule.insert(granule, record.fault_id);
     }
 
-    /// Queues a prefetch record for the granule at `va`; false when the
+    /// Queues a prefetch record for the granule of `va` (the record names
+    /// `va`'s page, the first unbound one); false when the
     /// pending cap is reached or the granule already has a pending fault.
     pub fn add_prefetch(&mut self, va: GpuVa, granule_shift: u8, now: Instant) -> bool {
         let granule = Granule::of(va, granule_shift);
@@ -165,7 +166,7 @@ impl FaultTracker {
         }
         let record = WireRecord {
             fault_id: self.take_id(),
-            va: GpuVa(granule.base),
+            va: va.page_down(),
             granule_shift,
             cause: FaultCause::Prefetch,
         };
