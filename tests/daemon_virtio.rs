@@ -311,3 +311,60 @@ fn host_copies_of_images_are_bounded_per_guest() {
         cmd::OK_NODATA
     );
 }
+
+#[test]
+fn the_scanout_reaches_the_frontend_over_the_gpu_socket() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
+    let peer = vmm.set_gpu_socket();
+    // The mode comes from the frontend now.
+    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (800, 600));
+    // The frontend has no EDID: the daemon builds one for its mode.
+    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    assert_eq!(
+        u32::from(r[32 + 56]) | (u32::from(r[32 + 58] >> 4) << 8),
+        800
+    );
+    // A 4x2 image, pixel i = i, shown and flushed.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        cmd::OK_NODATA
+    );
+    let gpa = vmm.alloc(4096);
+    let pixels: Vec<u8> = (0..8u32).flat_map(|i| i.to_le_bytes()).collect();
+    vmm.ram.write(gpa, &pixels);
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    a.extend(entries(&[(gpa, 4096)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, 4, 2]);
+    t.extend_from_slice(&0u64.to_le_bytes());
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(vmm.ctrl_type(&t), cmd::OK_NODATA);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[1, 0, 2, 2, 1, 0])),
+        cmd::OK_NODATA
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let msgs = loop {
+        let m = peer.msgs.lock().unwrap().clone();
+        if m.iter().any(|m| m.request == 8) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let scanout = msgs.iter().find(|m| m.request == 7).expect("SCANOUT sent");
+    assert_eq!(&scanout.body[..12], &[0, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0, 0]);
+    let update = msgs.iter().find(|m| m.request == 8).expect("UPDATE sent");
+    // scanout 0, x 1, y 0, 2x2, then the pixels of that rectangle.
+    let head: Vec<u32> = (0..5).map(|i| u32_at(&update.body, i * 4)).collect();
+    assert_eq!(head, vec![0, 1, 0, 2, 2]);
+    let px: Vec<u32> = (0..4).map(|i| u32_at(&update.body, 20 + i * 4)).collect();
+    assert_eq!(px, vec![1, 2, 5, 6]);
+}

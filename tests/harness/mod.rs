@@ -212,6 +212,8 @@ pub struct Desc {
 /// The VMM + guest driver.
 pub struct Vmm {
     pub frontend: Frontend,
+    /// The same connection, for messages the frontend API lacks.
+    raw: std::os::unix::net::UnixStream,
     pub ram: GuestRam,
     queues: Vec<Queue>,
     pub features: u64,
@@ -222,7 +224,9 @@ impl Vmm {
     /// Connects and sets the device up like QEMU does, acking `features`
     /// (VIRTIO_GPU_F_* bits) of what the device offers.
     pub fn connect(socket: &Path, features: u64) -> Vmm {
-        let mut frontend = Frontend::connect(socket, 2).unwrap();
+        let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        let raw = stream.try_clone().unwrap();
+        let mut frontend = Frontend::from_stream(stream, 2);
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
         assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
@@ -281,6 +285,7 @@ impl Vmm {
         }
         Vmm {
             frontend,
+            raw,
             ram,
             queues,
             features: acked,
@@ -518,5 +523,99 @@ impl Vmm {
     fn last_submit_type(&self) -> u32 {
         let slot = u64::from(self.queues[0].avail_idx.wrapping_sub(1) % 16);
         self.ram.u32(RESP_GPA + slot * 0x100 + 0x1000)
+    }
+}
+
+/// What the frontend's end of QEMU's GPU socket received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuMsg {
+    pub request: u32,
+    pub body: Vec<u8>,
+}
+
+/// The frontend's end of the GPU socket: answers display queries with a
+/// 800x600 mode and records everything else.
+pub struct GpuSocketPeer {
+    pub msgs: std::sync::Arc<std::sync::Mutex<Vec<GpuMsg>>>,
+}
+
+impl Vmm {
+    /// Sends VHOST_USER_GPU_SET_SOCKET (33) with one end of a socketpair,
+    /// as QEMU does; the vhost frontend API has no call for it.
+    pub fn set_gpu_socket(&mut self) -> GpuSocketPeer {
+        use std::io::{Read, Write};
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let hdr: Vec<u8> = [33u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        send_with_fd(&self.raw, &hdr, theirs.as_raw_fd());
+        drop(theirs);
+        let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = msgs.clone();
+        std::thread::spawn(move || {
+            let mut sock = ours;
+            loop {
+                let mut h = [0u8; 12];
+                if sock.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let request = u32::from_le_bytes(h[0..4].try_into().unwrap());
+                let size = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+                let mut body = vec![0u8; size];
+                if sock.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let reply: Option<Vec<u8>> = match request {
+                    3 => {
+                        // virtio_gpu_resp_display_info: header, 16 modes.
+                        let mut b = vec![0u8; 24 + 16 * 24];
+                        for (i, v) in [0u32, 0, 800, 600, 1, 0].iter().enumerate() {
+                            b[24 + i * 4..28 + i * 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                        Some(b)
+                    }
+                    // No EDID from this frontend: size 0.
+                    11 => Some(vec![0u8; 24 + 8 + 1024]),
+                    _ => None,
+                };
+                if let Some(b) = reply {
+                    let mut out: Vec<u8> = [request, 0x4, b.len() as u32]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect();
+                    out.extend(b);
+                    sock.write_all(&out).unwrap();
+                } else {
+                    log.lock().unwrap().push(GpuMsg { request, body });
+                }
+            }
+        });
+        GpuSocketPeer { msgs }
+    }
+}
+
+fn send_with_fd(sock: &std::os::unix::net::UnixStream, bytes: &[u8], fd: i32) {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; every pointer in it refers to live
+    // buffers above, and the cmsg header is written inside `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        assert_eq!(
+            libc::sendmsg(sock.as_raw_fd(), &msg, 0),
+            bytes.len() as isize
+        );
     }
 }
