@@ -13,9 +13,10 @@ cd "$root"
 echo "== setup"
 tests/qemu/setup.sh
 
-echo "== cargo fmt / clippy"
+echo "== cargo fmt / clippy / doc"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 echo "== cargo test"
 cargo test --workspace --locked

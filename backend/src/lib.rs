@@ -3,7 +3,7 @@
 //! Every guest context gets its own GPU virtual address space. This crate
 //! holds the pieces that make that work and do not depend on virtio:
 //!
-//! - [`device`]: the [`Device`](device::Device) trait, the contract a GPU
+//! - [`device`]: the [`Device`] trait, the contract a GPU
 //!   driver fulfils (page-table updates, compute queues, recoverable faults).
 //! - [`gpuvm`]: the per-context range manager (drm_gpuvm split/merge
 //!   semantics, prepare/commit) and range attributes.
