@@ -38,6 +38,14 @@ const BLOB_MEM_GUEST: u32 = 1;
 /// Largest 2D image the host copies (bytes).
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
+/// Bytes of a `width` x `height` image at 4 bytes per pixel (saturating:
+/// guest values).
+fn image_bytes(width: u32, height: u32) -> u64 {
+    u64::from(width)
+        .saturating_mul(u64::from(height))
+        .saturating_mul(4)
+}
+
 /// Per-guest limits of the virtio-gpu layer.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuLimits {
@@ -303,7 +311,7 @@ impl GpuDevice {
             r.u32().ok_or(bad)?,
             r.u32().ok_or(bad)?,
         );
-        let size = u64::from(width) * u64::from(height) * 4;
+        let size = image_bytes(width, height);
         if width == 0 || height == 0 || size > MAX_IMAGE_BYTES {
             return Err(bad);
         }
@@ -408,7 +416,7 @@ impl GpuDevice {
         let height = r.u32().ok_or(bad)?;
         if let Some(res) = self.resources.get_mut(&id) {
             if res.kind == ResourceKind::BlobGuest {
-                let needed = u64::from(width) * u64::from(height) * 4;
+                let needed = image_bytes(width, height);
                 if needed > res.size || needed > MAX_IMAGE_BYTES {
                     return Err(bad);
                 }

@@ -752,3 +752,66 @@ fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
     assert_eq!((reply.seqno, reply.status), (77, Status::InvalidArgument));
     assert_eq!(g.call(&mut c, &Request::SessionDestroy).status, Status::Ok);
 }
+
+mod hostile {
+    //! Arbitrary bytes from the guest: never a panic, and the device keeps
+    //! serving.
+    use super::*;
+    use crate::gpu::device::{GpuDevice, GpuLimits};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn arbitrary_submit_streams(streams in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..512), 1..8)) {
+            let mut g = Guest::new(NativeConfig::default());
+            let mut c = g.open(1, compat(), Profile::Compat);
+            for s in &streams {
+                let _ = g.nc.submit(c.ctx, s, None);
+            }
+            // Streams that are valid requests with garbage fields too.
+            for s in &streams {
+                let mut framed = Vec::new();
+                for chunk in s.chunks(48) {
+                    let cmd = [0x1u32, 0x2, 0x3, 0x10, 0x11, 0x20, 0x21, 0x22, 0x30, 0x40][chunk.len() % 10];
+                    let len = (16 + chunk.len()).next_multiple_of(8) as u32;
+                    for v in [cmd, len, 7, 256] {
+                        framed.extend_from_slice(&v.to_le_bytes());
+                    }
+                    framed.extend_from_slice(chunk);
+                    framed.resize(framed.len().next_multiple_of(8), 0);
+                }
+                let _ = g.nc.submit(c.ctx, &framed, None);
+            }
+            g.nc.tick();
+            let r = g.call(&mut c, &Request::DeviceQuery);
+            prop_assert!(r.status == Status::Ok || r.status == Status::NoSession);
+        }
+
+        #[test]
+        fn arbitrary_control_commands(cmds in prop::collection::vec((0usize..30, prop::collection::vec(any::<u8>(), 0..200)), 1..16)) {
+            const TYPES: [u32; 30] = [
+                0x100, 0x101, 0x102, 0x103, 0x104, 0x105, 0x106, 0x107, 0x108, 0x109, 0x10a, 0x10b,
+                0x10c, 0x10d, 0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, 0x208, 0x209,
+                0x300, 0x301, 0x0, 0xffff_ffff, 0x1100, 0x1205,
+            ];
+            let g = Guest::new(NativeConfig::default());
+            let mut dev = GpuDevice::new(Box::new(g.nc), GpuLimits::default());
+            dev.set_memory(g.mem.clone());
+            dev.set_features(0x1f);
+            for (t, body) in &cmds {
+                let mut req = Vec::new();
+                req.extend_from_slice(&TYPES[*t].to_le_bytes());
+                req.extend_from_slice(body);
+                let resp = dev.process(&req);
+                let ty = u32::from_le_bytes(resp.bytes[..4].try_into().unwrap());
+                prop_assert!((0x1100..=0x1106).contains(&ty) || (0x1200..=0x1205).contains(&ty), "type {ty:#x}");
+                let _ = dev.process_cursor(&req);
+            }
+            let info = dev.process(&[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            prop_assert_eq!(u32::from_le_bytes(info.bytes[..4].try_into().unwrap()), 0x1101);
+            dev.teardown();
+        }
+    }
+}
