@@ -531,3 +531,62 @@ fn queue_destroy_and_shutdown_end_stalled_work_once() {
     assert!(r.vm.reply_fault(q2_fault.id, FaultReply::Replay).is_err());
     let _ = FaultId(0);
 }
+
+#[test]
+fn unmaps_racing_faults_and_replays_still_finish_with_exact_data() {
+    let r = rig(64);
+    let q = r.queue();
+    let (va, gpa, pages) = (0xB000_0000u64, 0x100_0000u64, 256u64);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unmapper = {
+        let (vm, stop) = (r.vm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                vm.unmap(GpuVa(va + (x % pages) * P), P).unwrap();
+                n += 1;
+                std::thread::yield_now();
+            }
+            n
+        })
+    };
+    let resolver = {
+        let (events, vm, stop) = (r.events.clone(), r.vm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for f in std::mem::take(&mut *events.faults.lock()) {
+                    let page = GuestPhysAddr(gpa + (f.va.raw() - va));
+                    // The page may have been mapped by an earlier answer.
+                    match vm.map(f.va, &[page], Perms::RW) {
+                        Ok(()) | Err(DeviceError::AlreadyMapped(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                    vm.reply_fault(f.id, FaultReply::Replay).unwrap();
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            n
+        })
+    };
+    let k = Kernel::Fill {
+        dst: GpuVa(va),
+        count: pages * 1024,
+        value: 0xCAFE,
+    };
+    r.vm.dispatch(q, r.dispatch(k, 1)).unwrap();
+    let status = r.events.wait_done(1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (unmaps, faults) = (unmapper.join().unwrap(), resolver.join().unwrap());
+    assert_eq!(status, DispatchStatus::Ok);
+    assert!(
+        faults >= pages as usize,
+        "{faults} faults for {pages} pages ({unmaps} unmaps)"
+    );
+    assert!((0..pages * 1024).all(|i| r.u32(gpa + i * 4) == 0xCAFE));
+}
