@@ -548,6 +548,9 @@ impl Vmm {
         let hdr: Vec<u8> = [33u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
         send_with_fd(&self.raw, &hdr, theirs.as_raw_fd());
         drop(theirs);
+        // No reply without REPLY_ACK: a request that has one orders us
+        // after the backend handled the socket.
+        self.frontend.get_features().unwrap();
         let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = msgs.clone();
         std::thread::spawn(move || {
