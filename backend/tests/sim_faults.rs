@@ -57,7 +57,11 @@ impl Recorder {
             if let Some(s) = done.get(&tag) {
                 return *s;
             }
-            assert!(Instant::now() < deadline, "dispatch {tag} never ended");
+            assert!(
+                Instant::now() < deadline,
+                "dispatch {tag} never ended; undelivered faults {:?}",
+                self.faults.lock()
+            );
             self.wake.wait_for(&mut done, Duration::from_millis(10));
         }
     }

@@ -64,6 +64,14 @@ impl DispatchRun {
         self.state.lock().error.is_some()
     }
 
+    /// Records the dispatch's first error.
+    fn set_error(&self, status: DispatchStatus, va: GpuVa) {
+        let mut st = self.state.lock();
+        if st.error.is_none() {
+            st.error = Some((status, va));
+        }
+    }
+
     /// Claims the next range of work items for a wave.
     fn claim(state: &mut RunState, total: u64, per_wave: u64) -> Option<(u64, u64)> {
         if state.error.is_some() || state.next >= total {
@@ -308,6 +316,14 @@ impl DeviceVm for SimVm {
                 .remove(&fault)
                 .ok_or(DeviceError::UnknownFault(fault))?;
             let pending = f.by_page.remove(&page).map(|p| (page, p));
+            if let (Some((page, p)), FaultReply::Cancel(status)) = (&pending, reply) {
+                // Fail the dispatches before other waves can look: a wave of
+                // theirs stalling after this must end, not raise a new fault
+                // nobody will answer.
+                for w in &p.waiters {
+                    w.run.set_error(status, GpuVa(*page));
+                }
+            }
             (pending, std::mem::take(&mut f.overflow))
         };
         if let Some((page, p)) = pending {
@@ -452,6 +468,13 @@ fn stall(wave: Wave, page: GpuVa, access: AccessFlags) {
     let vm = wave.vm.clone();
     spawn_sibling(&wave);
     let mut f = vm.faults.lock();
+    // Checked again under the fault lock, which a cancel holds while it
+    // fails dispatches.
+    if wave.run.failed() {
+        drop(f);
+        end_wave(wave);
+        return;
+    }
     // The page may have been mapped since the wave looked: run again.
     if vm.pt.read().walk(page).allows(access) {
         drop(f);
@@ -520,12 +543,7 @@ fn spawn_sibling(wave: &Wave) {
 
 /// Fails the wave's dispatch (first error wins) and ends the wave.
 fn fail_wave(wave: Wave, status: DispatchStatus, va: GpuVa) {
-    {
-        let mut st = wave.run.state.lock();
-        if st.error.is_none() {
-            st.error = Some((status, va));
-        }
-    }
+    wave.run.set_error(status, va);
     end_wave(wave);
 }
 
@@ -623,10 +641,9 @@ fn destroy_queue(vm: &Arc<VmShared>, queue: QueueId) -> Result<(), DeviceError> 
         return Ok(());
     };
     {
-        let mut st = run.state.lock();
-        if st.error.is_none() {
-            st.error = Some((DispatchStatus::Cancelled, GpuVa(0)));
-        }
+        // Under the fault lock, like a cancel (see `stall`).
+        let _faults = vm.faults.lock();
+        run.set_error(DispatchStatus::Cancelled, GpuVa(0));
     }
     let stalled = take_stalled_waves(vm, queue);
     stalled.into_iter().for_each(end_wave);
