@@ -135,6 +135,10 @@ pub enum ComputeError {
 pub trait FenceCompleter: Send + Sync {
     /// The held fence is done.
     fn complete(&self, fence: FenceRef);
+
+    /// The compute layer has new device events: run
+    /// [`ComputeContexts::tick`] soon rather than at the next timer tick.
+    fn wake(&self);
 }
 
 /// The compute contexts of one connected guest. A new instance is made for

@@ -107,6 +107,10 @@ impl FenceCompleter for FenceInbox {
         self.done.lock().push(fence);
         let _ = self.event.write(1);
     }
+
+    fn wake(&self) {
+        let _ = self.event.write(1);
+    }
 }
 
 #[cfg(test)]

@@ -330,7 +330,9 @@ impl VhostUserBackend for GpuVhostBackend {
                 let _ = self.timer.lock().wait();
                 self.inner.lock().device.tick();
             }
-            FENCE_EVENT => {}
+            // Held fences completed, or a context has device events (new
+            // faults): forward them now instead of at the next tick.
+            FENCE_EVENT => self.inner.lock().device.tick(),
             other => log::warn!("unexpected device event {other}"),
         }
         self.complete_fences(control)

@@ -102,6 +102,8 @@ pub struct NativeContexts {
     memory: Option<GuestMemory>,
     quota: Arc<BoundBytesQuota>,
     completer: Arc<dyn FenceCompleter>,
+    /// Calls the completer's `wake` from device threads.
+    waker: gpu_backend::context::Waker,
     contexts: BTreeMap<CtxId, Context>,
 }
 
@@ -138,7 +140,9 @@ impl NativeContexts {
             max_queue_depth: config.max_queue_depth,
             max_queues: config.max_queues,
         };
+        let wake = completer.clone();
         NativeContexts {
+            waker: Arc::new(move || wake.wake()),
             quota: Arc::new(BoundBytesQuota::new(config.max_bound_bytes)),
             device,
             config,
@@ -261,6 +265,7 @@ impl NativeContexts {
                     quota: &self.quota,
                     resources: &c.resources,
                     native_capable: c.init.capset_id == Some(VGNC_CAPSET_ID),
+                    waker: self.waker.clone(),
                 };
                 check_init_reply(&init, header.reply_slot(init.reply.size))
                     .and_then(|()| Session::start(&init, &env))

@@ -61,6 +61,8 @@ pub struct SessionEnv<'a> {
     pub resources: &'a Resources,
     /// Whether the context was created for our capset (CONTEXT_INIT).
     pub native_capable: bool,
+    /// Wakes the thread that drives the sessions when the device has events.
+    pub waker: gpu_backend::context::Waker,
 }
 
 /// One live session.
@@ -114,7 +116,7 @@ impl Session {
             max_queue_depth: limits.max_queue_depth,
             max_queues: limits.max_queues,
             bound_quota: env.quota.clone(),
-            waker: None,
+            waker: Some(env.waker.clone()),
         };
         let mut ctx =
             ComputeContext::new(env.device, env.memory.clone(), config).map_err(|e| e.status())?;

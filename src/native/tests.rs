@@ -41,6 +41,8 @@ impl FenceCompleter for Fences {
     fn complete(&self, fence: FenceRef) {
         self.0.lock().push(fence);
     }
+
+    fn wake(&self) {}
 }
 
 /// A guest: RAM, a page allocator, and its resources.

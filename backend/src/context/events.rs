@@ -41,10 +41,6 @@ impl EventInbox {
         std::mem::take(&mut *self.faults.lock())
     }
 
-    pub(crate) fn has_faults(&self) -> bool {
-        !self.faults.lock().is_empty()
-    }
-
     pub(crate) fn take_notify(&self) -> bool {
         self.notify.swap(false, Ordering::AcqRel)
     }

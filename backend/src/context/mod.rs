@@ -562,16 +562,6 @@ impl ComputeContext {
         self.events.take_notify()
     }
 
-    /// Whether faults are waiting for room in the guest's ring.
-    pub fn has_deferred_faults(&self) -> bool {
-        self.faults.deferred() > 0
-    }
-
-    /// Whether the device has reported faults not yet pumped.
-    pub fn has_new_events(&self) -> bool {
-        self.events.has_faults()
-    }
-
     /// The counters.
     pub fn stats(&self) -> ContextStats {
         ContextStats {
