@@ -47,6 +47,10 @@ pub use events::Waker;
 pub use faults::{FaultCounters, FaultRing, FaultTracker, GuestAnswer};
 pub use quota::BoundBytesQuota;
 
+/// Most stored attribute ranges per context: bounds the memory a guest can
+/// make the daemon spend on `RANGE_ATTR` alone.
+pub const MAX_ATTR_RANGES: usize = 65_536;
+
 /// Pages handed to the device per `map` call: bounds the temporary page
 /// list whatever the size of the range.
 const MAP_CHUNK_PAGES: usize = 512;
@@ -115,6 +119,9 @@ pub enum ContextError {
         /// The allowance.
         limit: u64,
     },
+    /// The context has its maximum number of attribute ranges.
+    #[error("attribute range limit of {0} reached")]
+    AttrQuota(usize),
     /// The context already has its maximum number of queues.
     #[error("queue limit of {0} reached")]
     QueueQuota(u32),
@@ -151,7 +158,9 @@ impl ContextError {
         match self {
             ContextError::GpuVm(e) => gpuvm_status(e),
             ContextError::Device(e) => device_status(e),
-            ContextError::BoundBytesQuota { .. } | ContextError::QueueQuota(_) => Status::Quota,
+            ContextError::BoundBytesQuota { .. }
+            | ContextError::QueueQuota(_)
+            | ContextError::AttrQuota(_) => Status::Quota,
             ContextError::UnknownQueue(_) => Status::UnknownQueue,
             ContextError::QueueFull(_) => Status::QueueFull,
             ContextError::UnknownResource(_) => Status::UnknownResource,
@@ -439,6 +448,11 @@ impl ComputeContext {
         prefetch: bool,
     ) -> Result<(), ContextError> {
         self.check_live()?;
+        // One request adds at most two stored ranges (the split ends) and
+        // one for the range itself.
+        if self.vm.attr_range_count().saturating_add(3) > MAX_ATTR_RANGES {
+            return Err(ContextError::AttrQuota(MAX_ATTR_RANGES));
+        }
         self.vm.set_attrs(va, size, update)?;
         if prefetch {
             self.queue_prefetch(va, size);
