@@ -224,7 +224,18 @@ impl Vmm {
     /// Connects and sets the device up like QEMU does, acking `features`
     /// (VIRTIO_GPU_F_* bits) of what the device offers.
     pub fn connect(socket: &Path, features: u64) -> Vmm {
-        let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        // The socket file appears at bind(), a moment before listen().
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("connecting to the daemon: {e}"),
+            }
+        };
         let raw = stream.try_clone().unwrap();
         let mut frontend = Frontend::from_stream(stream, 2);
         frontend.set_owner().unwrap();
