@@ -35,6 +35,7 @@ cleanup() {
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { echo "daemon did not start"; cat "$out/daemon.log"; exit 1; }
+sleep 0.2 # the socket file appears at bind(), just before listen()
 
 passed=0
 failed=0
