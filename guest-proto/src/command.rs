@@ -22,91 +22,10 @@ use crate::error::{DecodeError, EncodeError};
 use crate::fault::{FaultReply, FaultRingLayout, MAX_FAULT_RING_CAPACITY};
 use crate::header::{NO_REPLY, REQUEST_HEADER_SIZE, RequestHeader};
 use crate::kernel::{Kernel, args_len_of};
+use crate::opcode::Command;
 use crate::signal::SIGNAL_SLOT_SIZE;
 use crate::types::{QueueId, ResourceId, SignalIndex};
 use crate::wire::{put_u16, put_u32, put_u64, reserved_at, u16_at, u32_at, u64_at};
-
-/// Command ids (section 5).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-#[repr(u32)]
-pub enum Command {
-    /// Opens the session: reply buffer, fault ring, signal area, profile.
-    SessionInit = 0x0001,
-    /// Ends the session.
-    SessionDestroy = 0x0002,
-    /// Reads the session's counters.
-    DeviceQuery = 0x0003,
-    /// Maps and unmaps ranges of the session's GPU VM.
-    VmBind = 0x0010,
-    /// Sets range attributes.
-    RangeAttr = 0x0011,
-    /// Creates a compute queue.
-    QueueCreate = 0x0020,
-    /// Destroys a compute queue.
-    QueueDestroy = 0x0021,
-    /// Queues a kernel launch.
-    Dispatch = 0x0022,
-    /// Ends pending faults.
-    FaultReply = 0x0030,
-    /// Native profile: a fence held until an event is pending.
-    EventArm = 0x0040,
-}
-
-impl Command {
-    /// Parses a `cmd` field.
-    pub const fn from_u32(cmd: u32) -> Option<Command> {
-        Some(match cmd {
-            0x0001 => Command::SessionInit,
-            0x0002 => Command::SessionDestroy,
-            0x0003 => Command::DeviceQuery,
-            0x0010 => Command::VmBind,
-            0x0011 => Command::RangeAttr,
-            0x0020 => Command::QueueCreate,
-            0x0021 => Command::QueueDestroy,
-            0x0022 => Command::Dispatch,
-            0x0030 => Command::FaultReply,
-            0x0040 => Command::EventArm,
-            _ => return None,
-        })
-    }
-
-    /// The `cmd` field.
-    pub const fn as_u32(self) -> u32 {
-        self as u32
-    }
-
-    /// Length of this command's reply, header included. `EVENT_ARM` has no
-    /// reply; 16 is the length of the error reply to an `EVENT_ARM` that
-    /// wrongly asked for one.
-    pub const fn reply_len(self) -> u32 {
-        match self {
-            Command::SessionInit => 32,
-            Command::DeviceQuery => 80,
-            Command::VmBind => 32,
-            Command::QueueCreate => 24,
-            Command::FaultReply => 24,
-            Command::SessionDestroy
-            | Command::RangeAttr
-            | Command::QueueDestroy
-            | Command::Dispatch
-            | Command::EventArm => 16,
-        }
-    }
-
-    /// Whether a request of this command may ask for a reply.
-    pub const fn has_reply(self) -> bool {
-        !matches!(self, Command::EventArm)
-    }
-}
-
-/// Length of the reply to a request with this `cmd`: the command's reply
-/// length, or 16 (header only) for an undefined command.
-pub const fn reply_len(cmd: u32) -> u32 {
-    match Command::from_u32(cmd) {
-        Some(c) => c.reply_len(),
-        None => 16,
-    }
-}
 
 /// Request length of `SESSION_INIT`.
 pub const SESSION_INIT_LEN: usize = 104;

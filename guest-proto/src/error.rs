@@ -10,8 +10,7 @@
 //! request stream whose framing is lost cannot be read any further
 //! (section 3.3), while any other error skips one request only.
 
-use crate::header::Status;
-use crate::kernel::KernelArgError;
+use crate::status::Status;
 
 /// Why the request stream of a `SUBMIT_3D` cannot be split any further.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
@@ -215,4 +214,22 @@ pub enum EncodeError {
         /// Bytes left.
         left: u32,
     },
+}
+
+/// Why a kernel's arguments were refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum KernelArgError {
+    /// An address is not aligned to the element size.
+    #[error("argument {0} is misaligned")]
+    Misaligned(&'static str),
+    /// A count is zero where work is required, or above
+    /// [`crate::kernel::MAX_DISPATCH_ELEMENTS`].
+    #[error("argument {0} is out of range")]
+    BadCount(&'static str),
+    /// An array would run past the end of the 64-bit address space.
+    #[error("array {0} wraps around the address space")]
+    Overflow(&'static str),
+    /// Two arrays that must be disjoint share bytes.
+    #[error("array {0} overlaps another argument array")]
+    Overlap(&'static str),
 }

@@ -9,7 +9,7 @@
 //! chase). `docs/protocol.md` section 10 gives their argument blocks,
 //! which [`Kernel::decode_args`] and [`Kernel::write_args`] read and write.
 
-use crate::error::DecodeError;
+use crate::error::{DecodeError, KernelArgError};
 use crate::types::GpuVa;
 use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
 
@@ -144,24 +144,6 @@ pub enum Kernel {
         /// Where `{ sum: u64, steps: u64 }` goes; 8-byte aligned.
         result: GpuVa,
     },
-}
-
-/// Why a kernel's arguments were refused.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
-pub enum KernelArgError {
-    /// An address is not aligned to the element size.
-    #[error("argument {0} is misaligned")]
-    Misaligned(&'static str),
-    /// A count is zero where work is required, or above
-    /// [`MAX_DISPATCH_ELEMENTS`].
-    #[error("argument {0} is out of range")]
-    BadCount(&'static str),
-    /// An array would run past the end of the 64-bit address space.
-    #[error("array {0} wraps around the address space")]
-    Overflow(&'static str),
-    /// Two arrays that must be disjoint share bytes.
-    #[error("array {0} overlaps another argument array")]
-    Overlap(&'static str),
 }
 
 impl Kernel {

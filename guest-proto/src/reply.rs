@@ -10,9 +10,10 @@
 //! guest polls it. [`EncodedReply`] hands the bytes out in that order: the
 //! part after `seqno` first, then the `seqno` value to store.
 
-use crate::command::{Command, reply_len};
 use crate::error::DecodeError;
-use crate::header::{REPLY_HEADER_SIZE, ReplyHeader, Status};
+use crate::header::{REPLY_HEADER_SIZE, ReplyHeader};
+use crate::opcode::{Command, reply_len};
+use crate::status::Status;
 use crate::types::{GpuVa, QueueId};
 use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
 

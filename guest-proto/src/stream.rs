@@ -21,7 +21,8 @@ use core::iter::FusedIterator;
 
 use crate::command::{DecodeLimits, Request};
 use crate::error::{DecodeError, FramingError};
-use crate::header::{RequestHeader, Status};
+use crate::header::RequestHeader;
+use crate::status::Status;
 
 /// Iterator over the requests of a `SUBMIT_3D` payload.
 #[derive(Clone, Debug)]

@@ -12,9 +12,10 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 use crate::capset::DEFAULT_MAX_REQUEST_BYTES;
-use crate::command::{Command, DecodeLimits, Request};
+use crate::command::{DecodeLimits, Request};
 use crate::error::{DecodeError, EncodeError};
 use crate::header::{NO_REPLY, REQUEST_ALIGN};
+use crate::opcode::Command;
 
 /// What the guest needs to find the answer to a request it queued.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]

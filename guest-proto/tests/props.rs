@@ -521,7 +521,7 @@ proptest! {
         let mut reply = reply;
         let status = u32::from(reply[4]) % 17;
         reply[4..8].copy_from_slice(&status.to_le_bytes());
-        reply[8..12].copy_from_slice(&command::reply_len(reply_cmd).to_le_bytes());
+        reply[8..12].copy_from_slice(&guest_proto::opcode::reply_len(reply_cmd).to_le_bytes());
         reply[12..16].copy_from_slice(&reply_cmd.to_le_bytes());
         if let Ok(r) = Reply::decode(&reply) {
             prop_assert_eq!(r.payload.cmd(), reply_cmd);

@@ -283,7 +283,7 @@ fn error_replies_have_the_commands_length_and_a_zero_payload() {
         let reply = Reply::error(7, cmd, Status::Malformed);
         let enc = reply.encode();
         assert_eq!(enc.len(), len, "cmd {cmd:#x}");
-        assert_eq!(command::reply_len(cmd), len as u32);
+        assert_eq!(guest_proto::opcode::reply_len(cmd), len as u32);
         let header = reply.header();
         assert_eq!((header.cmd, header.len), (cmd, len as u32));
         assert!(enc.as_bytes()[16..].iter().all(|&b| b == 0));

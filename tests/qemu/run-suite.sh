@@ -16,7 +16,7 @@ if [ -z "$daemon" ]; then
     daemon="$root/target/release/vhost-gpu-nc"
 fi
 if [ -z "$guest" ]; then
-    cargo build --release --locked -p guest-proto --features guest --bin nc-guest \
+    cargo build --release --locked -p nc-guest \
         --target x86_64-unknown-linux-musl
     guest="$root/target/x86_64-unknown-linux-musl/release/nc-guest"
 fi

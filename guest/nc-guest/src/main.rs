@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use guest_proto::attr::RangeAttrs;
 use guest_proto::capset::Features;
-use guest_proto::guest::memory::HostBuffer;
-use guest_proto::guest::session::{Device, OwnedRange, ResolvePolicy, Session, dispatch_ok};
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
+use guest_runtime::memory::HostBuffer;
+use guest_runtime::session::{Device, OwnedRange, ResolvePolicy, Session, dispatch_ok};
 
 type Outcome = Result<String, String>;
 
@@ -131,7 +131,7 @@ fn discovery() -> Outcome {
     ))
 }
 
-fn read_u32s(buf: &guest_proto::guest::session::SharedBuffer, n: usize) -> Vec<u32> {
+fn read_u32s(buf: &guest_runtime::session::SharedBuffer, n: usize) -> Vec<u32> {
     buf.map
         .as_slice()
         .chunks_exact(4)
@@ -140,7 +140,7 @@ fn read_u32s(buf: &guest_proto::guest::session::SharedBuffer, n: usize) -> Vec<u
         .collect()
 }
 
-fn write_u32s(buf: &mut guest_proto::guest::session::SharedBuffer, f: impl Fn(usize) -> u32) {
+fn write_u32s(buf: &mut guest_runtime::session::SharedBuffer, f: impl Fn(usize) -> u32) {
     for (i, c) in buf.map.as_mut_slice().chunks_exact_mut(4).enumerate() {
         c.copy_from_slice(&f(i).to_le_bytes());
     }

@@ -6,21 +6,21 @@ use std::path::PathBuf;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use super::drm::{Bo, Drm, Mapping, param};
-use super::memory;
-use super::{GuestError, Result};
-use crate::attr::{RangeAttr, RangeAttrs};
-use crate::bind::{BindOp, PageList, VmBind};
-use crate::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, VGNC_CAPSET_ID};
-use crate::command::{Dispatch, Profile, QueueCreate, QueueDestroy, Region, SessionInit};
-use crate::fault::{
+use crate::drm::{Bo, Drm, Mapping, param};
+use crate::memory;
+use crate::{GuestError, Result};
+use guest_proto::attr::{RangeAttr, RangeAttrs};
+use guest_proto::bind::{BindOp, PageList, VmBind};
+use guest_proto::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, VGNC_CAPSET_ID};
+use guest_proto::command::{Dispatch, Profile, QueueCreate, QueueDestroy, Region, SessionInit};
+use guest_proto::fault::{
     FAULT_RING_HEAD_OFFSET, FAULT_RING_TAIL_OFFSET, FaultCause, FaultOutcome, FaultRecord,
     FaultReply, FaultReplyEntry, FaultRingLayout,
 };
-use crate::reply::{Reply, ReplyPayload};
-use crate::signal::SignalSlot;
-use crate::writer::RequestWriter;
-use crate::{
+use guest_proto::reply::{Reply, ReplyPayload};
+use guest_proto::signal::SignalSlot;
+use guest_proto::writer::RequestWriter;
+use guest_proto::{
     DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId, Request,
     ResourceId, SignalIndex, Status,
 };
@@ -287,7 +287,7 @@ impl Session {
     pub fn call_many(&mut self, requests: &[Request<'_>]) -> Result<Vec<Reply>> {
         let mut w = RequestWriter::new(0..REPLY_SIZE as u32)
             .with_first_seqno(self.seq)
-            .with_limits(crate::command::DecodeLimits::from_capset(
+            .with_limits(guest_proto::command::DecodeLimits::from_capset(
                 &self.device.capset,
             ));
         let mut tickets = Vec::with_capacity(requests.len());
@@ -585,7 +585,7 @@ impl Session {
     }
 
     /// `DEVICE_QUERY` counters.
-    pub fn query(&mut self) -> Result<crate::reply::DeviceQueryReply> {
+    pub fn query(&mut self) -> Result<guest_proto::reply::DeviceQueryReply> {
         match self.call(&Request::DeviceQuery)?.payload {
             ReplyPayload::DeviceQuery(q) => Ok(q),
             _ => Err(GuestError::Invalid("DEVICE_QUERY reply")),

@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::{GuestPhysAddr, PAGE_SIZE};
+use guest_proto::{GuestPhysAddr, PAGE_SIZE};
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14).
 const MADV_POPULATE_WRITE: i32 = 23;

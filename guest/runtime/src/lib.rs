@@ -16,8 +16,8 @@ pub mod session;
 
 use std::io;
 
-use crate::header::Status;
-use crate::{DecodeError, DispatchStatus, EncodeError, GpuVa};
+use guest_proto::Status;
+use guest_proto::{DecodeError, DispatchStatus, EncodeError, GpuVa};
 
 /// Why a guest operation failed.
 #[derive(Debug, thiserror::Error)]
