@@ -1,144 +1,103 @@
-//! vhost-gpu-nc: a vhost-user virtio-gpu device backend with native GPU
-//! compute contexts.
-//!
-//! The daemon listens on a unix socket; QEMU (`vhost-user-gpu-pci`) or
-//! crosvm connects and drives the device. When the frontend goes away the
-//! daemon forgets everything of that connection and waits for the next one.
+//! The `vhost-gpu-nc` command: parses the command line and starts the
+//! backend (see the library's `start_backend`).
 
-mod compute;
-mod config;
-mod gpu;
-mod native;
-
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use gpu_backend::sim::{SimConfig, SimGpu};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use guest_proto::capset::Capset;
+use vhost_gpu_nc::compute::ComputeConfig;
+use vhost_gpu_nc::virtio_gpu::device::GpuLimits;
+use vhost_gpu_nc::{DaemonConfig, DeviceModel};
 
-use config::Config;
-use gpu::{FENCE_EVENT, GpuVhostBackend, TIMER_EVENT};
+/// The device models on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DeviceArg {
+    /// The embedded simulated GPU.
+    Sim,
+}
 
-fn main() {
-    let config = Config::parse();
-    init_logging(&config);
-    if let Err(e) = signals::exit_on_termination(config.socket_path.clone()) {
-        log::error!("cannot install signal handling: {e}");
-        std::process::exit(1);
-    }
-    let device = match config.device {
-        config::DeviceModel::Sim => SimGpu::new(SimConfig {
-            compute_units: config
-                .compute_units
-                .unwrap_or(SimConfig::default().compute_units),
-            ..SimConfig::default()
-        }),
-    };
-    let factory = native::factory(device, config.native());
-    // One listening socket for the life of the process: a frontend that
-    // reconnects (QEMU restarted) always finds it.
-    let mut listener = match Listener::new(&config.socket_path, true) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("cannot listen on {}: {e}", config.socket_path.display());
-            std::process::exit(1);
+/// vhost-user virtio-gpu device with native GPU compute contexts.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Unix socket to listen on; the frontend (QEMU, crosvm) connects to it.
+    #[arg(long)]
+    socket_path: PathBuf,
+
+    /// The GPU behind the contexts. `sim`: the simulated GPU (page tables,
+    /// TLBs, retry faults), the only device model so far.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Sim)]
+    device: DeviceArg,
+
+    /// Compute units of the simulated GPU (worker threads); default: cores.
+    #[arg(long)]
+    compute_units: Option<usize>,
+
+    /// How long a guest has to answer a forwarded fault, in milliseconds.
+    #[arg(long, default_value_t = Capset::default().fault_timeout_ms)]
+    fault_timeout_ms: u32,
+
+    /// Compute contexts per guest.
+    #[arg(long, default_value_t = Capset::default().max_contexts)]
+    max_contexts: u32,
+
+    /// virtio-gpu resources per guest.
+    #[arg(long, default_value_t = GpuLimits::default().max_resources)]
+    max_resources: u32,
+
+    /// Bytes bound into GPU VMs per guest, over all its contexts.
+    #[arg(long, default_value_t = Capset::default().max_bound_bytes)]
+    max_bound_bytes: u64,
+
+    /// Faults pending per context.
+    #[arg(long, default_value_t = Capset::default().max_pending_faults)]
+    max_pending_faults: u32,
+
+    /// Dispatches queued per compute queue.
+    #[arg(long, default_value_t = Capset::default().max_queue_depth)]
+    max_queue_depth: u32,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+impl From<Cli> for DaemonConfig {
+    fn from(cli: Cli) -> DaemonConfig {
+        DaemonConfig {
+            socket_path: cli.socket_path,
+            device: match cli.device {
+                DeviceArg::Sim => DeviceModel::Sim {
+                    compute_units: cli.compute_units,
+                },
+            },
+            compute: ComputeConfig {
+                max_contexts: cli.max_contexts,
+                max_bound_bytes: cli.max_bound_bytes,
+                max_pending_faults: cli.max_pending_faults,
+                max_queue_depth: cli.max_queue_depth,
+                fault_timeout: Duration::from_millis(u64::from(cli.fault_timeout_ms)),
+                ..ComputeConfig::default()
+            },
+            gpu_limits: GpuLimits {
+                max_resources: cli.max_resources,
+                ..GpuLimits::default()
+            },
         }
-    };
-    log::info!("listening on {}", config.socket_path.display());
-    loop {
-        if let Err(e) = serve_one(&config, &factory, &mut listener) {
-            log::error!("connection ended with an error: {e}");
-        }
-        log::info!("frontend disconnected; waiting for the next connection");
     }
 }
 
-fn init_logging(config: &Config) {
-    let env = env_logger::Env::default().default_filter_or(config.log_level.as_str());
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = env_logger::Env::default().default_filter_or(cli.log_level.as_str());
     env_logger::Builder::from_env(env).init();
-}
-
-/// Serves one frontend connection with fresh device state.
-fn serve_one(
-    config: &Config,
-    factory: &compute::ComputeFactory,
-    listener: &mut Listener,
-) -> Result<(), String> {
-    let backend = Arc::new(
-        GpuVhostBackend::new(factory, config.gpu_limits()).map_err(|e| format!("device: {e}"))?,
-    );
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("vhost-gpu-nc".into(), backend.clone(), mem)
-        .map_err(|e| format!("vhost-user daemon: {e}"))?;
-    let handler = daemon
-        .get_epoll_handlers()
-        .into_iter()
-        .next()
-        .ok_or("no vring worker")?;
-    for (fd, event) in [
-        (backend.timer_fd(), TIMER_EVENT),
-        (backend.fence_fd(), FENCE_EVENT),
-    ] {
-        handler
-            .register_listener(fd, EventSet::IN, u64::from(event))
-            .map_err(|e| format!("registering event {event}: {e}"))?;
-    }
-    daemon
-        .start(listener)
-        .map_err(|e| format!("accepting: {e}"))?;
-    let result = daemon.wait();
-    // Stop this connection's vring worker threads, then forget its state.
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    backend.teardown();
-    match result {
-        Ok(()) => Ok(()),
-        Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-mod signals {
-    //! SIGINT/SIGTERM: remove the socket and exit 0.
-    //!
-    //! The signals are blocked in every thread and taken by one thread with
-    //! `sigwait`, so nothing runs in signal-handler context.
-
-    use std::io;
-    use std::path::PathBuf;
-
-    pub fn exit_on_termination(socket: PathBuf) -> io::Result<()> {
-        // SAFETY: `set` is a plain value initialised by sigemptyset before
-        // use; the calls only read and write it and the thread's mask.
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            set
-        };
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` is a valid signal set and `sig` a valid
-                // out-pointer for the duration of the call.
-                let rc = unsafe { libc::sigwait(&set, &mut sig) };
-                if rc == 0 {
-                    log::info!("signal {sig}: exiting");
-                    let _ = std::fs::remove_file(&socket);
-                    std::process::exit(0);
-                }
-            })?;
-        Ok(())
+    match vhost_gpu_nc::start_backend(cli.into()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }

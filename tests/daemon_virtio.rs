@@ -175,7 +175,7 @@ fn malformed_commands_get_errors_and_the_device_keeps_working() {
         vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5])),
         cmd::ERR_INVALID_PARAMETER
     );
-    // Backing outside guest RAM, and a huge entry count.
+    // GuestBacking outside guest RAM, and a huge entry count.
     assert_eq!(
         vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 16, 16])),
         cmd::OK_NODATA

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gpu_backend::gpuvm::{Backing, GpuVm, MapRequest, PageList, ResourceSizes, VaLayout};
+use gpu_backend::gpuvm::{GpuVm, MapRequest, MappingBacking, PageArray, ResourceSizes, VaLayout};
 use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 
 const BASE: u64 = 0x1_0000_0000;
@@ -65,14 +65,14 @@ fn stream() -> Vec<Request> {
         .collect()
 }
 
-fn backing(r: &Request, with_pages: bool) -> Backing {
+fn backing(r: &Request, with_pages: bool) -> MappingBacking {
     if with_pages {
         let pages = (0..r.pages)
             .map(|i| GuestPhysAddr((r.page + i) * PAGE_SIZE))
             .collect();
-        Backing::Pages(PageList::new(pages))
+        MappingBacking::Pages(PageArray::new(pages))
     } else {
-        Backing::Resource {
+        MappingBacking::Resource {
             id: ResourceId(1),
             offset: r.page * PAGE_SIZE,
         }

@@ -20,7 +20,7 @@ use gpu_backend::sim::page_table::{PageTable, Pte};
 use gpu_backend::sim::tlb::Tlb;
 use gpu_backend::sim::{SimConfig, SimGpu};
 use gpu_backend::{
-    Device, DeviceVm, Dispatch, FaultRecord, FaultReply, GuestMemory, VmConfig, VmEvents,
+    Device, DeviceFault, DeviceVm, FaultAction, GuestRam, KernelLaunch, VmConfig, VmEvents,
 };
 use guest_proto::{DispatchStatus, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId};
 use parking_lot::{Condvar, Mutex};
@@ -80,12 +80,12 @@ struct Events {
 }
 
 impl VmEvents for Events {
-    fn faults(&self, batch: &[FaultRecord]) {
+    fn faults(&self, batch: &[DeviceFault]) {
         let vm = self.vm.lock().clone().unwrap();
         for f in batch {
             let gpa = (self.gpa_of)(f.va.raw());
             let _ = vm.map(f.va, &[GuestPhysAddr(gpa)], Perms::RW);
-            vm.reply_fault(f.id, FaultReply::Replay).unwrap();
+            vm.reply_fault(f.id, FaultAction::Replay).unwrap();
         }
         self.faults
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -107,7 +107,7 @@ struct Rig {
 
 fn rig(cus: usize, gpa_of: fn(u64) -> u64) -> Rig {
     let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let mem: GuestMemory = GuestMemoryAtomic::new(mmap);
+    let mem: GuestRam = GuestMemoryAtomic::new(mmap);
     let gpu = SimGpu::new(SimConfig {
         compute_units: cus,
         ..SimConfig::default()
@@ -141,7 +141,7 @@ impl Rig {
         self.vm
             .dispatch(
                 self.q,
-                Dispatch {
+                KernelLaunch {
                     kernel,
                     completion: None,
                     tag: 1,

@@ -17,7 +17,7 @@
 //!   `Cancel` fails the dispatches that raised it. A fault ends exactly once.
 //! - The device never calls [`VmEvents`] while holding a lock that
 //!   [`DeviceVm`] methods take: the receiver may call back into the VM.
-//! - Guest memory is reached only through [`GuestMemory`]: a page outside
+//! - Guest memory is reached only through [`GuestRam`]: a page outside
 //!   guest RAM is an error, never a host access.
 
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use guest_proto::signal::DispatchStatus;
 use guest_proto::{AccessFlags, FaultId, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId};
 
 /// Guest RAM as the vhost-user frontend shared it.
-pub type GuestMemory = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
+pub type GuestRam = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
 
 /// Static properties of a device, reported to the guest in the capset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct DeviceInfo {
 #[derive(Clone, Debug)]
 pub struct VmConfig {
     /// The guest RAM this VM's pages live in.
-    pub memory: GuestMemory,
+    pub memory: GuestRam,
     /// Most faults that may be pending at once; further faulting work waits
     /// (and retries) until earlier faults end.
     pub max_pending_faults: u32,
@@ -78,7 +78,7 @@ pub struct Completion {
 
 /// One kernel launch.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Dispatch {
+pub struct KernelLaunch {
     /// The kernel and its (validated) arguments.
     pub kernel: Kernel,
     /// The signal to write on completion, if any.
@@ -89,7 +89,7 @@ pub struct Dispatch {
 
 /// A recoverable fault as the device reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FaultRecord {
+pub struct DeviceFault {
     /// Unique for the lifetime of the VM.
     pub id: FaultId,
     /// The queue whose work faulted first.
@@ -104,7 +104,7 @@ pub struct FaultRecord {
 
 /// How a pending fault ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultReply {
+pub enum FaultAction {
     /// The translation was fixed: retry the stalled work.
     Replay,
     /// Fail every dispatch stalled on the fault with this status.
@@ -158,7 +158,7 @@ pub enum DeviceError {
 pub trait VmEvents: Send + Sync {
     /// New faults, in the order they were raised. Each stays pending until
     /// [`DeviceVm::reply_fault`] ends it.
-    fn faults(&self, batch: &[FaultRecord]);
+    fn faults(&self, batch: &[DeviceFault]);
 
     /// A dispatch ended; its completion signal (if any) has been written.
     fn dispatch_done(&self, queue: QueueId, tag: u64, status: DispatchStatus);
@@ -195,10 +195,10 @@ pub trait DeviceVm: Send + Sync {
     fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError>;
 
     /// Queues a dispatch; dispatches on one queue run in order.
-    fn dispatch(&self, queue: QueueId, dispatch: Dispatch) -> Result<(), DeviceError>;
+    fn dispatch(&self, queue: QueueId, dispatch: KernelLaunch) -> Result<(), DeviceError>;
 
     /// Ends a pending fault.
-    fn reply_fault(&self, fault: FaultId, reply: FaultReply) -> Result<(), DeviceError>;
+    fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError>;
 
     /// Cancels all work and pending faults and releases the page tables.
     /// Returns when nothing of this VM runs any more. Idempotent.

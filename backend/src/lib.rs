@@ -18,6 +18,6 @@ pub mod gpuvm;
 pub mod sim;
 
 pub use device::{
-    Completion, Device, DeviceError, DeviceInfo, DeviceVm, Dispatch, FaultRecord, FaultReply,
-    GuestMemory, VmConfig, VmEvents,
+    Completion, Device, DeviceError, DeviceFault, DeviceInfo, DeviceVm, FaultAction, GuestRam,
+    KernelLaunch, VmConfig, VmEvents,
 };

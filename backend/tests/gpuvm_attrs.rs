@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use gpu_backend::gpuvm::{AttrUpdate, GpuVm, GpuVmError, RangeAttrs, VaLayout};
+use gpu_backend::gpuvm::{AttrUpdate, EffectiveAttrs, GpuVm, GpuVmError, VaLayout};
 use guest_proto::{FaultPolicy, GpuVa, PAGE_SIZE, Perms};
 use proptest::prelude::*;
 
@@ -37,13 +37,13 @@ fn granule(shift: u8) -> AttrUpdate {
     }
 }
 
-fn ranges(vm: &GpuVm, from: u64, to: u64) -> Vec<(Range<GpuVa>, RangeAttrs)> {
+fn ranges(vm: &GpuVm, from: u64, to: u64) -> Vec<(Range<GpuVa>, EffectiveAttrs)> {
     vm.attr_ranges_in(va(from), (to - from) * PAGE_SIZE)
         .collect()
 }
 
-fn with(update: AttrUpdate) -> RangeAttrs {
-    RangeAttrs::default().updated(&update)
+fn with(update: AttrUpdate) -> EffectiveAttrs {
+    EffectiveAttrs::default().updated(&update)
 }
 
 #[test]
@@ -69,13 +69,13 @@ fn setting_part_of_a_range_splits_it() {
             (va(0)..va(3), with(fatal())),
             (va(3)..va(5), both),
             (va(5)..va(10), with(fatal())),
-            (va(10)..va(12), RangeAttrs::default()),
+            (va(10)..va(12), EffectiveAttrs::default()),
         ]
     );
     assert_eq!(vm.attrs_at(va(4)), both);
     assert_eq!(vm.attrs_at(GpuVa(va(5).raw() - 1)), both);
     assert_eq!(vm.attrs_at(va(5)), with(fatal()));
-    assert_eq!(vm.attrs_at(va(10)), RangeAttrs::default());
+    assert_eq!(vm.attrs_at(va(10)), EffectiveAttrs::default());
     // Clipped to the asked range.
     assert_eq!(
         ranges(&vm, 4, 6),
@@ -115,7 +115,7 @@ fn back_to_the_defaults_stores_nothing() {
     assert_eq!(vm.attr_range_count(), 0);
     assert_eq!(
         ranges(&vm, 0, 10),
-        vec![(va(0)..va(10), RangeAttrs::default())]
+        vec![(va(0)..va(10), EffectiveAttrs::default())]
     );
 }
 
@@ -141,7 +141,7 @@ fn attributes_are_independent_of_mappings() {
     vm.prepare_unmap(va(0), 4 * PAGE_SIZE).unwrap().commit();
     assert_eq!(vm.attrs_at(va(1)), with(fatal()));
     vm.clear();
-    assert_eq!(vm.attrs_at(va(1)), RangeAttrs::default());
+    assert_eq!(vm.attrs_at(va(1)), EffectiveAttrs::default());
 }
 
 #[test]
@@ -256,7 +256,7 @@ proptest! {
         steps in proptest::collection::vec((0..WINDOW, 1..=WINDOW, update()), 1..40)
     ) {
         let mut vm = vm();
-        let mut oracle = vec![RangeAttrs::default(); WINDOW as usize];
+        let mut oracle = vec![EffectiveAttrs::default(); WINDOW as usize];
         for (page, len, update) in steps {
             let len = len.min(WINDOW - page);
             set(&mut vm, page, page + len, update);
@@ -276,7 +276,7 @@ proptest! {
             }
             // Nothing stored outside the window, and no stored range is
             // the default.
-            let stored = oracle.iter().filter(|a| **a != RangeAttrs::default()).count();
+            let stored = oracle.iter().filter(|a| **a != EffectiveAttrs::default()).count();
             prop_assert!(vm.attr_range_count() <= stored);
             prop_assert_eq!(ranges(&vm, WINDOW, WINDOW + 10).len(), 1);
         }

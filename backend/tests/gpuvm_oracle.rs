@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use gpu_backend::gpuvm::{
-    Backing, GpuVm, MapRequest, Mapping, Op, PageBacking, PageList, ResourceSizes, VaLayout,
+    GpuVm, MapRequest, Mapping, MappingBacking, Op, PageArray, PageBacking, ResourceSizes, VaLayout,
 };
 use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 use proptest::prelude::*;
@@ -91,11 +91,11 @@ fn page_va(page: u64) -> GpuVa {
 
 fn request(page: u64, len: u64, source: &Source, perms: Perms) -> MapRequest {
     let backing = match *source {
-        Source::Resource { id, first } => Backing::Resource {
+        Source::Resource { id, first } => MappingBacking::Resource {
             id: ResourceId(id),
             offset: first * PAGE_SIZE,
         },
-        Source::Pages { base, stride } => Backing::Pages(PageList::new(
+        Source::Pages { base, stride } => MappingBacking::Pages(PageArray::new(
             (0..len)
                 .map(|i| GuestPhysAddr((base + i * stride) * PAGE_SIZE))
                 .collect(),
@@ -144,7 +144,7 @@ fn check(vm: &GpuVm, oracle: &Oracle) {
     let all: Vec<&Mapping> = vm.iter().collect();
     for m in &all {
         assert!(m.size > 0 && m.size % PAGE_SIZE == 0 && m.va.is_page_aligned());
-        if let Backing::Pages(list) = &m.backing {
+        if let MappingBacking::Pages(list) = &m.backing {
             assert_eq!(list.len() as u64 * PAGE_SIZE, m.size);
         }
     }

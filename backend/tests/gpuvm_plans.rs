@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use gpu_backend::gpuvm::{
-    Backing, GpuVm, GpuVmError, MapRequest, Mapping, Op, PageBacking, PageList, ResourceSizes,
-    VaLayout,
+    GpuVm, GpuVmError, MapRequest, Mapping, MappingBacking, Op, PageArray, PageBacking,
+    ResourceSizes, VaLayout,
 };
 use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 
@@ -41,7 +41,7 @@ fn res(from: u64, to: u64, id: ResourceId, offset: u64) -> Mapping {
     Mapping {
         va: va(from),
         size: (to - from) * U,
-        backing: Backing::Resource { id, offset },
+        backing: MappingBacking::Resource { id, offset },
         perms: Perms::RW,
     }
 }
@@ -306,7 +306,7 @@ fn page_mapping(from_page: u64, gpas: Vec<GuestPhysAddr>) -> Mapping {
     Mapping {
         va: GpuVa(BASE + from_page * PAGE_SIZE),
         size: gpas.len() as u64 * PAGE_SIZE,
-        backing: Backing::Pages(PageList::new(gpas)),
+        backing: MappingBacking::Pages(PageArray::new(gpas)),
         perms: Perms::ALL,
     }
 }
@@ -347,7 +347,7 @@ fn a_page_list_is_split_into_windows() {
         })
     );
     let next_list = match &vm.lookup(GpuVa(BASE + 4 * PAGE_SIZE)).unwrap().backing {
-        Backing::Pages(list) => list.pages().to_vec(),
+        MappingBacking::Pages(list) => list.pages().to_vec(),
         other => panic!("{other:?}"),
     };
     assert_eq!(next_list, all[4..]);
@@ -510,7 +510,7 @@ fn reserved_mappings_are_not_bound_bytes_and_go_with_their_resource() {
     let session = Mapping {
         va: reserved_start(),
         size: U,
-        backing: Backing::Resource { id: A, offset: 0 },
+        backing: MappingBacking::Resource { id: A, offset: 0 },
         perms: Perms::RW,
     };
     vm.prepare_map_reserved(req(&session), &sizes())
@@ -557,7 +557,7 @@ fn lookup_and_mappings_in_find_overlaps() {
     assert_eq!(vm.mappings_in(va(5), u64::MAX).count(), 1);
 }
 
-fn page_req(va: u64, size: u64, backing: Backing) -> MapRequest {
+fn page_req(va: u64, size: u64, backing: MappingBacking) -> MapRequest {
     MapRequest {
         va: GpuVa(va),
         size,
@@ -566,8 +566,8 @@ fn page_req(va: u64, size: u64, backing: Backing) -> MapRequest {
     }
 }
 
-fn res_backing(id: ResourceId, offset: u64) -> Backing {
-    Backing::Resource { id, offset }
+fn res_backing(id: ResourceId, offset: u64) -> MappingBacking {
+    MappingBacking::Resource { id, offset }
 }
 
 #[test]
@@ -681,7 +681,11 @@ fn rejections_name_the_problem_and_change_nothing() {
         ),
         (
             "too few pages",
-            page_req(BASE, 3 * p, Backing::Pages(PageList::new(pages(1, 2)))),
+            page_req(
+                BASE,
+                3 * p,
+                MappingBacking::Pages(PageArray::new(pages(1, 2))),
+            ),
             GpuVmError::PageCount {
                 expected: 3,
                 actual: 2,
@@ -689,7 +693,7 @@ fn rejections_name_the_problem_and_change_nothing() {
         ),
         (
             "too many pages",
-            page_req(BASE, p, Backing::Pages(PageList::new(pages(1, 2)))),
+            page_req(BASE, p, MappingBacking::Pages(PageArray::new(pages(1, 2)))),
             GpuVmError::PageCount {
                 expected: 1,
                 actual: 2,
@@ -700,7 +704,7 @@ fn rejections_name_the_problem_and_change_nothing() {
             page_req(
                 BASE,
                 2 * p,
-                Backing::Pages(PageList::new(vec![
+                MappingBacking::Pages(PageArray::new(vec![
                     GuestPhysAddr(p),
                     GuestPhysAddr(3 * p + 8),
                 ])),
@@ -817,8 +821,11 @@ fn sub_mappings_move_the_backing_and_refuse_bad_ranges() {
     assert_eq!(r.resource(), Some(A));
     assert_eq!(m.resource(), None);
     // Lists are equal by content, whatever array they share.
-    let list = PageList::new(all.clone());
-    assert_eq!(list.sub_list(1, 2), Some(PageList::new(all[1..3].to_vec())));
+    let list = PageArray::new(all.clone());
+    assert_eq!(
+        list.sub_list(1, 2),
+        Some(PageArray::new(all[1..3].to_vec()))
+    );
     assert_eq!(list.sub_list(3, 2), None);
     assert_eq!(list.sub_list(usize::MAX, 2), None);
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gpu_backend::device::QueueDesc;
 use gpu_backend::sim::{SimConfig, SimGpu};
 use gpu_backend::{
-    Completion, Device, DeviceError, DeviceVm, Dispatch, FaultRecord, FaultReply, GuestMemory,
+    Completion, Device, DeviceError, DeviceFault, DeviceVm, FaultAction, GuestRam, KernelLaunch,
     VmConfig, VmEvents,
 };
 use guest_proto::{
@@ -28,13 +28,13 @@ const SIGNALS_GPA: u64 = 0x1000;
 /// Records everything the device reports.
 #[derive(Default)]
 struct Recorder {
-    faults: Mutex<Vec<FaultRecord>>,
+    faults: Mutex<Vec<DeviceFault>>,
     done: Mutex<HashMap<u64, DispatchStatus>>,
     wake: Condvar,
 }
 
 impl VmEvents for Recorder {
-    fn faults(&self, batch: &[FaultRecord]) {
+    fn faults(&self, batch: &[DeviceFault]) {
         self.faults.lock().extend_from_slice(batch);
         self.wake.notify_all();
     }
@@ -66,7 +66,7 @@ impl Recorder {
         }
     }
 
-    fn wait_faults(&self, n: usize) -> Vec<FaultRecord> {
+    fn wait_faults(&self, n: usize) -> Vec<DeviceFault> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut f = self.faults.lock();
         while f.len() < n {
@@ -78,7 +78,7 @@ impl Recorder {
 }
 
 struct Rig {
-    mem: GuestMemory,
+    mem: GuestRam,
     events: Arc<Recorder>,
     vm: Arc<dyn DeviceVm>,
     _gpu: Arc<SimGpu>,
@@ -120,8 +120,8 @@ impl Rig {
         self.events.wait_done(tag)
     }
 
-    fn dispatch(&self, kernel: Kernel, tag: u64) -> Dispatch {
-        Dispatch {
+    fn dispatch(&self, kernel: Kernel, tag: u64) -> KernelLaunch {
+        KernelLaunch {
             kernel,
             completion: Some(Completion {
                 signal: GpuVa(SIGNALS_VA + (tag % 64) * 32),
@@ -158,7 +158,7 @@ impl Rig {
                 for f in &batch {
                     let gpa = base_gpa + (f.va.raw() - base_va);
                     vm.map(f.va, &[GuestPhysAddr(gpa)], Perms::RW).unwrap();
-                    vm.reply_fault(f.id, FaultReply::Replay).unwrap();
+                    vm.reply_fault(f.id, FaultAction::Replay).unwrap();
                     resolved += 1;
                 }
                 if batch.is_empty() {
@@ -332,7 +332,7 @@ fn faults_on_one_page_are_merged_and_a_storm_beyond_the_cap_loses_nothing() {
         assert_eq!(f.access, AccessFlags::WRITE);
         r.vm.map(f.va, &[GuestPhysAddr(gpa + (f.va.raw() - va))], Perms::RW)
             .unwrap();
-        r.vm.reply_fault(f.id, FaultReply::Replay).unwrap();
+        r.vm.reply_fault(f.id, FaultAction::Replay).unwrap();
     }
     let resolver = r.resolver(va, gpa);
     assert_eq!(r.events.wait_done(1), DispatchStatus::Ok);
@@ -340,7 +340,7 @@ fn faults_on_one_page_are_merged_and_a_storm_beyond_the_cap_loses_nothing() {
     assert!((0..64 * 1024).step_by(97).all(|i| r.u32(gpa + i * 4) == 9));
     // Each fault ended once: replying again is an error.
     assert_eq!(
-        r.vm.reply_fault(first[0].id, FaultReply::Replay),
+        r.vm.reply_fault(first[0].id, FaultAction::Replay),
         Err(DeviceError::UnknownFault(first[0].id))
     );
 
@@ -355,7 +355,7 @@ fn faults_on_one_page_are_merged_and_a_storm_beyond_the_cap_loses_nothing() {
     let f = r.events.wait_faults(1);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].va, GpuVa(0x6000_0000));
-    r.vm.reply_fault(f[0].id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+    r.vm.reply_fault(f[0].id, FaultAction::Cancel(DispatchStatus::FaultRejected))
         .unwrap();
     assert_eq!(r.events.wait_done(2), DispatchStatus::FaultRejected);
     assert_eq!(
@@ -424,13 +424,13 @@ fn after_unmap_no_kernel_touches_the_old_pages() {
     }
     let faults = r.events.wait_faults(0);
     for f in faults {
-        r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+        r.vm.reply_fault(f.id, FaultAction::Cancel(DispatchStatus::FaultRejected))
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while !r.events.done.lock().contains_key(&3) {
         for f in std::mem::take(&mut *r.events.faults.lock()) {
-            r.vm.reply_fault(f.id, FaultReply::Cancel(DispatchStatus::FaultRejected))
+            r.vm.reply_fault(f.id, FaultAction::Cancel(DispatchStatus::FaultRejected))
                 .unwrap();
         }
         assert!(Instant::now() < deadline);
@@ -520,7 +520,7 @@ fn queue_destroy_and_shutdown_end_stalled_work_once() {
     assert_eq!(r.signal(2).1, DispatchStatus::Cancelled as u32);
     let q1_fault = faults.iter().find(|f| f.queue == q1).unwrap();
     assert_eq!(
-        r.vm.reply_fault(q1_fault.id, FaultReply::Replay),
+        r.vm.reply_fault(q1_fault.id, FaultAction::Replay),
         Err(DeviceError::UnknownFault(q1_fault.id))
     );
     assert_eq!(r.vm.destroy_queue(q1), Err(DeviceError::UnknownQueue(q1)));
@@ -532,7 +532,7 @@ fn queue_destroy_and_shutdown_end_stalled_work_once() {
         Err(DeviceError::Shutdown)
     );
     let q2_fault = faults.iter().find(|f| f.queue == q2).unwrap();
-    assert!(r.vm.reply_fault(q2_fault.id, FaultReply::Replay).is_err());
+    assert!(r.vm.reply_fault(q2_fault.id, FaultAction::Replay).is_err());
     let _ = FaultId(0);
 }
 
@@ -570,7 +570,7 @@ fn unmaps_racing_faults_and_replays_still_finish_with_exact_data() {
                         Ok(()) | Err(DeviceError::AlreadyMapped(_)) => {}
                         Err(e) => panic!("{e}"),
                     }
-                    vm.reply_fault(f.id, FaultReply::Replay).unwrap();
+                    vm.reply_fault(f.id, FaultAction::Replay).unwrap();
                     n += 1;
                 }
                 std::thread::sleep(Duration::from_micros(50));

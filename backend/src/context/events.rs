@@ -12,7 +12,7 @@ use guest_proto::{DispatchStatus, QueueId};
 use parking_lot::Mutex;
 
 use super::NOTIFY_TAG;
-use crate::device::{FaultRecord, VmEvents};
+use crate::device::{DeviceFault, VmEvents};
 
 /// Wakes the thread that drives a context (for example by writing an
 /// eventfd); called from device threads.
@@ -20,7 +20,7 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// Events a device VM reported and the context has not taken yet.
 pub(crate) struct EventInbox {
-    faults: Mutex<Vec<FaultRecord>>,
+    faults: Mutex<Vec<DeviceFault>>,
     dispatches_done: AtomicU64,
     notify: AtomicBool,
     waker: Option<Waker>,
@@ -37,7 +37,7 @@ impl EventInbox {
     }
 
     /// Takes the faults reported so far, in order.
-    pub(crate) fn take_faults(&self) -> Vec<FaultRecord> {
+    pub(crate) fn take_faults(&self) -> Vec<DeviceFault> {
         std::mem::take(&mut *self.faults.lock())
     }
 
@@ -57,7 +57,7 @@ impl EventInbox {
 }
 
 impl VmEvents for EventInbox {
-    fn faults(&self, batch: &[FaultRecord]) {
+    fn faults(&self, batch: &[DeviceFault]) {
         // Bounded: the device keeps at most `max_pending_faults` faults
         // pending, and reports each once.
         self.faults.lock().extend_from_slice(batch);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use guest_proto::fault::{FaultCause, FaultRecord as WireRecord};
 use guest_proto::{AccessFlags, FaultId, GpuVa, QueueId};
 
-use crate::device::FaultRecord as DeviceFault;
+use crate::device::DeviceFault;
 
 /// Where guest-visible fault records go: the session's fault ring in guest
 /// memory.

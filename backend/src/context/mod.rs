@@ -35,11 +35,12 @@ use guest_proto::{DispatchStatus, Perms, ResourceId};
 use guest_proto::{FaultId, FaultPolicy, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, QueueId, Status};
 
 use crate::device::{
-    Completion, Device, DeviceError, DeviceVm, Dispatch, FaultReply, GuestMemory, QueueDesc,
+    Completion, Device, DeviceError, DeviceVm, FaultAction, GuestRam, KernelLaunch, QueueDesc,
     VmConfig,
 };
 use crate::gpuvm::{
-    AttrUpdate, Backing, GpuVm, GpuVmError, MapRequest, Op, PageList, ResourceSizes, VaLayout,
+    AttrUpdate, GpuVm, GpuVmError, MapRequest, MappingBacking, Op, PageArray, ResourceSizes,
+    VaLayout,
 };
 
 use events::EventInbox;
@@ -250,7 +251,7 @@ impl ComputeContext {
     /// Creates the context's VM on `device`, over guest RAM `memory`.
     pub fn new(
         device: &dyn Device,
-        memory: GuestMemory,
+        memory: GuestRam,
         config: ContextConfig,
     ) -> Result<ComputeContext, ContextError> {
         let events = Arc::new(EventInbox::new(config.waker.clone()));
@@ -288,7 +289,7 @@ impl ComputeContext {
                 resource,
                 offset,
             } => {
-                let backing = Backing::Resource {
+                let backing = MappingBacking::Resource {
                     id: resource,
                     offset,
                 };
@@ -306,7 +307,7 @@ impl ComputeContext {
             BindOp::MapPages { va, perms, pages } => {
                 let list: Vec<GuestPhysAddr> = pages.iter().collect();
                 let size = pages.size();
-                let backing = Backing::Pages(PageList::new(list));
+                let backing = MappingBacking::Pages(PageArray::new(list));
                 self.map(
                     MapRequest {
                         va,
@@ -334,7 +335,7 @@ impl ComputeContext {
         res: &dyn ResourceMemory,
     ) -> Result<(), ContextError> {
         self.check_live()?;
-        let backing = Backing::Resource { id, offset };
+        let backing = MappingBacking::Resource { id, offset };
         self.map(
             MapRequest {
                 va,
@@ -507,7 +508,7 @@ impl ComputeContext {
         if req.notify {
             tag |= NOTIFY_TAG;
         }
-        let dispatch = Dispatch {
+        let dispatch = KernelLaunch {
             kernel: req.kernel,
             completion: req.completion,
             tag,
@@ -525,8 +526,8 @@ impl ComputeContext {
             return false;
         };
         let reply = match answer {
-            GuestAnswer::Resolved => FaultReply::Replay,
-            GuestAnswer::Rejected => FaultReply::Cancel(DispatchStatus::FaultRejected),
+            GuestAnswer::Resolved => FaultAction::Replay,
+            GuestAnswer::Rejected => FaultAction::Cancel(DispatchStatus::FaultRejected),
         };
         for fault in device_faults {
             // A device fault may already have ended (its queue was
@@ -547,14 +548,14 @@ impl ComputeContext {
                 None => {
                     let _ = self
                         .device_vm
-                        .reply_fault(fault.id, FaultReply::Cancel(DispatchStatus::FaultFatal));
+                        .reply_fault(fault.id, FaultAction::Cancel(DispatchStatus::FaultFatal));
                 }
             }
         }
         for (_, fault) in self.faults.expire(now) {
             let _ = self
                 .device_vm
-                .reply_fault(fault, FaultReply::Cancel(DispatchStatus::FaultTimedOut));
+                .reply_fault(fault, FaultAction::Cancel(DispatchStatus::FaultTimedOut));
         }
         self.faults.flush(ring)
     }
@@ -630,10 +631,10 @@ fn map_on_device(
         chunk.clear();
         let byte_off = (done as u64) * PAGE_SIZE;
         match &req.backing {
-            Backing::Resource { id, offset } => {
+            MappingBacking::Resource { id, offset } => {
                 res.pages(*id, offset.saturating_add(byte_off), n, &mut chunk)?;
             }
-            Backing::Pages(list) => {
+            MappingBacking::Pages(list) => {
                 let pages = list
                     .pages()
                     .get(done..done + n)

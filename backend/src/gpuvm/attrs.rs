@@ -18,7 +18,7 @@ use super::GpuVmError;
 
 /// The attributes in effect at one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RangeAttrs {
+pub struct EffectiveAttrs {
     /// The permissions the GPU may be granted; a fault needing more is
     /// fatal. Default: read, write, execute.
     pub access: Perms,
@@ -29,9 +29,9 @@ pub struct RangeAttrs {
     pub granule_shift: u8,
 }
 
-impl Default for RangeAttrs {
+impl Default for EffectiveAttrs {
     fn default() -> Self {
-        RangeAttrs {
+        EffectiveAttrs {
             access: Perms::ALL,
             fault_policy: FaultPolicy::Recoverable,
             granule_shift: PAGE_SHIFT as u8,
@@ -39,10 +39,10 @@ impl Default for RangeAttrs {
     }
 }
 
-impl RangeAttrs {
+impl EffectiveAttrs {
     /// These attributes with `update` applied.
-    pub fn updated(self, update: &AttrUpdate) -> RangeAttrs {
-        RangeAttrs {
+    pub fn updated(self, update: &AttrUpdate) -> EffectiveAttrs {
+        EffectiveAttrs {
             access: update.access.unwrap_or(self.access),
             fault_policy: update.fault_policy.unwrap_or(self.fault_policy),
             granule_shift: update.granule_shift.unwrap_or(self.granule_shift),
@@ -95,15 +95,15 @@ impl From<&guest_proto::attr::RangeAttrs> for AttrUpdate {
 /// never have equal attributes.
 #[derive(Clone, Debug, Default)]
 pub(super) struct AttrMap {
-    ranges: BTreeMap<u64, (u64, RangeAttrs)>,
+    ranges: BTreeMap<u64, (u64, EffectiveAttrs)>,
 }
 
 impl AttrMap {
     /// The attributes at `va`.
-    pub(super) fn at(&self, va: GpuVa) -> RangeAttrs {
+    pub(super) fn at(&self, va: GpuVa) -> EffectiveAttrs {
         match self.ranges.range(..=va.raw()).next_back() {
             Some((_, &(end, attrs))) if va.raw() < end => attrs,
-            _ => RangeAttrs::default(),
+            _ => EffectiveAttrs::default(),
         }
     }
 
@@ -116,20 +116,20 @@ impl AttrMap {
         let mut at = start;
         for (&s, &(e, attrs)) in self.ranges.range(start..end) {
             if s > at {
-                pieces.push((at, s, RangeAttrs::default().updated(update)));
+                pieces.push((at, s, EffectiveAttrs::default().updated(update)));
             }
             pieces.push((s, e, attrs.updated(update)));
             at = e;
         }
         if at < end {
-            pieces.push((at, end, RangeAttrs::default().updated(update)));
+            pieces.push((at, end, EffectiveAttrs::default().updated(update)));
         }
         let old: Vec<u64> = self.ranges.range(start..end).map(|(&s, _)| s).collect();
         for s in old {
             self.ranges.remove(&s);
         }
         for (s, e, attrs) in pieces {
-            if attrs != RangeAttrs::default() {
+            if attrs != EffectiveAttrs::default() {
                 self.ranges.insert(s, (e, attrs));
             }
         }
@@ -137,7 +137,7 @@ impl AttrMap {
     }
 
     /// The ranges covering `[start, end)`, defaults included, clipped to it.
-    pub(super) fn ranges_in(&self, start: u64, end: u64) -> Vec<(Range<GpuVa>, RangeAttrs)> {
+    pub(super) fn ranges_in(&self, start: u64, end: u64) -> Vec<(Range<GpuVa>, EffectiveAttrs)> {
         let mut out = Vec::new();
         if start >= end {
             return out;
@@ -149,13 +149,13 @@ impl AttrMap {
         let mut at = start;
         for (&s, &(e, attrs)) in self.ranges.range(first..end) {
             if s > at {
-                out.push((GpuVa(at)..GpuVa(s), RangeAttrs::default()));
+                out.push((GpuVa(at)..GpuVa(s), EffectiveAttrs::default()));
             }
             out.push((GpuVa(s.max(start))..GpuVa(e.min(end)), attrs));
             at = e;
         }
         if at < end {
-            out.push((GpuVa(at)..GpuVa(end), RangeAttrs::default()));
+            out.push((GpuVa(at)..GpuVa(end), EffectiveAttrs::default()));
         }
         out
     }

@@ -15,17 +15,17 @@ use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 /// Guest-physical pages backing a mapping, in VA order. Cheap to clone; a
 /// piece of a split mapping shares its parent's array.
 #[derive(Clone)]
-pub struct PageList {
+pub struct PageArray {
     all: Arc<[GuestPhysAddr]>,
     /// The window of `all` this list uses. Always inside `all`.
     window: Range<usize>,
 }
 
-impl PageList {
+impl PageArray {
     /// Takes ownership of `pages`.
-    pub fn new(pages: Vec<GuestPhysAddr>) -> PageList {
+    pub fn new(pages: Vec<GuestPhysAddr>) -> PageArray {
         let len = pages.len();
-        PageList {
+        PageArray {
             all: pages.into(),
             window: 0..len,
         }
@@ -48,10 +48,10 @@ impl PageList {
 
     /// The `count` pages from index `first` on, sharing this list's array;
     /// `None` if they are not all inside the list.
-    pub fn sub_list(&self, first: usize, count: usize) -> Option<PageList> {
+    pub fn sub_list(&self, first: usize, count: usize) -> Option<PageArray> {
         let start = self.window.start.checked_add(first)?;
         let end = start.checked_add(count)?;
-        (end <= self.window.end).then(|| PageList {
+        (end <= self.window.end).then(|| PageArray {
             all: Arc::clone(&self.all),
             window: start..end,
         })
@@ -60,15 +60,15 @@ impl PageList {
 
 /// Two lists are equal when they hold the same pages, whatever arrays they
 /// share.
-impl PartialEq for PageList {
+impl PartialEq for PageArray {
     fn eq(&self, other: &Self) -> bool {
         self.pages() == other.pages()
     }
 }
 
-impl Eq for PageList {}
+impl Eq for PageArray {}
 
-impl fmt::Debug for PageList {
+impl fmt::Debug for PageArray {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 8;
         let pages = self.pages();
@@ -83,7 +83,7 @@ impl fmt::Debug for PageList {
 
 /// What a mapping's first page is backed by.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Backing {
+pub enum MappingBacking {
     /// A guest resource, from byte `offset` (page-aligned) on.
     Resource {
         /// The resource.
@@ -92,7 +92,7 @@ pub enum Backing {
         offset: u64,
     },
     /// Guest-physical pages, one per VA page.
-    Pages(PageList),
+    Pages(PageArray),
 }
 
 /// Where one page of a mapping lives.
@@ -120,7 +120,7 @@ pub struct Mapping {
     /// Length in bytes.
     pub size: u64,
     /// What backs the first page (and, contiguously, the rest).
-    pub backing: Backing,
+    pub backing: MappingBacking,
     /// Permissions of every page.
     pub perms: Perms,
 }
@@ -144,8 +144,8 @@ impl Mapping {
     /// The resource backing the mapping, if it is resource-backed.
     pub fn resource(&self) -> Option<ResourceId> {
         match self.backing {
-            Backing::Resource { id, .. } => Some(id),
-            Backing::Pages(_) => None,
+            MappingBacking::Resource { id, .. } => Some(id),
+            MappingBacking::Pages(_) => None,
         }
     }
 
@@ -160,12 +160,12 @@ impl Mapping {
             return None;
         }
         let backing = match &self.backing {
-            Backing::Resource { id, offset } => Backing::Resource {
+            MappingBacking::Resource { id, offset } => MappingBacking::Resource {
                 id: *id,
                 offset: offset.checked_add(skip)?,
             },
-            Backing::Pages(list) => {
-                Backing::Pages(list.sub_list(page_index(skip)?, page_index(size)?)?)
+            MappingBacking::Pages(list) => {
+                MappingBacking::Pages(list.sub_list(page_index(skip)?, page_index(size)?)?)
             }
         };
         Some(Mapping {
@@ -183,11 +183,11 @@ impl Mapping {
         }
         let skip = va.page_down().raw().checked_sub(self.va.raw())?;
         match &self.backing {
-            Backing::Resource { id, offset } => Some(PageBacking::Resource {
+            MappingBacking::Resource { id, offset } => Some(PageBacking::Resource {
                 id: *id,
                 offset: offset.checked_add(skip)?,
             }),
-            Backing::Pages(list) => list
+            MappingBacking::Pages(list) => list
                 .pages()
                 .get(page_index(skip)?)
                 .map(|&page| PageBacking::Guest(page)),
@@ -206,13 +206,13 @@ impl Mapping {
         }
         match (&self.backing, &req.backing) {
             (
-                Backing::Resource { id, offset },
-                Backing::Resource {
+                MappingBacking::Resource { id, offset },
+                MappingBacking::Resource {
                     id: req_id,
                     offset: req_offset,
                 },
             ) => id == req_id && offset.checked_add(skip) == Some(*req_offset),
-            (Backing::Pages(list), Backing::Pages(req_list)) => {
+            (MappingBacking::Pages(list), MappingBacking::Pages(req_list)) => {
                 let (Some(first), Some(count)) = (page_index(skip), page_index(req.size)) else {
                     return false;
                 };
@@ -234,7 +234,7 @@ pub struct MapRequest {
     /// Length in bytes; page-aligned, > 0.
     pub size: u64,
     /// The backing of the first page.
-    pub backing: Backing,
+    pub backing: MappingBacking,
     /// Non-empty permissions.
     pub perms: Perms,
 }

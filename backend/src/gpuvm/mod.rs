@@ -62,7 +62,7 @@
 //!
 //! # Range attributes
 //!
-//! [`RangeAttrs`] are fault policy for a range ([`GpuVm::set_attrs`]). They
+//! [`EffectiveAttrs`] are fault policy for a range ([`GpuVm::set_attrs`]). They
 //! split over ranges like mappings, merge when neighbours become equal, and
 //! are independent of mappings, as `madvise` is of `mmap`.
 
@@ -78,8 +78,8 @@ use guest_proto::capset::{
 };
 use guest_proto::{GpuVa, PAGE_SIZE, ResourceId};
 
-pub use attrs::{AttrUpdate, RangeAttrs};
-pub use mapping::{Backing, MapRequest, Mapping, PageBacking, PageList};
+pub use attrs::{AttrUpdate, EffectiveAttrs};
+pub use mapping::{MapRequest, Mapping, MappingBacking, PageArray, PageBacking};
 
 use attrs::AttrMap;
 
@@ -431,7 +431,7 @@ impl GpuVm {
     }
 
     /// The attributes in effect at `va` (the defaults where none was set).
-    pub fn attrs_at(&self, va: GpuVa) -> RangeAttrs {
+    pub fn attrs_at(&self, va: GpuVa) -> EffectiveAttrs {
         self.attrs.at(va)
     }
 
@@ -442,7 +442,7 @@ impl GpuVm {
         &self,
         va: GpuVa,
         size: u64,
-    ) -> impl Iterator<Item = (Range<GpuVa>, RangeAttrs)> {
+    ) -> impl Iterator<Item = (Range<GpuVa>, EffectiveAttrs)> {
         self.attrs
             .ranges_in(va.raw(), va.raw().saturating_add(size))
             .into_iter()
@@ -629,7 +629,7 @@ fn check_aligned(what: &'static str, value: u64) -> Result<(), GpuVmError> {
 fn check_backing(req: &MapRequest, res: &dyn ResourceSizes) -> Result<(), GpuVmError> {
     let size = req.size;
     match &req.backing {
-        Backing::Resource { id, offset } => {
+        MappingBacking::Resource { id, offset } => {
             check_aligned("offset", *offset)?;
             let resource_size = res
                 .resource_size(*id)
@@ -649,7 +649,7 @@ fn check_backing(req: &MapRequest, res: &dyn ResourceSizes) -> Result<(), GpuVmE
             }
             Ok(())
         }
-        Backing::Pages(list) => {
+        MappingBacking::Pages(list) => {
             let expected = size / PAGE_SIZE;
             let actual = list.len() as u64;
             if actual != expected {

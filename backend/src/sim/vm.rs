@@ -34,7 +34,7 @@ use super::page_table::{PageTable, Pte};
 use super::tlb::Tlb;
 use super::{Pool, SimConfig};
 use crate::device::{
-    Completion, DeviceError, DeviceVm, Dispatch, FaultRecord, FaultReply, GuestMemory, QueueDesc,
+    Completion, DeviceError, DeviceFault, DeviceVm, FaultAction, GuestRam, KernelLaunch, QueueDesc,
     VmConfig, VmEvents,
 };
 
@@ -52,7 +52,7 @@ struct RunState {
 /// A dispatch being executed.
 pub(crate) struct DispatchRun {
     queue: QueueId,
-    dispatch: Dispatch,
+    dispatch: KernelLaunch,
     total: u64,
     per_wave: u64,
     state: Mutex<RunState>,
@@ -104,12 +104,12 @@ struct FaultUnit {
     next_id: u64,
     by_page: HashMap<u64, PendingFault>,
     by_id: HashMap<FaultId, u64>,
-    undelivered: Vec<FaultRecord>,
+    undelivered: Vec<DeviceFault>,
     overflow: Vec<Wave>,
 }
 
 struct QueueState {
-    pending: VecDeque<Dispatch>,
+    pending: VecDeque<KernelLaunch>,
     running: Option<Arc<DispatchRun>>,
 }
 
@@ -122,7 +122,7 @@ struct Queues {
 /// State shared by the VM handle and its waves.
 pub(crate) struct VmShared {
     id: u64,
-    memory: GuestMemory,
+    memory: GuestRam,
     events: Arc<dyn VmEvents>,
     config: VmConfig,
     sim: SimConfig,
@@ -277,7 +277,7 @@ impl DeviceVm for SimVm {
         destroy_queue(&self.shared, queue)
     }
 
-    fn dispatch(&self, queue: QueueId, dispatch: Dispatch) -> Result<(), DeviceError> {
+    fn dispatch(&self, queue: QueueId, dispatch: KernelLaunch) -> Result<(), DeviceError> {
         self.check_live()?;
         dispatch
             .kernel
@@ -308,7 +308,7 @@ impl DeviceVm for SimVm {
         Ok(())
     }
 
-    fn reply_fault(&self, fault: FaultId, reply: FaultReply) -> Result<(), DeviceError> {
+    fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError> {
         let (pending, overflow) = {
             let mut f = self.shared.faults.lock();
             let page = f
@@ -316,7 +316,7 @@ impl DeviceVm for SimVm {
                 .remove(&fault)
                 .ok_or(DeviceError::UnknownFault(fault))?;
             let pending = f.by_page.remove(&page).map(|p| (page, p));
-            if let (Some((page, p)), FaultReply::Cancel(status)) = (&pending, reply) {
+            if let (Some((page, p)), FaultAction::Cancel(status)) = (&pending, reply) {
                 // Fail the dispatches before other waves can look: a wave of
                 // theirs stalling after this must end, not raise a new fault
                 // nobody will answer.
@@ -328,8 +328,8 @@ impl DeviceVm for SimVm {
         };
         if let Some((page, p)) = pending {
             match reply {
-                FaultReply::Replay => p.waiters.into_iter().for_each(|w| self.shared.pool.push(w)),
-                FaultReply::Cancel(status) => {
+                FaultAction::Replay => p.waiters.into_iter().for_each(|w| self.shared.pool.push(w)),
+                FaultAction::Cancel(status) => {
                     for w in p.waiters {
                         fail_wave(w, status, GpuVa(page));
                     }
@@ -360,7 +360,7 @@ impl Drop for SimVm {
     }
 }
 
-fn new_run(vm: &VmShared, queue: QueueId, dispatch: Dispatch) -> Arc<DispatchRun> {
+fn new_run(vm: &VmShared, queue: QueueId, dispatch: KernelLaunch) -> Arc<DispatchRun> {
     let (total, per_wave) = kernels::work_items(&dispatch.kernel);
     let _ = vm;
     Arc::new(DispatchRun {
@@ -504,7 +504,7 @@ fn stall(wave: Wave, page: GpuVa, access: AccessFlags) {
         },
     );
     f.by_id.insert(id, page.raw());
-    f.undelivered.push(FaultRecord {
+    f.undelivered.push(DeviceFault {
         id,
         queue,
         va: page,
@@ -595,7 +595,7 @@ fn complete_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>, status: DispatchStat
 }
 
 /// Completes a dispatch that never started.
-fn complete_unstarted(vm: &VmShared, queue: QueueId, d: &Dispatch, status: DispatchStatus) {
+fn complete_unstarted(vm: &VmShared, queue: QueueId, d: &KernelLaunch, status: DispatchStatus) {
     if let Some(c) = d.completion {
         write_signal(vm, c, status, GpuVa(0));
     }

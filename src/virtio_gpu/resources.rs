@@ -8,11 +8,11 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use gpu_backend::GuestMemory;
+use gpu_backend::GuestRam;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::wire::Cursor;
-use crate::compute::{Backing, CtxId, ResourceId, ResourceKind, ResourceView};
+use crate::context_backend::{CtxId, GuestBacking, ResourceId, ResourceKind, ResourceView};
 
 /// Why backing entries were refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,8 +35,8 @@ pub fn parse_entries(
     r: &mut Cursor<'_>,
     count: u32,
     max: u32,
-    mem: &GuestMemory,
-) -> Result<Backing, BackingError> {
+    mem: &GuestRam,
+) -> Result<GuestBacking, BackingError> {
     if count == 0 || count > max {
         return Err(BackingError::Count(count));
     }
@@ -51,11 +51,11 @@ pub fn parse_entries(
         }
         entries.push((GuestAddress(addr), len));
     }
-    Ok(Backing { entries })
+    Ok(GuestBacking { entries })
 }
 
 /// Copies `buf.len()` bytes from byte `offset` of the backing.
-pub fn read_backing(mem: &GuestMemory, backing: &Backing, offset: u64, buf: &mut [u8]) -> bool {
+pub fn read_backing(mem: &GuestRam, backing: &GuestBacking, offset: u64, buf: &mut [u8]) -> bool {
     let guard = mem.memory();
     let mut entry_start = 0u64;
     let mut done = 0usize;
@@ -96,7 +96,7 @@ pub struct Resource {
     /// Size in bytes (buffers, blobs; 4 * width * height for images).
     pub size: u64,
     /// The guest backing.
-    pub backing: Option<Arc<Backing>>,
+    pub backing: Option<Arc<GuestBacking>>,
     /// Host copy of a 2D image (filled by TRANSFER_TO_HOST_2D).
     pub image: Option<Vec<u8>>,
     /// Contexts it is attached to.
@@ -134,7 +134,7 @@ mod tests {
     use super::*;
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-    fn ram() -> GuestMemory {
+    fn ram() -> GuestRam {
         GuestMemoryAtomic::new(
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
         )
@@ -189,7 +189,7 @@ mod tests {
         mem.memory()
             .write_slice(&[5, 6], GuestAddress(0x8000))
             .unwrap();
-        let b = Backing {
+        let b = GuestBacking {
             entries: vec![
                 (GuestAddress(0x1000), 0x1000),
                 (GuestAddress(0x8000), 0x100),

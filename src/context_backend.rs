@@ -1,10 +1,10 @@
 //! The seam between the virtio-gpu device and the native compute contexts.
 //!
-//! The virtio-gpu layer (`crate::gpu`) owns what virtio-gpu defines:
+//! The virtio-gpu layer (`crate::virtio_gpu`) owns what virtio-gpu defines:
 //! resources, their guest backing, contexts as ids, fences and the
 //! virtqueues. What a context *does* with the bytes of a `SUBMIT_3D`, and
 //! what a capset says, belongs to the compute layer behind the
-//! [`ComputeContexts`] trait (`crate::native` implements it on top of
+//! [`ContextBackend`] trait (`crate::compute` implements it on top of
 //! `gpu-backend`). Keeping the two apart lets each be tested alone: the
 //! virtio-gpu layer against a recording implementation, the compute layer
 //! without virtqueues.
@@ -16,7 +16,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use gpu_backend::GuestMemory;
+use gpu_backend::GuestRam;
 use vm_memory::GuestAddress;
 
 /// A virtio-gpu context id, as the guest chose it.
@@ -62,12 +62,12 @@ pub enum ResourceKind {
 /// entries a blob was created with), in order. Every entry has been checked
 /// to lie inside guest RAM when it was attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backing {
+pub struct GuestBacking {
     /// `(guest-physical address, length)` pairs, in resource byte order.
     pub entries: Vec<(GuestAddress, u32)>,
 }
 
-impl Backing {
+impl GuestBacking {
     /// Total length in bytes.
     pub fn len(&self) -> u64 {
         self.entries.iter().map(|(_, l)| u64::from(*l)).sum()
@@ -89,7 +89,7 @@ pub struct ResourceView {
     /// Its size in bytes as created (`width` for buffers, `size` for blobs).
     pub size: u64,
     /// The guest backing, `None` while none is attached.
-    pub backing: Option<Arc<Backing>>,
+    pub backing: Option<Arc<GuestBacking>>,
 }
 
 /// The fence a `SUBMIT_3D` carried (`VIRTIO_GPU_FLAG_FENCE`).
@@ -118,7 +118,7 @@ pub enum FenceDisposition {
 /// `VIRTIO_GPU_RESP_ERR_*` response. Protocol-level errors inside a valid
 /// submit are *not* errors here: they go into the guest's reply buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ComputeError {
+pub enum ContextBackendError {
     /// `VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID`.
     #[error("invalid context id")]
     InvalidContext,
@@ -137,13 +137,13 @@ pub trait FenceCompleter: Send + Sync {
     fn complete(&self, fence: FenceRef);
 
     /// The compute layer has new device events: run
-    /// [`ComputeContexts::tick`] soon rather than at the next timer tick.
+    /// [`ContextBackend::tick`] soon rather than at the next timer tick.
     fn wake(&self);
 }
 
 /// The compute contexts of one connected guest. A new instance is made for
 /// every vhost-user connection (fresh state after a reconnect).
-pub trait ComputeContexts: Send {
+pub trait ContextBackend: Send {
     /// Capsets to report, in `GET_CAPSET_INFO` index order.
     fn capsets(&self) -> Vec<CapsetInfo>;
 
@@ -152,7 +152,7 @@ pub trait ComputeContexts: Send {
 
     /// Guest RAM changed (`SET_MEM_TABLE`); called before any context use
     /// and again whenever the table changes.
-    fn set_memory(&mut self, memory: GuestMemory);
+    fn set_memory(&mut self, memory: GuestRam);
 
     /// `CTX_CREATE`. The id is new (the virtio-gpu layer rejects reuse).
     fn create_context(
@@ -160,7 +160,7 @@ pub trait ComputeContexts: Send {
         ctx: CtxId,
         init: ContextInit,
         debug_name: &str,
-    ) -> Result<(), ComputeError>;
+    ) -> Result<(), ContextBackendError>;
 
     /// `CTX_DESTROY`, also called for every live context on disconnect.
     /// Frees everything of the context; held fences of it are completed
@@ -169,7 +169,11 @@ pub trait ComputeContexts: Send {
 
     /// `CTX_ATTACH_RESOURCE`, and again with fresh `backing` whenever an
     /// attached resource's backing changes (`ATTACH_BACKING` after attach).
-    fn attach_resource(&mut self, ctx: CtxId, resource: &ResourceView) -> Result<(), ComputeError>;
+    fn attach_resource(
+        &mut self,
+        ctx: CtxId,
+        resource: &ResourceView,
+    ) -> Result<(), ContextBackendError>;
 
     /// `CTX_DETACH_RESOURCE`, `DETACH_BACKING` or `RESOURCE_UNREF` of a
     /// resource attached to `ctx`: the context must stop using its memory
@@ -182,7 +186,7 @@ pub trait ComputeContexts: Send {
         ctx: CtxId,
         commands: &[u8],
         fence: Option<FenceRef>,
-    ) -> Result<FenceDisposition, ComputeError>;
+    ) -> Result<FenceDisposition, ContextBackendError>;
 
     /// Called about every millisecond from the queue worker and after every
     /// control-queue batch: time-based work (fault timeouts, fault backlog
@@ -190,13 +194,13 @@ pub trait ComputeContexts: Send {
     fn tick(&mut self);
 }
 
-impl fmt::Debug for dyn ComputeContexts {
+impl fmt::Debug for dyn ContextBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ComputeContexts")
+        f.write_str("ContextBackend")
     }
 }
 
 /// Makes the compute contexts for a new connection, given the completer for
 /// its held fences.
-pub type ComputeFactory =
-    Arc<dyn Fn(Arc<dyn FenceCompleter>) -> Box<dyn ComputeContexts> + Send + Sync>;
+pub type ContextBackendFactory =
+    Arc<dyn Fn(Arc<dyn FenceCompleter>) -> Box<dyn ContextBackend> + Send + Sync>;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gpu_backend::context::BoundBytesQuota;
 use gpu_backend::gpuvm::VaLayout;
-use gpu_backend::{Device, GuestMemory};
+use gpu_backend::{Device, GuestRam};
 use guest_proto::Command;
 use guest_proto::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, VGNC_CAPSET_ID};
 use guest_proto::command::{DecodeLimits, SessionInit};
@@ -33,17 +33,17 @@ use guest_proto::reply::{Reply, ReplyPayload};
 use guest_proto::stream::{Framed, RequestStream};
 use guest_proto::{Request, ResourceId, Status};
 
-use crate::compute::{
-    CapsetInfo, ComputeContexts, ComputeError, ComputeFactory, ContextInit, CtxId, FenceCompleter,
-    FenceDisposition, FenceRef, ResourceView,
+use crate::context_backend::{
+    CapsetInfo, ContextBackend, ContextBackendError, ContextBackendFactory, ContextInit, CtxId,
+    FenceCompleter, FenceDisposition, FenceRef, ResourceView,
 };
 use region::GuestRegion;
 use resources::Resources;
-use session::{Session, SessionEnv, SessionLimits};
+use session::{ComputeSession, SessionEnv, SessionLimits};
 
 /// Settings of the compute layer (from the command line).
 #[derive(Clone, Debug)]
-pub struct NativeConfig {
+pub struct ComputeConfig {
     /// Contexts per guest.
     pub max_contexts: u32,
     /// Bytes bound per guest, over all its contexts.
@@ -60,10 +60,10 @@ pub struct NativeConfig {
     pub max_request_bytes: u32,
 }
 
-impl Default for NativeConfig {
-    fn default() -> NativeConfig {
+impl Default for ComputeConfig {
+    fn default() -> ComputeConfig {
         let c = Capset::default();
-        NativeConfig {
+        ComputeConfig {
             max_contexts: c.max_contexts,
             max_bound_bytes: c.max_bound_bytes,
             max_pending_faults: c.max_pending_faults,
@@ -76,9 +76,9 @@ impl Default for NativeConfig {
 }
 
 /// The factory the daemon calls for every connection.
-pub fn factory(device: Arc<dyn Device>, config: NativeConfig) -> ComputeFactory {
+pub fn factory(device: Arc<dyn Device>, config: ComputeConfig) -> ContextBackendFactory {
     Arc::new(move |completer| {
-        Box::new(NativeContexts::new(
+        Box::new(ComputeBackend::new(
             device.clone(),
             config.clone(),
             completer,
@@ -91,16 +91,16 @@ pub fn factory(device: Arc<dyn Device>, config: NativeConfig) -> ComputeFactory 
 struct Context {
     init: ContextInit,
     resources: Resources,
-    session: Option<Session>,
+    session: Option<ComputeSession>,
 }
 
 /// The compute contexts of one connected guest.
-pub struct NativeContexts {
+pub struct ComputeBackend {
     device: Arc<dyn Device>,
-    config: NativeConfig,
+    config: ComputeConfig,
     capset: Capset,
     limits: SessionLimits,
-    memory: Option<GuestMemory>,
+    memory: Option<GuestRam>,
     quota: Arc<BoundBytesQuota>,
     completer: Arc<dyn FenceCompleter>,
     /// Calls the completer's `wake` from device threads.
@@ -108,9 +108,9 @@ pub struct NativeContexts {
     contexts: BTreeMap<CtxId, Context>,
 }
 
-impl std::fmt::Debug for NativeContexts {
+impl std::fmt::Debug for ComputeBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NativeContexts")
+        f.debug_struct("ComputeBackend")
             .field("config", &self.config)
             .field("contexts", &self.contexts)
             .finish_non_exhaustive()
@@ -126,13 +126,13 @@ struct SubmitOutcome {
     hold: bool,
 }
 
-impl NativeContexts {
+impl ComputeBackend {
     /// Compute contexts for one connection.
     pub fn new(
         device: Arc<dyn Device>,
-        config: NativeConfig,
+        config: ComputeConfig,
         completer: Arc<dyn FenceCompleter>,
-    ) -> NativeContexts {
+    ) -> ComputeBackend {
         let capset = build_capset(device.as_ref(), &config);
         let limits = SessionLimits {
             layout: VaLayout::protocol_default(),
@@ -142,7 +142,7 @@ impl NativeContexts {
             max_queues: config.max_queues,
         };
         let wake = completer.clone();
-        NativeContexts {
+        ComputeBackend {
             waker: Arc::new(move || wake.wake()),
             quota: Arc::new(BoundBytesQuota::new(config.max_bound_bytes)),
             device,
@@ -204,7 +204,7 @@ impl NativeContexts {
                 if let ReplySlot::At { offset, .. } = slot {
                     session.write_reply(offset, &reply);
                 }
-                let held = c.session.take().and_then(Session::destroy);
+                let held = c.session.take().and_then(ComputeSession::destroy);
                 self.complete(held);
                 return;
             }
@@ -269,7 +269,7 @@ impl NativeContexts {
                     waker: self.waker.clone(),
                 };
                 check_init_reply(&init, header.reply_slot(init.reply.size))
-                    .and_then(|()| Session::start(&init, &env))
+                    .and_then(|()| ComputeSession::start(&init, &env))
             }
             Ok(_) => Err(Status::Malformed),
             Err(e) => Err(e.status()),
@@ -309,7 +309,7 @@ impl NativeContexts {
             .contexts
             .get_mut(&ctx)
             .and_then(|c| c.session.take())
-            .and_then(Session::destroy);
+            .and_then(ComputeSession::destroy);
         self.complete(held);
     }
 }
@@ -324,7 +324,7 @@ fn check_init_reply(
 
 /// Writes a failed `SESSION_INIT`'s error reply into its own reply region,
 /// if that region is usable (5.2).
-fn write_init_error(memory: &GuestMemory, res: &Resources, framed: &Framed<'_>, status: Status) {
+fn write_init_error(memory: &GuestRam, res: &Resources, framed: &Framed<'_>, status: Status) {
     let header = framed.header;
     let Some(region) = SessionInit::reply_region_of(framed.bytes) else {
         return;
@@ -345,7 +345,7 @@ fn write_init_error(memory: &GuestMemory, res: &Resources, framed: &Framed<'_>, 
     }
 }
 
-fn build_capset(device: &dyn Device, config: &NativeConfig) -> Capset {
+fn build_capset(device: &dyn Device, config: &ComputeConfig) -> Capset {
     let info = device.info();
     let mut capset = Capset {
         va_bits: info.va_bits,
@@ -369,7 +369,7 @@ fn build_capset(device: &dyn Device, config: &NativeConfig) -> Capset {
     capset
 }
 
-impl ComputeContexts for NativeContexts {
+impl ContextBackend for ComputeBackend {
     fn capsets(&self) -> Vec<CapsetInfo> {
         vec![CapsetInfo {
             id: VGNC_CAPSET_ID,
@@ -383,7 +383,7 @@ impl ComputeContexts for NativeContexts {
             .then(|| self.capset.encode().to_vec())
     }
 
-    fn set_memory(&mut self, memory: GuestMemory) {
+    fn set_memory(&mut self, memory: GuestRam) {
         self.memory = Some(memory);
     }
 
@@ -392,17 +392,17 @@ impl ComputeContexts for NativeContexts {
         ctx: CtxId,
         init: ContextInit,
         debug_name: &str,
-    ) -> Result<(), ComputeError> {
+    ) -> Result<(), ContextBackendError> {
         if let Some(id) = init.capset_id {
             if id != VGNC_CAPSET_ID {
-                return Err(ComputeError::InvalidParameter);
+                return Err(ContextBackendError::InvalidParameter);
             }
         }
         if self.contexts.contains_key(&ctx) {
-            return Err(ComputeError::InvalidContext);
+            return Err(ContextBackendError::InvalidContext);
         }
         if self.contexts.len() >= usize::try_from(self.config.max_contexts).unwrap_or(usize::MAX) {
-            return Err(ComputeError::OutOfMemory);
+            return Err(ContextBackendError::OutOfMemory);
         }
         log::debug!("{ctx:?} created ({init:?}, {debug_name:?})");
         self.contexts.insert(
@@ -421,9 +421,13 @@ impl ComputeContexts for NativeContexts {
         self.contexts.remove(&ctx);
     }
 
-    fn attach_resource(&mut self, ctx: CtxId, resource: &ResourceView) -> Result<(), ComputeError> {
+    fn attach_resource(
+        &mut self,
+        ctx: CtxId,
+        resource: &ResourceView,
+    ) -> Result<(), ContextBackendError> {
         if !self.contexts.contains_key(&ctx) {
-            return Err(ComputeError::InvalidContext);
+            return Err(ContextBackendError::InvalidContext);
         }
         let replaced_backing = self
             .contexts
@@ -460,12 +464,12 @@ impl ComputeContexts for NativeContexts {
         ctx: CtxId,
         commands: &[u8],
         fence: Option<FenceRef>,
-    ) -> Result<FenceDisposition, ComputeError> {
+    ) -> Result<FenceDisposition, ContextBackendError> {
         if !self.contexts.contains_key(&ctx) {
-            return Err(ComputeError::InvalidContext);
+            return Err(ContextBackendError::InvalidContext);
         }
         if commands.len() > self.config.max_request_bytes as usize {
-            return Err(ComputeError::InvalidParameter);
+            return Err(ContextBackendError::InvalidParameter);
         }
         let mut outcome = SubmitOutcome::default();
         let stream = RequestStream::new(commands).with_limits(self.decode_limits());
@@ -483,7 +487,7 @@ impl ComputeContexts for NativeContexts {
         if outcome.hold {
             Ok(FenceDisposition::Hold)
         } else if outcome.failed {
-            Err(ComputeError::InvalidParameter)
+            Err(ContextBackendError::InvalidParameter)
         } else {
             Ok(FenceDisposition::SignalNow)
         }
@@ -494,7 +498,7 @@ impl ComputeContexts for NativeContexts {
     }
 }
 
-impl NativeContexts {
+impl ComputeBackend {
     fn reply_framing_lost(&mut self, ctx: CtxId, lost: &guest_proto::stream::FramingLost) {
         let Some(session) = self.contexts.get_mut(&ctx).and_then(|c| c.session.as_mut()) else {
             return;

@@ -16,7 +16,7 @@ use gpu_backend::context::{
     BoundBytesQuota, ComputeContext, ContextConfig, ContextError, DispatchRequest, GuestAnswer,
 };
 use gpu_backend::gpuvm::{AttrUpdate, VaLayout};
-use gpu_backend::{Completion, Device, GuestMemory};
+use gpu_backend::{Completion, Device, GuestRam};
 use guest_proto::command::{Dispatch, Profile, SessionInit};
 use guest_proto::fault::FaultOutcome;
 use guest_proto::reply::{
@@ -29,7 +29,7 @@ use guest_proto::{GpuVa, PAGE_SIZE, Perms, Request, ResourceId, Status};
 use super::region::{GuestRegion, RegionError};
 use super::resources::Resources;
 use super::ring::FaultRingWriter;
-use crate::compute::FenceRef;
+use crate::context_backend::FenceRef;
 
 /// Limits and settings every session of a guest shares.
 #[derive(Clone, Debug)]
@@ -52,7 +52,7 @@ pub struct SessionEnv<'a> {
     /// The GPU.
     pub device: &'a dyn Device,
     /// Guest RAM.
-    pub memory: &'a GuestMemory,
+    pub memory: &'a GuestRam,
     /// Limits.
     pub limits: &'a SessionLimits,
     /// The guest's bound-bytes allowance.
@@ -67,7 +67,7 @@ pub struct SessionEnv<'a> {
 
 /// One live session.
 #[derive(Debug)]
-pub struct Session {
+pub struct ComputeSession {
     ctx: ComputeContext,
     profile: Profile,
     reply: GuestRegion,
@@ -89,9 +89,9 @@ fn region_status(e: RegionError) -> Status {
     }
 }
 
-impl Session {
+impl ComputeSession {
     /// Starts a session as `init` asks. On error, the status for the reply.
-    pub fn start(init: &SessionInit, env: &SessionEnv<'_>) -> Result<Session, Status> {
+    pub fn start(init: &SessionInit, env: &SessionEnv<'_>) -> Result<ComputeSession, Status> {
         if matches!(init.profile, Profile::Native { .. }) && !env.native_capable {
             return Err(Status::Version);
         }
@@ -141,7 +141,7 @@ impl Session {
         let signals_va = GpuVa(base.raw() + sig.offset % PAGE_SIZE);
 
         let ring = FaultRingWriter::init(ring_region, layout).ok_or(Status::OutOfRange)?;
-        Ok(Session {
+        Ok(ComputeSession {
             ctx,
             profile: init.profile,
             reply,

@@ -11,7 +11,7 @@ use gpu_backend::gpuvm::ResourceSizes;
 use guest_proto::{GuestPhysAddr, ResourceId};
 
 use super::region::{RegionError, backing_pages};
-use crate::compute::{Backing, ResourceKind, ResourceView};
+use crate::context_backend::{GuestBacking, ResourceKind, ResourceView};
 
 /// Resources attached to a context.
 #[derive(Debug, Default)]
@@ -31,7 +31,7 @@ impl Resources {
     }
 
     /// The guest backing of a buffer resource attached here.
-    pub fn backing(&self, id: ResourceId) -> Option<Arc<Backing>> {
+    pub fn backing(&self, id: ResourceId) -> Option<Arc<GuestBacking>> {
         let view = self.attached.get(&id)?;
         match view.kind {
             ResourceKind::Buffer3d | ResourceKind::BlobGuest => view.backing.clone(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::compute::{CtxId, FenceCompleter, FenceRef};
+use crate::context_backend::{CtxId, FenceCompleter, FenceRef};
 
 /// A used-ring entry waiting for its turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

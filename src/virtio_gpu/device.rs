@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use gpu_backend::GuestMemory;
+use gpu_backend::GuestRam;
 
 use super::display::Display;
 use super::resources::{Resource, parse_entries, read_backing};
 use super::wire::{CtrlHdr, Cursor, FLAG_FENCE, FLAG_INFO_RING_IDX, HDR_SIZE, Rect, cmd, resp};
-use crate::compute::{
-    ComputeContexts, ComputeError, ContextInit, CtxId, FenceDisposition, FenceRef, ResourceId,
-    ResourceKind,
+use crate::context_backend::{
+    ContextBackend, ContextBackendError, ContextInit, CtxId, FenceDisposition, FenceRef,
+    ResourceId, ResourceKind,
 };
 
 /// `VIRTIO_GPU_F_*` bits the device offers.
@@ -80,7 +80,7 @@ pub struct Response {
 
 /// The device state of one connection.
 pub struct GpuDevice {
-    memory: Option<GuestMemory>,
+    memory: Option<GuestRam>,
     features: u64,
     limits: GpuLimits,
     resources: BTreeMap<ResourceId, Resource>,
@@ -89,7 +89,7 @@ pub struct GpuDevice {
     contexts: BTreeMap<CtxId, ContextInit>,
     scanout: Option<(ResourceId, Rect)>,
     display: Display,
-    compute: Box<dyn ComputeContexts>,
+    compute: Box<dyn ContextBackend>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -110,17 +110,17 @@ fn nodata(hdr: &CtrlHdr) -> Handled {
     Ok(out)
 }
 
-fn compute_error(e: ComputeError) -> u32 {
+fn compute_error(e: ContextBackendError) -> u32 {
     match e {
-        ComputeError::InvalidContext => resp::ERR_INVALID_CONTEXT_ID,
-        ComputeError::InvalidParameter => resp::ERR_INVALID_PARAMETER,
-        ComputeError::OutOfMemory => resp::ERR_OUT_OF_MEMORY,
+        ContextBackendError::InvalidContext => resp::ERR_INVALID_CONTEXT_ID,
+        ContextBackendError::InvalidParameter => resp::ERR_INVALID_PARAMETER,
+        ContextBackendError::OutOfMemory => resp::ERR_OUT_OF_MEMORY,
     }
 }
 
 impl GpuDevice {
     /// A device with no resources or contexts.
-    pub fn new(compute: Box<dyn ComputeContexts>, limits: GpuLimits) -> GpuDevice {
+    pub fn new(compute: Box<dyn ContextBackend>, limits: GpuLimits) -> GpuDevice {
         GpuDevice {
             memory: None,
             features: 0,
@@ -140,7 +140,7 @@ impl GpuDevice {
     }
 
     /// Guest RAM changed.
-    pub fn set_memory(&mut self, memory: GuestMemory) {
+    pub fn set_memory(&mut self, memory: GuestRam) {
         self.compute.set_memory(memory.clone());
         self.memory = Some(memory);
     }
@@ -246,7 +246,7 @@ impl GpuDevice {
         }
     }
 
-    fn memory(&self) -> Result<&GuestMemory, u32> {
+    fn memory(&self) -> Result<&GuestRam, u32> {
         self.memory.as_ref().ok_or(resp::ERR_UNSPEC)
     }
 

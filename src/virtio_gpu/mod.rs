@@ -38,7 +38,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::compute::ComputeFactory;
+use crate::context_backend::ContextBackendFactory;
 use device::{GpuDevice, GpuLimits, feature};
 use fences::{Deferred, FenceInbox, RingQueues};
 
@@ -83,7 +83,7 @@ impl std::fmt::Debug for GpuVhostBackend {
 
 impl GpuVhostBackend {
     /// A fresh device whose compute contexts come from `factory`.
-    pub fn new(factory: &ComputeFactory, limits: GpuLimits) -> io::Result<GpuVhostBackend> {
+    pub fn new(factory: &ContextBackendFactory, limits: GpuLimits) -> io::Result<GpuVhostBackend> {
         let inbox = FenceInbox::new()?;
         let compute = factory(inbox.clone());
         let mut timer = TimerFd::new()?;

@@ -1,4 +1,4 @@
-//! Session memory: a region of a guest resource the daemon reads and writes.
+//! ComputeSession memory: a region of a guest resource the daemon reads and writes.
 //!
 //! The reply buffer, the fault ring and the signal area live in resources
 //! the guest created; the daemon reaches them page by page through the
@@ -9,11 +9,11 @@
 
 use std::sync::atomic::Ordering;
 
-use gpu_backend::GuestMemory;
+use gpu_backend::GuestRam;
 use guest_proto::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend as _};
 
-use crate::compute::Backing;
+use crate::context_backend::GuestBacking;
 
 /// Why a region cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -25,7 +25,7 @@ pub enum RegionError {
         offset: u64,
         /// Region size.
         size: u64,
-        /// Backing length.
+        /// GuestBacking length.
         backing: u64,
     },
     /// A backing entry is not page-aligned.
@@ -39,7 +39,7 @@ pub enum RegionError {
 /// The guest-physical pages of a resource's backing from byte `offset` on,
 /// `count` pages. Entries must be page-aligned.
 pub fn backing_pages(
-    backing: &Backing,
+    backing: &GuestBacking,
     offset: u64,
     count: usize,
     out: &mut Vec<GuestAddress>,
@@ -80,7 +80,7 @@ pub fn backing_pages(
 /// A byte range of a resource, resolved to guest pages.
 #[derive(Debug)]
 pub struct GuestRegion {
-    memory: GuestMemory,
+    memory: GuestRam,
     /// Guest-physical address of every page the region touches.
     pages: Vec<GuestAddress>,
     /// Offset of the region's first byte in its first page.
@@ -91,8 +91,8 @@ pub struct GuestRegion {
 impl GuestRegion {
     /// Resolves `size` bytes at `offset` of a resource with `backing`.
     pub fn new(
-        memory: GuestMemory,
-        backing: &Backing,
+        memory: GuestRam,
+        backing: &GuestBacking,
         offset: u64,
         size: u64,
     ) -> Result<GuestRegion, RegionError> {
@@ -228,13 +228,13 @@ mod tests {
     use super::*;
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-    fn ram() -> GuestMemory {
+    fn ram() -> GuestRam {
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         GuestMemoryAtomic::new(mmap)
     }
 
-    fn backing(entries: &[(u64, u32)]) -> Backing {
-        Backing {
+    fn backing(entries: &[(u64, u32)]) -> GuestBacking {
+        GuestBacking {
             entries: entries
                 .iter()
                 .map(|(a, l)| (GuestAddress(*a), *l))

@@ -21,10 +21,10 @@ use guest_proto::{
 use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::{NativeConfig, NativeContexts};
-use crate::compute::{
-    Backing, ComputeContexts, ComputeError, ContextInit, CtxId, FenceCompleter, FenceDisposition,
-    FenceRef, ResourceKind, ResourceView,
+use super::{ComputeBackend, ComputeConfig};
+use crate::context_backend::{
+    ContextBackend, ContextBackendError, ContextInit, CtxId, FenceCompleter, FenceDisposition,
+    FenceRef, GuestBacking, ResourceKind, ResourceView,
 };
 
 const RAM: u64 = 64 << 20;
@@ -50,7 +50,7 @@ struct Guest {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     next_free: u64,
     fences: Arc<Fences>,
-    nc: NativeContexts,
+    nc: ComputeBackend,
 }
 
 /// One context with a session.
@@ -63,7 +63,7 @@ struct Client {
 }
 
 impl Guest {
-    fn new(config: NativeConfig) -> Guest {
+    fn new(config: ComputeConfig) -> Guest {
         let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
         let mem = GuestMemoryAtomic::new(mmap);
         let device = SimGpu::new(SimConfig {
@@ -71,7 +71,7 @@ impl Guest {
             ..SimConfig::default()
         });
         let fences = Arc::new(Fences::default());
-        let mut nc = NativeContexts::new(device, config, fences.clone());
+        let mut nc = ComputeBackend::new(device, config, fences.clone());
         nc.set_memory(mem.clone());
         Guest {
             mem,
@@ -94,7 +94,7 @@ impl Guest {
             id: ResourceId(id),
             kind: ResourceKind::Buffer3d,
             size: bytes,
-            backing: Some(Arc::new(Backing {
+            backing: Some(Arc::new(GuestBacking {
                 entries: vec![(GuestAddress(gpa), bytes as u32)],
             })),
         };
@@ -161,7 +161,7 @@ impl Guest {
         c: &mut Client,
         request: &Request<'_>,
         fence: Option<FenceRef>,
-    ) -> (Result<FenceDisposition, ComputeError>, Reply) {
+    ) -> (Result<FenceDisposition, ContextBackendError>, Reply) {
         let mut w = RequestWriter::new(0..REPLY_SIZE as u32).with_first_seqno(c.writer_seq);
         let ticket = w.push(request).unwrap();
         c.writer_seq = w.next_seqno();
@@ -263,7 +263,7 @@ fn compat() -> ContextInit {
 
 #[test]
 fn bind_and_dispatch_write_guest_memory() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let data = g.resource(c.ctx, 2, 1 << 20);
     let r = g.bind(
@@ -296,7 +296,7 @@ fn bind_and_dispatch_write_guest_memory() {
 
 #[test]
 fn forwarded_faults_are_resolved_by_binding_pages() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     let va = 0x2000_0000u64;
@@ -344,7 +344,7 @@ fn forwarded_faults_are_resolved_by_binding_pages() {
 
 #[test]
 fn rejected_and_fatal_faults_fail_the_work() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 2, 5), Status::Ok);
@@ -375,7 +375,7 @@ fn rejected_and_fatal_faults_fail_the_work() {
 
 #[test]
 fn contexts_cannot_reach_each_other() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut a = g.open(1, compat(), Profile::Compat);
     let mut b = g.open(2, compat(), Profile::Compat);
     g.resource(a.ctx, 7, 1 << 16);
@@ -411,7 +411,7 @@ fn contexts_cannot_reach_each_other() {
 
 #[test]
 fn native_event_fence_is_held_until_a_fault_is_pending() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let init = ContextInit {
         capset_id: Some(guest_proto::capset::VGNC_CAPSET_ID),
     };
@@ -453,7 +453,7 @@ fn native_event_fence_is_held_until_a_fault_is_pending() {
 
 #[test]
 fn compat_sessions_are_refused_the_native_profile_and_events() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     g.nc.create_context(CtxId(5), compat(), "x").unwrap();
     let gpa = g.resource(CtxId(5), 9, 16384);
     let init = SessionInit::new(
@@ -478,7 +478,7 @@ fn compat_sessions_are_refused_the_native_profile_and_events() {
     let t = w.push(&Request::SessionInit(init)).unwrap();
     assert_eq!(
         g.nc.submit(CtxId(5), w.as_bytes(), None),
-        Err(ComputeError::InvalidParameter)
+        Err(ContextBackendError::InvalidParameter)
     );
     let reply = Reply::decode(&g.read::<32>(gpa + u64::from(t.reply_off.unwrap()))).unwrap();
     assert_eq!(reply.status, Status::Version);
@@ -486,7 +486,7 @@ fn compat_sessions_are_refused_the_native_profile_and_events() {
 
 #[test]
 fn malformed_streams_get_errors_and_the_session_survives() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     // Unknown command, well framed: an error reply, processing goes on.
     let mut raw = Vec::new();
@@ -503,12 +503,12 @@ fn malformed_streams_get_errors_and_the_session_survives() {
     // Broken framing fails the submit.
     assert_eq!(
         g.nc.submit(c.ctx, &[1, 2, 3], None),
-        Err(ComputeError::InvalidParameter)
+        Err(ContextBackendError::InvalidParameter)
     );
     // Unknown context.
     assert_eq!(
         g.nc.submit(CtxId(99), &raw, None),
-        Err(ComputeError::InvalidContext)
+        Err(ContextBackendError::InvalidContext)
     );
     // Still serving.
     let q = g.create_queue(&mut c);
@@ -518,7 +518,7 @@ fn malformed_streams_get_errors_and_the_session_survives() {
 
 #[test]
 fn destroying_a_context_with_pending_faults_cancels_its_work() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x5000_0000, 4096, 6, 3), Status::Ok);
@@ -537,9 +537,9 @@ fn destroying_a_context_with_pending_faults_cancels_its_work() {
 
 #[test]
 fn bound_bytes_are_a_per_guest_quota() {
-    let config = NativeConfig {
+    let config = ComputeConfig {
         max_bound_bytes: 8192,
-        ..NativeConfig::default()
+        ..ComputeConfig::default()
     };
     let mut g = Guest::new(config);
     let mut a = g.open(1, compat(), Profile::Compat);
@@ -582,9 +582,9 @@ fn bound_bytes_are_a_per_guest_quota() {
 
 #[test]
 fn unanswered_faults_time_out_and_late_answers_are_unknown() {
-    let config = NativeConfig {
+    let config = ComputeConfig {
         fault_timeout: Duration::from_millis(50),
-        ..NativeConfig::default()
+        ..ComputeConfig::default()
     };
     let mut g = Guest::new(config);
     let mut c = g.open(1, compat(), Profile::Compat);
@@ -609,7 +609,7 @@ fn unanswered_faults_time_out_and_late_answers_are_unknown() {
 fn range_attributes_make_faults_fatal_or_prefetch_granules() {
     use guest_proto::FaultPolicy;
     use guest_proto::attr::{RangeAttr, RangeAttrs};
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     let attr = |va: u64, size: u64, attrs: RangeAttrs| {
@@ -686,7 +686,7 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
 
 #[test]
 fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
-    let mut g = Guest::new(NativeConfig::default());
+    let mut g = Guest::new(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 5, 8), Status::Ok);
@@ -701,14 +701,14 @@ fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
     w.push(&Request::DeviceQuery).unwrap();
     assert_eq!(
         g.nc.submit(c.ctx, w.as_bytes(), None),
-        Err(ComputeError::InvalidParameter)
+        Err(ContextBackendError::InvalidParameter)
     );
     // Re-attach and start again.
     let view = ResourceView {
         id: c.session_res,
         kind: ResourceKind::Buffer3d,
         size: 16384,
-        backing: Some(Arc::new(Backing {
+        backing: Some(Arc::new(GuestBacking {
             entries: vec![(GuestAddress(c.session_gpa), 16384)],
         })),
     };
@@ -759,7 +759,7 @@ mod hostile {
     //! Arbitrary bytes from the guest: never a panic, and the device keeps
     //! serving.
     use super::*;
-    use crate::gpu::device::{GpuDevice, GpuLimits};
+    use crate::virtio_gpu::device::{GpuDevice, GpuLimits};
     use proptest::prelude::*;
 
     proptest! {
@@ -767,7 +767,7 @@ mod hostile {
 
         #[test]
         fn arbitrary_submit_streams(streams in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..512), 1..8)) {
-            let mut g = Guest::new(NativeConfig::default());
+            let mut g = Guest::new(ComputeConfig::default());
             let mut c = g.open(1, compat(), Profile::Compat);
             for s in &streams {
                 let _ = g.nc.submit(c.ctx, s, None);
@@ -798,7 +798,7 @@ mod hostile {
                 0x10c, 0x10d, 0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, 0x208, 0x209,
                 0x300, 0x301, 0x0, 0xffff_ffff, 0x1100, 0x1205,
             ];
-            let g = Guest::new(NativeConfig::default());
+            let g = Guest::new(ComputeConfig::default());
             let mut dev = GpuDevice::new(Box::new(g.nc), GpuLimits::default());
             dev.set_memory(g.mem.clone());
             dev.set_features(0x1f);

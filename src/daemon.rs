@@ -1,0 +1,133 @@
+//! The life of the daemon process: one listening socket, one frontend
+//! connection at a time, fresh device state for every connection.
+//!
+//! A frontend that goes away (QEMU quits or restarts) ends its connection;
+//! the daemon forgets everything of it and accepts the next one on the same
+//! socket, so a restarted VMM always finds it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gpu_backend::sim::{SimConfig, SimGpu};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::{DaemonConfig, DeviceModel};
+use crate::context_backend::ContextBackendFactory;
+use crate::virtio_gpu::{FENCE_EVENT, GpuVhostBackend, TIMER_EVENT};
+
+/// Why the daemon could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The termination signals could not be set up.
+    #[error("cannot install signal handling: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+}
+
+/// Why one frontend connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The device state could not be created.
+    #[error("creating the device: {0}")]
+    Device(#[source] std::io::Error),
+    /// vhost-user-backend refused to set up.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+    /// vhost-user-backend made no vring worker.
+    #[error("no vring worker")]
+    NoWorker,
+    /// A device event could not be registered with the vring worker.
+    #[error("registering device event {event}: {source}")]
+    Register {
+        /// The device event.
+        event: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting the connection failed.
+    #[error("accepting: {0}")]
+    Accept(vhost_user_backend::Error),
+    /// The connection ended with an error.
+    #[error("{0}")]
+    Serve(vhost_user_backend::Error),
+}
+
+/// Starts the daemon and serves frontends until a termination signal.
+/// Returns only if it cannot start.
+pub fn start_backend(config: DaemonConfig) -> Result<(), StartError> {
+    crate::signals::exit_on_termination(config.socket_path.clone()).map_err(StartError::Signals)?;
+    let device = match config.device {
+        DeviceModel::Sim { compute_units } => SimGpu::new(SimConfig {
+            compute_units: compute_units.unwrap_or(SimConfig::default().compute_units),
+            ..SimConfig::default()
+        }),
+    };
+    let factory = crate::compute::factory(device, config.compute.clone());
+    // One listening socket for the life of the process: a frontend that
+    // reconnects (QEMU restarted) always finds it.
+    let mut listener =
+        Listener::new(&config.socket_path, true).map_err(|source| StartError::Listen {
+            path: config.socket_path.clone(),
+            source,
+        })?;
+    log::info!("listening on {}", config.socket_path.display());
+    loop {
+        if let Err(e) = serve_one(&config, &factory, &mut listener) {
+            log::error!("connection ended with an error: {e}");
+        }
+        log::info!("frontend disconnected; waiting for the next connection");
+    }
+}
+
+/// Serves one frontend connection with fresh device state.
+fn serve_one(
+    config: &DaemonConfig,
+    factory: &ContextBackendFactory,
+    listener: &mut Listener,
+) -> Result<(), ConnectionError> {
+    let backend = Arc::new(
+        GpuVhostBackend::new(factory, config.gpu_limits).map_err(ConnectionError::Device)?,
+    );
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("vhost-gpu-nc".into(), backend.clone(), mem)
+        .map_err(ConnectionError::Daemon)?;
+    let handler = daemon
+        .get_epoll_handlers()
+        .into_iter()
+        .next()
+        .ok_or(ConnectionError::NoWorker)?;
+    for (fd, event) in [
+        (backend.timer_fd(), TIMER_EVENT),
+        (backend.fence_fd(), FENCE_EVENT),
+    ] {
+        handler
+            .register_listener(fd, EventSet::IN, u64::from(event))
+            .map_err(|source| ConnectionError::Register { event, source })?;
+    }
+    daemon.start(listener).map_err(ConnectionError::Accept)?;
+    let result = daemon.wait();
+    // Stop this connection's vring worker threads, then forget its state.
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    backend.teardown();
+    match result {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(ConnectionError::Serve(e)),
+    }
+}
