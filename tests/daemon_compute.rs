@@ -5,109 +5,145 @@
 
 mod harness;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use guest_proto::bind::{BindOp, PageList, VmBind};
-use guest_proto::command::{Dispatch, Profile, QueueCreate, Region, SessionInit};
-use guest_proto::fault::{FaultOutcome, FaultRecord, FaultReply, FaultReplyEntry, FaultRingLayout};
+use guest_proto::capset::Capset;
+use guest_proto::command::{DecodeLimits, Dispatch, Profile};
+use guest_proto::fault::{FaultOutcome, FaultRecord, FaultReply, FaultReplyEntry};
 use guest_proto::reply::{Reply, ReplyPayload};
 use guest_proto::signal::SignalSlot;
-use guest_proto::writer::RequestWriter;
 use guest_proto::{
     DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId, Request, ResourceId, SignalIndex,
-    Status,
 };
+use guest_runtime::client::{self as runtime, Channel, SessionLayout};
 use harness::{Daemon, F_BLOB, F_CONTEXT_INIT, F_VIRGL, Vmm, cmd, entries, req};
 
 const SESSION_BYTES: u32 = 16384;
-const RING_OFF: u64 = 4096;
-const SIGNALS_OFF: u64 = 8192;
+const LAYOUT: SessionLayout = SessionLayout {
+    reply_off: 0,
+    reply_size: 4096,
+    ring_off: 4096,
+    ring_capacity: 64,
+    signals_off: 8192,
+    signal_slots: 64,
+};
 
-/// A guest context with a session, driven through the socket.
-struct Client {
+type Shared = Rc<RefCell<Vmm>>;
+
+/// The guest runtime's client over the harness VMM: a submit is a
+/// SUBMIT_3D through the real socket, the session buffer is read in the
+/// shared guest RAM.
+struct Harness {
+    vmm: Shared,
     ctx: u32,
-    session: u64,
-    seq: u32,
-    head: u32,
+    base: u64,
 }
 
-fn open(vmm: &mut Vmm, ctx: u32, res: u32, native: bool) -> Client {
-    let session = if native {
-        assert_eq!(vmm.ctx_create(ctx, 24), cmd::OK_NODATA);
-        let gpa = vmm.alloc(u64::from(SESSION_BYTES));
-        let mut r = req(cmd::RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
-        r.extend_from_slice(&0u64.to_le_bytes());
-        r.extend_from_slice(&u64::from(SESSION_BYTES).to_le_bytes());
-        r.extend(entries(&[(gpa, SESSION_BYTES)]));
-        assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
-        gpa
-    } else {
-        assert_eq!(vmm.ctx_create(ctx, 0), cmd::OK_NODATA);
-        vmm.buffer_3d(res, SESSION_BYTES)
-    };
-    assert_eq!(vmm.ctx_attach(ctx, res), cmd::OK_NODATA);
-    let mut c = Client {
-        ctx,
-        session,
-        seq: 1,
-        head: 0,
-    };
-    let profile = if native {
-        Profile::Native { event_ring: 1 }
-    } else {
-        Profile::Compat
-    };
-    let rid = ResourceId(res);
-    let init = SessionInit::new(
-        profile,
-        Region {
-            resource: rid,
-            offset: 0,
-            size: 4096,
-        },
-        Region {
-            resource: rid,
-            offset: RING_OFF,
-            size: FaultRingLayout::new(64).unwrap().size(),
-        },
-        Region {
-            resource: rid,
-            offset: SIGNALS_OFF,
-            size: 64 * 32,
-        },
-    );
-    assert_eq!(
-        call(vmm, &mut c, &Request::SessionInit(init)).status,
-        Status::Ok
-    );
-    c
-}
-
-fn call(vmm: &mut Vmm, c: &mut Client, r: &Request<'_>) -> Reply {
-    let mut w = RequestWriter::new(0..4096).with_first_seqno(c.seq);
-    let t = w.push(r).unwrap();
-    c.seq = w.next_seqno();
-    assert_eq!(vmm.submit(c.ctx, w.as_bytes()), cmd::OK_NODATA);
-    let off = c.session + u64::from(t.reply_off.unwrap());
-    Reply::decode(&vmm.ram.read(off, 80)).unwrap()
-}
-
-fn queue(vmm: &mut Vmm, c: &mut Client) -> QueueId {
-    match call(vmm, c, &Request::QueueCreate(QueueCreate { priority: 1 })).payload {
-        ReplyPayload::QueueCreate(q) => q.queue,
-        p => panic!("{p:?}"),
+impl Harness {
+    fn at(&self, off: u64, len: usize) -> std::io::Result<u64> {
+        if off.saturating_add(len as u64) > u64::from(SESSION_BYTES) {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        Ok(self.base + off)
     }
 }
 
+impl Channel for Harness {
+    fn submit(&mut self, stream: &[u8], _ring: Option<u32>) -> std::io::Result<()> {
+        match self.vmm.borrow_mut().submit(self.ctx, stream) {
+            cmd::OK_NODATA => Ok(()),
+            other => Err(std::io::Error::other(format!("SUBMIT_3D: {other:#x}"))),
+        }
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let gpa = self.at(off, buf.len())?;
+        buf.copy_from_slice(&self.vmm.borrow().ram.read(gpa, buf.len()));
+        Ok(())
+    }
+
+    fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let gpa = self.at(off, bytes.len())?;
+        self.vmm.borrow().ram.write(gpa, bytes);
+        Ok(())
+    }
+
+    fn load_u32(&self, off: u64) -> std::io::Result<u32> {
+        let gpa = self.at(off, 4)?;
+        let v = self.vmm.borrow().ram.u32(gpa);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        Ok(v)
+    }
+
+    fn load_u64(&self, off: u64) -> std::io::Result<u64> {
+        let gpa = self.at(off, 8)?;
+        let v = self.vmm.borrow().ram.u64(gpa);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        Ok(v)
+    }
+
+    fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.write(off, &value.to_le_bytes())
+    }
+}
+
+type Client = runtime::Client<Harness>;
+
+fn open(vmm: &Shared, ctx: u32, res: u32, native: bool) -> Client {
+    let session = {
+        let mut vmm = vmm.borrow_mut();
+        let session = if native {
+            assert_eq!(vmm.ctx_create(ctx, 24), cmd::OK_NODATA);
+            let gpa = vmm.alloc(u64::from(SESSION_BYTES));
+            let mut r = req(cmd::RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
+            r.extend_from_slice(&0u64.to_le_bytes());
+            r.extend_from_slice(&u64::from(SESSION_BYTES).to_le_bytes());
+            r.extend(entries(&[(gpa, SESSION_BYTES)]));
+            assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
+            gpa
+        } else {
+            assert_eq!(vmm.ctx_create(ctx, 0), cmd::OK_NODATA);
+            vmm.buffer_3d(res, SESSION_BYTES)
+        };
+        assert_eq!(vmm.ctx_attach(ctx, res), cmd::OK_NODATA);
+        session
+    };
+    let channel = Harness {
+        vmm: vmm.clone(),
+        ctx,
+        base: session,
+    };
+    let limits = DecodeLimits::from_capset(&Capset::default());
+    let (ring, profile) = if native {
+        (Some(0), Profile::Native { event_ring: 1 })
+    } else {
+        (None, Profile::Compat)
+    };
+    let mut c = runtime::Client::new(channel, LAYOUT, limits, ring);
+    c.start(ResourceId(res), profile).expect("SESSION_INIT");
+    c
+}
+
+fn call(c: &mut Client, r: &Request<'_>) -> Reply {
+    c.request(r).unwrap()
+}
+
+fn queue(c: &mut Client) -> QueueId {
+    c.create_queue(1).unwrap()
+}
+
 fn fill(
-    vmm: &mut Vmm,
     c: &mut Client,
     q: QueueId,
     va: u64,
     count: u64,
     slot: u32,
     value: u64,
-) -> Status {
+) -> guest_proto::Status {
     let d = Dispatch {
         queue: q,
         kernel: Kernel::Fill {
@@ -119,30 +155,16 @@ fn fill(
         notify: true,
         completion_value: value,
     };
-    call(vmm, c, &Request::Dispatch(d)).status
+    c.clear_signal(slot).unwrap();
+    call(c, &Request::Dispatch(d)).status
 }
 
-fn signal(vmm: &Vmm, c: &Client, slot: u32) -> SignalSlot {
-    SignalSlot::decode(
-        &vmm.ram
-            .read(c.session + SIGNALS_OFF + u64::from(slot) * 32, 32),
-    )
-    .unwrap()
+fn signal(c: &Client, slot: u32) -> SignalSlot {
+    c.signal(slot).unwrap()
 }
 
-fn faults(vmm: &mut Vmm, c: &mut Client) -> Vec<FaultRecord> {
-    let ring = c.session + RING_OFF;
-    let tail = vmm.ram.u32(ring);
-    let layout = FaultRingLayout::new(64).unwrap();
-    let mut out = Vec::new();
-    while c.head != tail {
-        out.push(
-            FaultRecord::decode(&vmm.ram.read(ring + layout.record_offset(c.head), 32)).unwrap(),
-        );
-        c.head = c.head.wrapping_add(1);
-    }
-    vmm.ram.write(ring + 64, &c.head.to_le_bytes());
-    out
+fn faults(c: &mut Client) -> Vec<FaultRecord> {
+    c.take_faults().unwrap()
 }
 
 fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
@@ -156,11 +178,11 @@ fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
 #[test]
 fn compat_bind_dispatch_and_forwarded_faults() {
     let d = Daemon::start(&[]);
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
-    let mut c = open(&mut vmm, 1, 10, false);
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(&d.socket, F_VIRGL)));
+    let mut c = open(&vmm, 1, 10, false);
     // Bound buffer.
-    let data = vmm.buffer_3d(11, 64 * 1024);
-    assert_eq!(vmm.ctx_attach(1, 11), cmd::OK_NODATA);
+    let data = vmm.borrow_mut().buffer_3d(11, 64 * 1024);
+    assert_eq!(vmm.borrow_mut().ctx_attach(1, 11), cmd::OK_NODATA);
     let op = [BindOp::MapResource {
         va: GpuVa(0x1000_0000),
         size: 64 * 1024,
@@ -169,30 +191,30 @@ fn compat_bind_dispatch_and_forwarded_faults() {
         offset: 0,
     }];
     assert_eq!(
-        call(&mut vmm, &mut c, &Request::VmBind(VmBind::new(&op))).status,
-        Status::Ok
+        call(&mut c, &Request::VmBind(VmBind::new(&op))).status,
+        guest_proto::Status::Ok
     );
-    let q = queue(&mut vmm, &mut c);
+    let q = queue(&mut c);
     assert_eq!(
-        fill(&mut vmm, &mut c, q, 0x1000_0000, 16 * 1024, 0, 5),
-        Status::Ok
+        fill(&mut c, q, 0x1000_0000, 16 * 1024, 0, 5),
+        guest_proto::Status::Ok
     );
-    wait_for(|| signal(&vmm, &c, 0).value == 5, "fill");
-    assert_eq!(signal(&vmm, &c, 0).status, DispatchStatus::Ok);
-    assert_eq!(vmm.ram.u32(data), 0xF111);
-    assert_eq!(vmm.ram.u32(data + 64 * 1024 - 4), 0xF111);
+    wait_for(|| signal(&c, 0).value == 5, "fill");
+    assert_eq!(signal(&c, 0).status, DispatchStatus::Ok);
+    assert_eq!(vmm.borrow().ram.u32(data), 0xF111);
+    assert_eq!(vmm.borrow().ram.u32(data + 64 * 1024 - 4), 0xF111);
 
     // Unbound: the fault is forwarded, the guest binds a page and answers.
     assert_eq!(
-        fill(&mut vmm, &mut c, q, 0x3000_0000, 1024, 1, 6),
-        Status::Ok
+        fill(&mut c, q, 0x3000_0000, 1024, 1, 6),
+        guest_proto::Status::Ok
     );
     let mut page = 0;
     wait_for(
         || {
-            for f in faults(&mut vmm, &mut c) {
+            for f in faults(&mut c) {
                 assert_eq!(f.va, GpuVa(0x3000_0000));
-                page = vmm.alloc(4096);
+                page = vmm.borrow_mut().alloc(4096);
                 let pages = [GuestPhysAddr(page)];
                 let op = [BindOp::MapPages {
                     va: f.va,
@@ -200,42 +222,45 @@ fn compat_bind_dispatch_and_forwarded_faults() {
                     pages: PageList::new(&pages),
                 }];
                 assert_eq!(
-                    call(&mut vmm, &mut c, &Request::VmBind(VmBind::new(&op))).status,
-                    Status::Ok
+                    call(&mut c, &Request::VmBind(VmBind::new(&op))).status,
+                    guest_proto::Status::Ok
                 );
                 let e = [FaultReplyEntry {
                     fault_id: f.fault_id,
                     outcome: FaultOutcome::Resolved,
                 }];
                 assert_eq!(
-                    call(&mut vmm, &mut c, &Request::FaultReply(FaultReply::new(&e))).status,
-                    Status::Ok
+                    call(&mut c, &Request::FaultReply(FaultReply::new(&e))).status,
+                    guest_proto::Status::Ok
                 );
             }
-            signal(&vmm, &c, 1).value == 6
+            signal(&c, 1).value == 6
         },
         "faulting fill",
     );
-    assert_eq!(signal(&vmm, &c, 1).status, DispatchStatus::Ok);
-    assert_eq!(vmm.ram.u32(page + 4092), 0xF111);
+    assert_eq!(signal(&c, 1).status, DispatchStatus::Ok);
+    assert_eq!(vmm.borrow().ram.u32(page + 4092), 0xF111);
 
     // Rejected.
-    assert_eq!(fill(&mut vmm, &mut c, q, 0x5000_0000, 16, 2, 7), Status::Ok);
+    assert_eq!(
+        fill(&mut c, q, 0x5000_0000, 16, 2, 7),
+        guest_proto::Status::Ok
+    );
     wait_for(
         || {
-            for f in faults(&mut vmm, &mut c) {
+            for f in faults(&mut c) {
                 let e = [FaultReplyEntry {
                     fault_id: f.fault_id,
                     outcome: FaultOutcome::Rejected,
                 }];
-                call(&mut vmm, &mut c, &Request::FaultReply(FaultReply::new(&e)));
+                call(&mut c, &Request::FaultReply(FaultReply::new(&e)));
             }
-            signal(&vmm, &c, 2).value == 7
+            signal(&c, 2).value == 7
         },
         "rejected fill",
     );
-    assert_eq!(signal(&vmm, &c, 2).status, DispatchStatus::FaultRejected);
-    match call(&mut vmm, &mut c, &Request::DeviceQuery).payload {
+    assert_eq!(signal(&c, 2).status, DispatchStatus::FaultRejected);
+    match call(&mut c, &Request::DeviceQuery).payload {
         ReplyPayload::DeviceQuery(q) => {
             assert_eq!(
                 (q.faults_resolved, q.faults_rejected, q.dispatches_done),
@@ -250,10 +275,10 @@ fn compat_bind_dispatch_and_forwarded_faults() {
 #[test]
 fn two_contexts_are_isolated() {
     let d = Daemon::start(&[]);
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
-    let mut a = open(&mut vmm, 1, 10, false);
-    let mut b = open(&mut vmm, 2, 20, false);
-    let qa = queue(&mut vmm, &mut a);
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(&d.socket, F_VIRGL)));
+    let mut a = open(&vmm, 1, 10, false);
+    let mut b = open(&vmm, 2, 20, false);
+    let qa = queue(&mut a);
     // B names A's session resource and A's queue: unknown to B.
     let op = [BindOp::MapResource {
         va: GpuVa(0x1000_0000),
@@ -263,41 +288,46 @@ fn two_contexts_are_isolated() {
         offset: 0,
     }];
     assert_eq!(
-        call(&mut vmm, &mut b, &Request::VmBind(VmBind::new(&op))).status,
-        Status::UnknownResource
+        call(&mut b, &Request::VmBind(VmBind::new(&op))).status,
+        guest_proto::Status::UnknownResource
     );
     assert_eq!(
-        fill(&mut vmm, &mut b, qa, 0x1000_0000, 16, 0, 1),
-        Status::UnknownQueue
+        fill(&mut b, qa, 0x1000_0000, 16, 0, 1),
+        guest_proto::Status::UnknownQueue
     );
     // Attaching A's resource to B through virtio is the only way to share.
-    assert_eq!(vmm.ctx_attach(2, 10), cmd::OK_NODATA);
+    assert_eq!(vmm.borrow_mut().ctx_attach(2, 10), cmd::OK_NODATA);
     assert_eq!(
-        call(&mut vmm, &mut b, &Request::VmBind(VmBind::new(&op))).status,
-        Status::Ok
+        call(&mut b, &Request::VmBind(VmBind::new(&op))).status,
+        guest_proto::Status::Ok
     );
 }
 
 #[test]
 fn native_profile_holds_the_event_fence_until_a_fault() {
     let d = Daemon::start(&[]);
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_CONTEXT_INIT | F_BLOB);
-    let mut c = open(&mut vmm, 1, 10, true);
-    let q = queue(&mut vmm, &mut c);
-    let mut w = RequestWriter::new(0..4096);
-    w.push_no_reply(&Request::EventArm).unwrap();
-    vmm.post_submit(1, w.as_bytes(), Some((100, Some(1))));
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(
+        &d.socket,
+        F_VIRGL | F_CONTEXT_INIT | F_BLOB,
+    )));
+    let mut c = open(&vmm, 1, 10, true);
+    let q = queue(&mut c);
+    let arm = c.encode_no_reply(&[Request::EventArm]).unwrap();
+    vmm.borrow_mut().post_submit(1, &arm, Some((100, Some(1))));
     assert!(
-        vmm.wait_used(0, Duration::from_millis(300)).is_none(),
+        vmm.borrow_mut()
+            .wait_used(0, Duration::from_millis(300))
+            .is_none(),
         "held while nothing is pending"
     );
     // Another submit on ring 0 is not blocked by the held event fence.
-    let mut w = RequestWriter::new(0..4096).with_first_seqno(c.seq);
-    w.push(&Request::DeviceQuery).unwrap();
-    c.seq = w.next_seqno();
-    vmm.post_submit(1, w.as_bytes(), Some((101, Some(0))));
+    let (query, _) = c.encode(&[Request::DeviceQuery]).unwrap();
+    vmm.borrow_mut()
+        .post_submit(1, &query, Some((101, Some(0))));
     assert!(
-        vmm.wait_used(0, Duration::from_secs(10)).is_some(),
+        vmm.borrow_mut()
+            .wait_used(0, Duration::from_secs(10))
+            .is_some(),
         "ring 0 completes"
     );
     // A dispatch that faults makes the event pending: the fence completes.
@@ -312,26 +342,27 @@ fn native_profile_holds_the_event_fence_until_a_fault() {
         notify: true,
         completion_value: 9,
     };
-    let mut w = RequestWriter::new(0..4096).with_first_seqno(c.seq);
-    w.push(&Request::Dispatch(d)).unwrap();
-    vmm.post_submit(1, w.as_bytes(), Some((102, Some(0))));
+    let (dispatch, _) = c.encode(&[Request::Dispatch(d)]).unwrap();
+    vmm.borrow_mut()
+        .post_submit(1, &dispatch, Some((102, Some(0))));
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let (head, _) = vmm
+            .borrow_mut()
             .wait_used(0, Duration::from_secs(20))
             .expect("event fence never completed");
         seen.push(head);
     }
-    assert_eq!(faults(&mut vmm, &mut c).len(), 1);
+    assert_eq!(faults(&mut c).len(), 1);
 }
 
 #[test]
 fn a_destroyed_context_with_pending_faults_frees_everything() {
     let mut d = Daemon::start(&["--max-bound-bytes", "65536"]);
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
-    let mut c = open(&mut vmm, 1, 10, false);
-    let q = queue(&mut vmm, &mut c);
-    let page = vmm.alloc(65536);
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(&d.socket, F_VIRGL)));
+    let mut c = open(&vmm, 1, 10, false);
+    let q = queue(&mut c);
+    let page = vmm.borrow_mut().alloc(65536);
     let pages: Vec<GuestPhysAddr> = (0..16).map(|i| GuestPhysAddr(page + i * 4096)).collect();
     let op = [BindOp::MapPages {
         va: GpuVa(0x1000_0000),
@@ -339,8 +370,8 @@ fn a_destroyed_context_with_pending_faults_frees_everything() {
         pages: PageList::new(&pages),
     }];
     assert_eq!(
-        call(&mut vmm, &mut c, &Request::VmBind(VmBind::new(&op))).status,
-        Status::Ok
+        call(&mut c, &Request::VmBind(VmBind::new(&op))).status,
+        guest_proto::Status::Ok
     );
     let more = [BindOp::MapPages {
         va: GpuVa(0x2000_0000),
@@ -348,25 +379,25 @@ fn a_destroyed_context_with_pending_faults_frees_everything() {
         pages: PageList::new(&pages[..1]),
     }];
     assert_eq!(
-        call(&mut vmm, &mut c, &Request::VmBind(VmBind::new(&more))).status,
-        Status::Quota
+        call(&mut c, &Request::VmBind(VmBind::new(&more))).status,
+        guest_proto::Status::Quota
     );
     assert_eq!(
-        fill(&mut vmm, &mut c, q, 0x6000_0000, 4096, 0, 1),
-        Status::Ok
+        fill(&mut c, q, 0x6000_0000, 4096, 0, 1),
+        guest_proto::Status::Ok
     );
-    wait_for(|| !faults(&mut vmm, &mut c).is_empty(), "a fault");
+    wait_for(|| !faults(&mut c).is_empty(), "a fault");
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::CTX_DESTROY, 1, &[])),
+        vmm.borrow_mut().ctrl_type(&req(cmd::CTX_DESTROY, 1, &[])),
         cmd::OK_NODATA
     );
-    let s = signal(&vmm, &c, 0);
+    let s = signal(&c, 0);
     assert_eq!((s.value, s.status), (1, DispatchStatus::Cancelled));
     // The guest's quota came back: a new context can bind the same amount.
-    let mut c2 = open(&mut vmm, 2, 20, false);
+    let mut c2 = open(&vmm, 2, 20, false);
     assert_eq!(
-        call(&mut vmm, &mut c2, &Request::VmBind(VmBind::new(&op))).status,
-        Status::Ok
+        call(&mut c2, &Request::VmBind(VmBind::new(&op))).status,
+        guest_proto::Status::Ok
     );
     assert!(d.alive());
 }

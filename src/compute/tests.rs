@@ -1,15 +1,19 @@
 //! The compute layer without virtqueues: a guest driver played in-process
 //! against the simulated GPU and real guest RAM.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use gpu_backend::GuestRam;
 use gpu_backend::sim::{SimConfig, SimGpu};
 use guest_proto::bind::{BindOp, PageList as WirePages, VmBind};
-use guest_proto::command::{Dispatch, Profile, QueueCreate, Region, SessionInit};
+use guest_proto::capset::Capset;
+use guest_proto::command::{DecodeLimits, Dispatch, Profile, Region};
 use guest_proto::fault::{
-    FAULT_RING_HEAD_OFFSET, FAULT_RING_TAIL_OFFSET, FaultCause, FaultOutcome,
-    FaultRecord as WireFault, FaultReply, FaultReplyEntry, FaultRingLayout,
+    FaultCause, FaultOutcome, FaultRecord as WireFault, FaultReply, FaultReplyEntry,
 };
 use guest_proto::reply::{Reply, ReplyPayload};
 use guest_proto::signal::SignalSlot;
@@ -18,6 +22,7 @@ use guest_proto::{
     DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId, Request, ResourceId, SignalIndex,
     Status,
 };
+use guest_runtime::client::{self as runtime, Channel, SessionLayout};
 use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -28,11 +33,15 @@ use crate::context_backend::{
 };
 
 const RAM: u64 = 64 << 20;
-const REPLY_SIZE: u64 = 4096;
-const RING_CAP: u32 = 64;
-const SIGNAL_SLOTS: u64 = 64;
-const RING_OFF: u64 = 4096;
-const SIGNALS_OFF: u64 = 8192;
+const SESSION_BYTES: u64 = 16384;
+const LAYOUT: SessionLayout = SessionLayout {
+    reply_off: 0,
+    reply_size: 4096,
+    ring_off: 4096,
+    ring_capacity: 64,
+    signals_off: 8192,
+    signal_slots: 64,
+};
 
 #[derive(Default)]
 struct Fences(Mutex<Vec<FenceRef>>);
@@ -45,12 +54,84 @@ impl FenceCompleter for Fences {
     fn wake(&self) {}
 }
 
-/// A guest: RAM, a page allocator, and its resources.
+type Backend = Rc<RefCell<ComputeBackend>>;
+
+/// The guest runtime's client, talking to the backend in-process: a submit
+/// is a direct call, the session buffer is read in guest RAM, and waiting
+/// ticks the backend.
+struct InProcess {
+    nc: Backend,
+    mem: GuestRam,
+    ctx: CtxId,
+    base: u64,
+}
+
+impl InProcess {
+    fn at(&self, off: u64, len: usize) -> std::io::Result<GuestAddress> {
+        if off.saturating_add(len as u64) > SESSION_BYTES {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        Ok(GuestAddress(self.base + off))
+    }
+}
+
+impl Channel for InProcess {
+    fn submit(&mut self, stream: &[u8], _ring: Option<u32>) -> std::io::Result<()> {
+        let result = self.nc.borrow_mut().submit(self.ctx, stream, None);
+        result.map(|_| ()).map_err(std::io::Error::other)
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let at = self.at(off, buf.len())?;
+        self.mem
+            .memory()
+            .read_slice(buf, at)
+            .map_err(std::io::Error::other)
+    }
+
+    fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let at = self.at(off, bytes.len())?;
+        self.mem
+            .memory()
+            .write_slice(bytes, at)
+            .map_err(std::io::Error::other)
+    }
+
+    fn load_u32(&self, off: u64) -> std::io::Result<u32> {
+        let at = self.at(off, 4)?;
+        self.mem
+            .memory()
+            .load(at, Ordering::Acquire)
+            .map_err(std::io::Error::other)
+    }
+
+    fn load_u64(&self, off: u64) -> std::io::Result<u64> {
+        let at = self.at(off, 8)?;
+        self.mem
+            .memory()
+            .load(at, Ordering::Acquire)
+            .map_err(std::io::Error::other)
+    }
+
+    fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
+        let at = self.at(off, 4)?;
+        self.mem
+            .memory()
+            .store(value, at, Ordering::Release)
+            .map_err(std::io::Error::other)
+    }
+
+    fn idle(&mut self) {
+        self.nc.borrow_mut().tick();
+    }
+}
+
+/// A guest: RAM, a page allocator, and the backend its contexts use.
 struct Guest {
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestRam,
     next_free: u64,
     fences: Arc<Fences>,
-    nc: ComputeBackend,
+    nc: Backend,
 }
 
 /// One context with a session.
@@ -58,8 +139,7 @@ struct Client {
     ctx: CtxId,
     session_res: ResourceId,
     session_gpa: u64,
-    writer_seq: u32,
-    head: u32,
+    proto: runtime::Client<InProcess>,
 }
 
 impl Guest {
@@ -77,8 +157,12 @@ impl Guest {
             mem,
             next_free: 0x10_0000,
             fences,
-            nc,
+            nc: Rc::new(RefCell::new(nc)),
         }
+    }
+
+    fn nc(&self) -> std::cell::RefMut<'_, ComputeBackend> {
+        self.nc.borrow_mut()
     }
 
     fn alloc(&mut self, bytes: u64) -> u64 {
@@ -98,7 +182,7 @@ impl Guest {
                 entries: vec![(GuestAddress(gpa), bytes as u32)],
             })),
         };
-        self.nc.attach_resource(ctx, &view).unwrap();
+        self.nc().attach_resource(ctx, &view).unwrap();
         gpa
     }
 
@@ -115,109 +199,60 @@ impl Guest {
         u32::from_le_bytes(self.read::<4>(gpa))
     }
 
-    fn open(&mut self, ctx: u32, init: ContextInit, profile: Profile) -> Client {
+    /// A context of `ctx` with its session buffer (not started).
+    fn context(&mut self, ctx: u32, init: ContextInit) -> Client {
         let ctx = CtxId(ctx);
-        self.nc.create_context(ctx, init, "test").unwrap();
+        self.nc().create_context(ctx, init, "test").unwrap();
         let session_res = ResourceId(ctx.0 * 100);
-        let session_gpa = self.resource(ctx, session_res.0, 16384);
-        let mut client = Client {
+        let session_gpa = self.resource(ctx, session_res.0, SESSION_BYTES);
+        let channel = InProcess {
+            nc: self.nc.clone(),
+            mem: self.mem.clone(),
+            ctx,
+            base: session_gpa,
+        };
+        let limits = DecodeLimits::from_capset(&Capset::default());
+        Client {
             ctx,
             session_res,
             session_gpa,
-            writer_seq: 1,
-            head: 0,
-        };
-        let ring_size = FaultRingLayout::new(RING_CAP).unwrap().size();
-        let init = SessionInit::new(
-            profile,
-            Region {
-                resource: session_res,
-                offset: 0,
-                size: REPLY_SIZE,
-            },
-            Region {
-                resource: session_res,
-                offset: RING_OFF,
-                size: ring_size,
-            },
-            Region {
-                resource: session_res,
-                offset: SIGNALS_OFF,
-                size: SIGNAL_SLOTS * 32,
-            },
-        );
-        let reply = self.call(&mut client, &Request::SessionInit(init));
-        assert_eq!(reply.status, Status::Ok, "SESSION_INIT");
+            proto: runtime::Client::new(channel, LAYOUT, limits, None),
+        }
+    }
+
+    fn open(&mut self, ctx: u32, init: ContextInit, profile: Profile) -> Client {
+        let mut client = self.context(ctx, init);
+        client
+            .proto
+            .start(client.session_res, profile)
+            .expect("SESSION_INIT");
         client
     }
 
     /// Sends one request and returns its reply.
     fn call(&mut self, c: &mut Client, request: &Request<'_>) -> Reply {
-        self.call_fenced(c, request, None).1
+        c.proto.request(request).unwrap()
     }
 
-    fn call_fenced(
-        &mut self,
-        c: &mut Client,
-        request: &Request<'_>,
-        fence: Option<FenceRef>,
-    ) -> (Result<FenceDisposition, ContextBackendError>, Reply) {
-        let mut w = RequestWriter::new(0..REPLY_SIZE as u32).with_first_seqno(c.writer_seq);
-        let ticket = w.push(request).unwrap();
-        c.writer_seq = w.next_seqno();
-        let result = self.nc.submit(c.ctx, w.as_bytes(), fence);
-        let off = c.session_gpa + u64::from(ticket.reply_off.unwrap());
-        let bytes = self.read::<80>(off);
-        (result, Reply::decode(&bytes).unwrap())
-    }
-
-    fn signal(&self, c: &Client, slot: u64) -> SignalSlot {
-        SignalSlot::decode(&self.read::<32>(c.session_gpa + SIGNALS_OFF + slot * 32)).unwrap()
+    fn signal(&self, c: &Client, slot: u32) -> SignalSlot {
+        c.proto.signal(slot).unwrap()
     }
 
     /// Ticks the compute layer until the signal reaches `value`.
-    fn wait_signal(&mut self, c: &Client, slot: u64, value: u64) -> SignalSlot {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            self.nc.tick();
-            let s = self.signal(c, slot);
-            if s.value == value {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "signal {slot} never reached {value}"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
+    fn wait_signal(&mut self, c: &mut Client, slot: u32, value: u64) -> SignalSlot {
+        c.proto
+            .wait_signal(slot, value, Duration::from_secs(20), |_| Ok(false))
+            .unwrap_or_else(|e| panic!("signal {slot} never reached {value}: {e}"))
     }
 
     /// New fault records since the last call.
     fn take_faults(&mut self, c: &mut Client) -> Vec<WireFault> {
-        self.nc.tick();
-        let ring = c.session_gpa + RING_OFF;
-        let tail = self.u32_at(ring + FAULT_RING_TAIL_OFFSET);
-        let layout = FaultRingLayout::new(RING_CAP).unwrap();
-        let mut out = Vec::new();
-        while c.head != tail {
-            let rec = self.read::<32>(ring + layout.record_offset(c.head));
-            out.push(WireFault::decode(&rec).unwrap());
-            c.head = c.head.wrapping_add(1);
-        }
-        self.mem
-            .memory()
-            .write_obj(c.head, GuestAddress(ring + FAULT_RING_HEAD_OFFSET))
-            .unwrap();
-        out
+        self.nc().tick();
+        c.proto.take_faults().unwrap()
     }
 
     fn create_queue(&mut self, c: &mut Client) -> QueueId {
-        let r = self.call(c, &Request::QueueCreate(QueueCreate { priority: 0 }));
-        assert_eq!(r.status, Status::Ok);
-        let ReplyPayload::QueueCreate(q) = r.payload else {
-            panic!()
-        };
-        q.queue
+        c.proto.create_queue(0).unwrap()
     }
 
     fn fill(
@@ -240,6 +275,7 @@ impl Guest {
             notify: false,
             completion_value: value,
         };
+        c.proto.clear_signal(slot).unwrap();
         self.call(c, &Request::Dispatch(d)).status
     }
 
@@ -286,7 +322,7 @@ fn bind_and_dispatch_write_guest_memory() {
         g.fill(&mut c, q, 0x1000_0000, (1 << 20) / 4, 3, 7),
         Status::Ok
     );
-    let s = g.wait_signal(&c, 3, 7);
+    let s = g.wait_signal(&mut c, 3, 7);
     assert_eq!(s.status, DispatchStatus::Ok);
     for at in [0u64, 4, 0x8_0000, (1 << 20) - 4] {
         assert_eq!(g.u32_at(data + at), 0xC0DE_0003, "offset {at:#x}");
@@ -359,7 +395,7 @@ fn rejected_and_fatal_faults_fail_the_work() {
     };
     assert_eq!(faults[0].va, GpuVa(0x3000_0000));
     g.answer(&mut c, faults[0].fault_id, FaultOutcome::Rejected);
-    let s = g.wait_signal(&c, 2, 5);
+    let s = g.wait_signal(&mut c, 2, 5);
     assert_eq!(s.status, DispatchStatus::FaultRejected);
     assert_eq!(s.error_va, GpuVa(0x3000_0000));
     // A late second answer is unknown.
@@ -368,7 +404,7 @@ fn rejected_and_fatal_faults_fail_the_work() {
 
     // The NULL guard is never forwarded.
     assert_eq!(g.fill(&mut c, q, 0x1000, 16, 4, 9), Status::Ok);
-    let s = g.wait_signal(&c, 4, 9);
+    let s = g.wait_signal(&mut c, 4, 9);
     assert_eq!(s.status, DispatchStatus::FaultFatal);
     assert!(g.take_faults(&mut c).is_empty());
 }
@@ -402,7 +438,7 @@ fn contexts_cannot_reach_each_other() {
         size: 4096,
     };
     assert!(
-        g.nc.contexts[&b.ctx]
+        g.nc().contexts[&b.ctx]
             .resources
             .backing(stolen.resource)
             .is_none()
@@ -422,31 +458,31 @@ fn native_event_fence_is_held_until_a_fault_is_pending() {
         fence_id: 40,
         ring_idx: Some(1),
     };
-    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    let mut w = RequestWriter::new(0..LAYOUT.reply_size as u32);
     w.push_no_reply(&Request::EventArm).unwrap();
     assert_eq!(
-        g.nc.submit(c.ctx, w.as_bytes(), Some(fence)),
+        g.nc().submit(c.ctx, w.as_bytes(), Some(fence)),
         Ok(FenceDisposition::Hold)
     );
-    g.nc.tick();
+    g.nc().tick();
     assert!(g.fences.0.lock().is_empty(), "nothing pending yet");
     assert_eq!(g.fill(&mut c, q, 0x4000_0000, 16, 0, 1), Status::Ok);
     let deadline = Instant::now() + Duration::from_secs(20);
     while g.fences.0.lock().is_empty() {
-        g.nc.tick();
+        g.nc().tick();
         assert!(Instant::now() < deadline, "event fence never completed");
         std::thread::sleep(Duration::from_micros(200));
     }
     assert_eq!(g.fences.0.lock().as_slice(), &[fence]);
     // Unconsumed records: a new arm completes at once.
-    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    let mut w = RequestWriter::new(0..LAYOUT.reply_size as u32);
     w.push_no_reply(&Request::EventArm).unwrap();
     let again = FenceRef {
         fence_id: 41,
         ..fence
     };
     assert_eq!(
-        g.nc.submit(c.ctx, w.as_bytes(), Some(again)),
+        g.nc().submit(c.ctx, w.as_bytes(), Some(again)),
         Ok(FenceDisposition::SignalNow)
     );
 }
@@ -454,30 +490,15 @@ fn native_event_fence_is_held_until_a_fault_is_pending() {
 #[test]
 fn compat_sessions_are_refused_the_native_profile_and_events() {
     let mut g = Guest::new(ComputeConfig::default());
-    g.nc.create_context(CtxId(5), compat(), "x").unwrap();
-    let gpa = g.resource(CtxId(5), 9, 16384);
-    let init = SessionInit::new(
-        Profile::Native { event_ring: 1 },
-        Region {
-            resource: ResourceId(9),
-            offset: 0,
-            size: REPLY_SIZE,
-        },
-        Region {
-            resource: ResourceId(9),
-            offset: RING_OFF,
-            size: FaultRingLayout::new(RING_CAP).unwrap().size(),
-        },
-        Region {
-            resource: ResourceId(9),
-            offset: SIGNALS_OFF,
-            size: 2048,
-        },
-    );
-    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    g.nc().create_context(CtxId(5), compat(), "x").unwrap();
+    let gpa = g.resource(CtxId(5), 9, SESSION_BYTES);
+    let init = LAYOUT
+        .session_init(ResourceId(9), Profile::Native { event_ring: 1 })
+        .unwrap();
+    let mut w = RequestWriter::new(0..LAYOUT.reply_size as u32);
     let t = w.push(&Request::SessionInit(init)).unwrap();
     assert_eq!(
-        g.nc.submit(CtxId(5), w.as_bytes(), None),
+        g.nc().submit(CtxId(5), w.as_bytes(), None),
         Err(ContextBackendError::InvalidParameter)
     );
     let reply = Reply::decode(&g.read::<32>(gpa + u64::from(t.reply_off.unwrap()))).unwrap();
@@ -495,19 +516,19 @@ fn malformed_streams_get_errors_and_the_session_survives() {
     raw.extend_from_slice(&900u32.to_le_bytes());
     raw.extend_from_slice(&64u32.to_le_bytes());
     assert_eq!(
-        g.nc.submit(c.ctx, &raw, None),
+        g.nc().submit(c.ctx, &raw, None),
         Ok(FenceDisposition::SignalNow)
     );
     let reply = Reply::decode(&g.read::<16>(c.session_gpa + 64)).unwrap();
     assert_eq!((reply.seqno, reply.status), (900, Status::UnknownCommand));
     // Broken framing fails the submit.
     assert_eq!(
-        g.nc.submit(c.ctx, &[1, 2, 3], None),
+        g.nc().submit(c.ctx, &[1, 2, 3], None),
         Err(ContextBackendError::InvalidParameter)
     );
     // Unknown context.
     assert_eq!(
-        g.nc.submit(CtxId(99), &raw, None),
+        g.nc().submit(CtxId(99), &raw, None),
         Err(ContextBackendError::InvalidContext)
     );
     // Still serving.
@@ -527,7 +548,7 @@ fn destroying_a_context_with_pending_faults_cancels_its_work() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_micros(200));
     }
-    g.nc.destroy_context(c.ctx);
+    g.nc().destroy_context(c.ctx);
     let s = g.signal(&c, 6);
     assert_eq!((s.value, s.status), (3, DispatchStatus::Cancelled));
     // The guest's next context works.
@@ -590,7 +611,7 @@ fn unanswered_faults_time_out_and_late_answers_are_unknown() {
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 1, 4), Status::Ok);
-    let s = g.wait_signal(&c, 1, 4);
+    let s = g.wait_signal(&mut c, 1, 4);
     assert_eq!(
         (s.status, s.error_va),
         (DispatchStatus::FaultTimedOut, GpuVa(0x3000_0000))
@@ -629,7 +650,10 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
         Status::Ok
     );
     assert_eq!(g.fill(&mut c, q, 0x1000_0000, 16, 1, 1), Status::Ok);
-    assert_eq!(g.wait_signal(&c, 1, 1).status, DispatchStatus::FaultFatal);
+    assert_eq!(
+        g.wait_signal(&mut c, 1, 1).status,
+        DispatchStatus::FaultFatal
+    );
     // Read-only access: a write fault is fatal, a read fault is forwarded.
     let ro = RangeAttrs {
         access: Some(Perms::READ),
@@ -640,7 +664,10 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
         Status::Ok
     );
     assert_eq!(g.fill(&mut c, q, 0x2000_0000, 16, 2, 2), Status::Ok);
-    assert_eq!(g.wait_signal(&c, 2, 2).status, DispatchStatus::FaultFatal);
+    assert_eq!(
+        g.wait_signal(&mut c, 2, 2).status,
+        DispatchStatus::FaultFatal
+    );
     assert!(
         g.take_faults(&mut c).is_empty(),
         "fatal faults are never written"
@@ -690,53 +717,31 @@ fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 5, 8), Status::Ok);
-    g.nc.detach_resource(c.ctx, c.session_res);
+    g.nc().detach_resource(c.ctx, c.session_res);
     assert_eq!(
         g.signal(&c, 5).status,
         DispatchStatus::Cancelled,
         "the session's work was cancelled"
     );
     // No session now: requests are refused at the virtio level.
-    let mut w = RequestWriter::new(0..REPLY_SIZE as u32);
+    let mut w = RequestWriter::new(0..LAYOUT.reply_size as u32);
     w.push(&Request::DeviceQuery).unwrap();
     assert_eq!(
-        g.nc.submit(c.ctx, w.as_bytes(), None),
+        g.nc().submit(c.ctx, w.as_bytes(), None),
         Err(ContextBackendError::InvalidParameter)
     );
     // Re-attach and start again.
     let view = ResourceView {
         id: c.session_res,
         kind: ResourceKind::Buffer3d,
-        size: 16384,
+        size: SESSION_BYTES,
         backing: Some(Arc::new(GuestBacking {
-            entries: vec![(GuestAddress(c.session_gpa), 16384)],
+            entries: vec![(GuestAddress(c.session_gpa), SESSION_BYTES as u32)],
         })),
     };
-    g.nc.attach_resource(c.ctx, &view).unwrap();
-    let ring_size = FaultRingLayout::new(RING_CAP).unwrap().size();
-    let init = SessionInit::new(
-        Profile::Compat,
-        Region {
-            resource: c.session_res,
-            offset: 0,
-            size: REPLY_SIZE,
-        },
-        Region {
-            resource: c.session_res,
-            offset: RING_OFF,
-            size: ring_size,
-        },
-        Region {
-            resource: c.session_res,
-            offset: SIGNALS_OFF,
-            size: SIGNAL_SLOTS * 32,
-        },
-    );
-    c.head = 0;
-    assert_eq!(
-        g.call(&mut c, &Request::SessionInit(init)).status,
-        Status::Ok
-    );
+    g.nc().attach_resource(c.ctx, &view).unwrap();
+    c.proto.start(c.session_res, Profile::Compat).unwrap();
+    let init = LAYOUT.session_init(c.session_res, Profile::Compat).unwrap();
     assert_eq!(
         g.call(&mut c, &Request::SessionInit(init)).status,
         Status::SessionActive
@@ -747,7 +752,7 @@ fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
         raw.extend_from_slice(&v.to_le_bytes());
     }
     assert_eq!(
-        g.nc.submit(c.ctx, &raw, None),
+        g.nc().submit(c.ctx, &raw, None),
         Ok(FenceDisposition::SignalNow)
     );
     let reply = Reply::decode(&g.read::<16>(c.session_gpa + 512)).unwrap();
@@ -770,7 +775,7 @@ mod hostile {
             let mut g = Guest::new(ComputeConfig::default());
             let mut c = g.open(1, compat(), Profile::Compat);
             for s in &streams {
-                let _ = g.nc.submit(c.ctx, s, None);
+                let _ = g.nc().submit(c.ctx, s, None);
             }
             // Streams that are valid requests with garbage fields too.
             for s in &streams {
@@ -784,9 +789,9 @@ mod hostile {
                     framed.extend_from_slice(chunk);
                     framed.resize(framed.len().next_multiple_of(8), 0);
                 }
-                let _ = g.nc.submit(c.ctx, &framed, None);
+                let _ = g.nc().submit(c.ctx, &framed, None);
             }
-            g.nc.tick();
+            g.nc().tick();
             let r = g.call(&mut c, &Request::DeviceQuery);
             prop_assert!(r.status == Status::Ok || r.status == Status::NoSession);
         }
@@ -799,7 +804,9 @@ mod hostile {
                 0x300, 0x301, 0x0, 0xffff_ffff, 0x1100, 0x1205,
             ];
             let g = Guest::new(ComputeConfig::default());
-            let mut dev = GpuDevice::new(Box::new(g.nc), GpuLimits::default());
+            let Ok(nc) = Rc::try_unwrap(g.nc) else { panic!("no clients") };
+            let nc = nc.into_inner();
+            let mut dev = GpuDevice::new(Box::new(nc), GpuLimits::default());
             dev.set_memory(g.mem.clone());
             dev.set_features(0x1f);
             for (t, body) in &cmds {

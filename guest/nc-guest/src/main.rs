@@ -12,12 +12,15 @@ use guest_proto::attr::RangeAttrs;
 use guest_proto::capset::Features;
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
-use guest_runtime::memory::HostBuffer;
-use guest_runtime::session::{Device, OwnedRange, ResolvePolicy, Session, dispatch_ok};
+use guest_runtime::mmap::Mmap;
+use guest_runtime::session::{OwnedRange, RenderNode, ResolvePolicy, Session, dispatch_ok};
 
 type Outcome = Result<String, String>;
 
-const SCENARIOS: &[(&str, fn() -> Outcome)] = &[
+/// A scenario: its name and what it runs.
+type Scenario = (&'static str, fn() -> Outcome);
+
+const SCENARIOS: &[Scenario] = &[
     ("discovery", discovery),
     ("binds", binds),
     ("unified", unified),
@@ -80,12 +83,12 @@ fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 fn open() -> Result<Session, String> {
-    let device = Device::open().step("discovery")?;
+    let device = RenderNode::open().step("discovery")?;
     Session::open(device).step("SESSION_INIT")
 }
 
 fn discovery() -> Outcome {
-    let d = Device::open().step("open render node")?;
+    let d = RenderNode::open().step("open render node")?;
     let c = &d.capset;
     println!(
         "device {}: virgl={} context_init={} blob={} profile={:?}",
@@ -127,22 +130,17 @@ fn discovery() -> Outcome {
     Ok(format!(
         "profile={:?} cus={}",
         s.profile(),
-        s.device().capset.compute_units
+        s.node().capset.compute_units
     ))
 }
 
 fn read_u32s(buf: &guest_runtime::session::SharedBuffer, n: usize) -> Vec<u32> {
-    buf.map
-        .as_slice()
-        .chunks_exact(4)
-        .take(n)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    (0..n).map_while(|i| buf.map.get_u32(i)).collect()
 }
 
 fn write_u32s(buf: &mut guest_runtime::session::SharedBuffer, f: impl Fn(usize) -> u32) {
-    for (i, c) in buf.map.as_mut_slice().chunks_exact_mut(4).enumerate() {
-        c.copy_from_slice(&f(i).to_le_bytes());
+    for i in 0..buf.map.len() / 4 {
+        let _ = buf.map.set_u32(i, f(i));
     }
 }
 
@@ -205,13 +203,7 @@ fn binds() -> Outcome {
         addend: 3,
     };
     dispatch_ok(&s.run(q, k, WAIT).step("atomic add")?).step("atomic add")?;
-    let sums: Vec<u64> = counters
-        .map
-        .as_slice()
-        .chunks_exact(8)
-        .take(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-        .collect();
+    let sums: Vec<u64> = (0..8).map_while(|i| counters.map.load_u64(i * 8)).collect();
     ensure(sums.iter().all(|v| *v == 100_000 / 8 * 3), || {
         format!("atomic sums {sums:?}")
     })?;
@@ -235,7 +227,7 @@ fn binds() -> Outcome {
     )?;
 
     // A userptr bind: pinned process memory mapped page by page.
-    let mut host = HostBuffer::new(bytes as usize).step("host buffer")?;
+    let host = Mmap::anonymous(bytes as usize).step("host buffer")?;
     s.map_host(host.addr(), host.addr(), bytes, Perms::RW)
         .step("MAP_PAGES")?;
     let k = Kernel::Copy {
@@ -261,7 +253,7 @@ fn unified() -> Outcome {
 /// Unified memory at `gpu` (`None`: the CPU address, identity).
 fn unified_at(gpu: Option<u64>, len: usize) -> Outcome {
     let mut s = open()?;
-    let mut host = HostBuffer::new(len).step("malloc")?;
+    let host = Mmap::anonymous(len).step("malloc")?;
     let gpu = gpu.unwrap_or(host.addr());
     s.own(OwnedRange {
         gpu,
@@ -481,7 +473,7 @@ fn bad_address() -> Outcome {
     ensure(st.status == DispatchStatus::FaultRejected, || {
         format!("unowned VA ended {:?}", st.status)
     })?;
-    let reserved = s.device().capset.reserved_start.raw() + 0x100_0000;
+    let reserved = s.node().capset.reserved_start.raw() + 0x100_0000;
     let st = s
         .run(
             q,
@@ -564,7 +556,7 @@ fn killed() -> Outcome {
 
 fn hanging_child(ready: i32) -> Result<(), String> {
     let mut s = open()?;
-    let host = HostBuffer::new(1 << 20).step("malloc")?;
+    let host = Mmap::anonymous(1 << 20).step("malloc")?;
     s.set_policy(ResolvePolicy::Ignore);
     let q = s.create_queue().step("queue")?;
     s.dispatch(

@@ -1,7 +1,11 @@
 //! The Linux guest runtime: the guest side of the protocol over the
 //! virtio-gpu DRM UAPI.
 //!
-//! - [`drm`]: the render-node ioctls and buffer mappings.
+//! - [`client`]: one session's protocol client over any [`client::Channel`]
+//!   (the render node here; an in-process backend or a test VMM in the
+//!   daemon's tests).
+//! - [`drm`]: the render-node ioctls.
+//! - [`mmap`]: owned mappings with volatile and atomic access only.
 //! - [`memory`]: pinning process memory and finding its guest-physical
 //!   pages (what a user-space fault resolver can do on a stock kernel).
 //! - [`session`]: discovery, profile choice, the session's shared memory,
@@ -10,8 +14,10 @@
 //! Everything the device writes (replies, fault records, signals) is read
 //! with the strict decoders of this crate: device memory is untrusted too.
 
+pub mod client;
 pub mod drm;
 pub mod memory;
+pub mod mmap;
 pub mod session;
 
 use std::io;
@@ -59,7 +65,7 @@ pub enum GuestError {
 }
 
 impl GuestError {
-    fn io(what: &'static str, source: io::Error) -> GuestError {
+    pub(crate) fn io(what: &'static str, source: io::Error) -> GuestError {
         GuestError::Io { what, source }
     }
 

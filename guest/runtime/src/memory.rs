@@ -78,80 +78,6 @@ pub fn frames(addr: u64, len: u64) -> io::Result<Vec<GuestPhysAddr>> {
         .collect()
 }
 
-/// Page-aligned memory owned by the process (not a device buffer): what a
-/// `malloc` gives an application, aligned so GPU pages and CPU pages match.
-#[derive(Debug)]
-pub struct HostBuffer {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: plain anonymous memory owned by this value.
-unsafe impl Send for HostBuffer {}
-
-impl HostBuffer {
-    /// `len` bytes of fresh anonymous memory (not yet resident).
-    pub fn new(len: usize) -> io::Result<HostBuffer> {
-        let len = len.next_multiple_of(PAGE_SIZE as usize);
-        // SAFETY: a new private anonymous mapping; failure is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(HostBuffer {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    /// Start address (the identity GPU VA).
-    pub fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Reads `u32` element `i` (volatile: the GPU writes it).
-    pub fn get_u32(&self, i: usize) -> Option<u32> {
-        (i.checked_mul(4)?.checked_add(4)? <= self.len).then(|| {
-            // SAFETY: in bounds and 4-aligned (page-aligned base).
-            unsafe { self.ptr.cast::<u32>().add(i).read_volatile() }
-        })
-    }
-
-    /// Writes `u32` element `i`.
-    pub fn set_u32(&mut self, i: usize, v: u32) -> Option<()> {
-        (i.checked_mul(4)?.checked_add(4)? <= self.len).then(|| {
-            // SAFETY: in bounds and 4-aligned.
-            unsafe { self.ptr.cast::<u32>().add(i).write_volatile(v) }
-        })
-    }
-}
-
-impl Drop for HostBuffer {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping this value owns.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,7 +99,7 @@ mod tests {
 
     #[test]
     fn pinning_and_reading_our_own_pagemap() {
-        let mut b = HostBuffer::new(3 * PAGE_SIZE as usize).unwrap();
+        let b = crate::mmap::Mmap::anonymous(3 * PAGE_SIZE as usize).unwrap();
         pin(b.addr(), b.len() as u64).unwrap();
         b.set_u32(5, 9).unwrap();
         assert_eq!(b.get_u32(5), Some(9));

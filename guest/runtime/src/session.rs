@@ -3,32 +3,30 @@
 //! resolver (docs/protocol.md sections 3, 5, 7, 8, 9).
 
 use std::path::PathBuf;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::drm::{Bo, Drm, Mapping, param};
-use crate::memory;
-use crate::{GuestError, Result};
-use guest_proto::attr::{RangeAttr, RangeAttrs};
-use guest_proto::bind::{BindOp, PageList, VmBind};
+use guest_proto::bind::{BindOp, PageList};
 use guest_proto::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, VGNC_CAPSET_ID};
-use guest_proto::command::{Dispatch, Profile, QueueCreate, QueueDestroy, Region, SessionInit};
-use guest_proto::fault::{
-    FAULT_RING_HEAD_OFFSET, FAULT_RING_TAIL_OFFSET, FaultCause, FaultOutcome, FaultRecord,
-    FaultReply, FaultReplyEntry, FaultRingLayout,
-};
-use guest_proto::reply::{Reply, ReplyPayload};
+use guest_proto::command::{DecodeLimits, Dispatch, Profile};
+use guest_proto::fault::{FaultCause, FaultOutcome, FaultRecord, FaultReplyEntry};
+use guest_proto::reply::{DeviceQueryReply, Reply};
 use guest_proto::signal::SignalSlot;
-use guest_proto::writer::RequestWriter;
 use guest_proto::{
     DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId, Request,
     ResourceId, SignalIndex, Status,
 };
 
-/// What the device offers, as this guest sees it.
+use crate::client::{Channel, Client, SessionLayout};
+use crate::drm::{Bo, Drm, param};
+use crate::memory;
+use crate::mmap::Mmap;
+use crate::{GuestError, Result};
+
+/// A virtio-gpu render node serving our capset, as this guest sees it.
 #[derive(Debug)]
-pub struct Device {
-    drm: Drm,
+pub struct RenderNode {
+    drm: Arc<Drm>,
     /// Render node path.
     pub path: PathBuf,
     /// The decoded capset.
@@ -50,9 +48,9 @@ pub enum ProfileKind {
     Native,
 }
 
-impl Device {
+impl RenderNode {
     /// Opens the first render node whose device serves our capset.
-    pub fn open() -> Result<Device> {
+    pub fn open() -> Result<RenderNode> {
         let mut last = GuestError::NoDevice;
         for minor in 128..136 {
             let path = PathBuf::from(format!("/dev/dri/renderD{minor}"));
@@ -67,7 +65,7 @@ impl Device {
         Err(last)
     }
 
-    fn probe(path: PathBuf) -> Result<Device> {
+    fn probe(path: PathBuf) -> Result<RenderNode> {
         let drm = Drm::open(&path).map_err(|e| GuestError::io("open render node", e))?;
         let on = |p| drm.param(p).is_some_and(|v| v != 0);
         let (virgl, context_init, blob) = (
@@ -79,8 +77,8 @@ impl Device {
             .capset(VGNC_CAPSET_ID, CAPSET_MAX_VERSION, CAPSET_SIZE)
             .map_err(|e| GuestError::io("GET_CAPS 24", e))?;
         let capset = Capset::decode(&raw).map_err(GuestError::Decode)?;
-        Ok(Device {
-            drm,
+        Ok(RenderNode {
+            drm: Arc::new(drm),
             path,
             capset,
             virgl,
@@ -105,7 +103,7 @@ pub struct SharedBuffer {
     /// GEM handle and resource id.
     pub bo: Bo,
     /// The mapping.
-    pub map: Mapping,
+    pub map: Mmap,
 }
 
 impl SharedBuffer {
@@ -115,16 +113,6 @@ impl SharedBuffer {
     }
 }
 
-// Session memory layout inside one shared buffer.
-const REPLY_OFF: u64 = 0;
-const REPLY_SIZE: u64 = 4096;
-const RING_OFF: u64 = 4096;
-const RING_CAPACITY: u32 = 256;
-const SIGNALS_OFF: u64 = 16384;
-const SIGNAL_SLOTS: u64 = 128;
-const SESSION_BYTES: u64 = SIGNALS_OFF + SIGNAL_SLOTS * 32;
-/// How long a reply may take.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Granules resolved per `SUBMIT_3D`.
 const RESOLVE_BATCH: usize = 16;
 
@@ -150,107 +138,107 @@ pub struct OwnedRange {
     pub len: u64,
 }
 
-/// A session of one render-node file.
+/// The session buffer through the render node: `EXECBUFFER` to submit,
+/// an `mmap` of the buffer for replies, the fault ring and signals.
+#[derive(Debug)]
+pub struct DrmChannel {
+    drm: Arc<Drm>,
+    map: Mmap,
+}
+
+fn out_of_bounds() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "outside the session buffer",
+    )
+}
+
+impl DrmChannel {
+    fn at(off: u64) -> std::io::Result<usize> {
+        usize::try_from(off).map_err(|_| out_of_bounds())
+    }
+}
+
+impl Channel for DrmChannel {
+    fn submit(&mut self, stream: &[u8], ring: Option<u32>) -> std::io::Result<()> {
+        self.drm.execbuffer(stream, ring)
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.map.read(Self::at(off)?, buf).ok_or_else(out_of_bounds)
+    }
+
+    fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.map
+            .write(Self::at(off)?, bytes)
+            .ok_or_else(out_of_bounds)
+    }
+
+    fn load_u32(&self, off: u64) -> std::io::Result<u32> {
+        self.map.load_u32(Self::at(off)?).ok_or_else(out_of_bounds)
+    }
+
+    fn load_u64(&self, off: u64) -> std::io::Result<u64> {
+        self.map.load_u64(Self::at(off)?).ok_or_else(out_of_bounds)
+    }
+
+    fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
+        self.map
+            .store_u32(Self::at(off)?, value)
+            .ok_or_else(out_of_bounds)
+    }
+}
+
+/// A session of one render-node file, with its user-space fault resolver.
 #[derive(Debug)]
 pub struct Session {
-    device: Device,
+    node: RenderNode,
     profile: ProfileKind,
-    shared: SharedBuffer,
-    seq: u32,
-    head: u32,
+    client: Client<DrmChannel>,
+    session_buffer: Bo,
     ranges: Vec<OwnedRange>,
     policy: ResolvePolicy,
-    faults_seen: u64,
     signals_va: GpuVa,
-}
-
-/// Back-off for polling guest memory the device writes: spin briefly,
-/// then yield, then sleep up to 2 ms.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    round: u32,
-}
-
-impl Backoff {
-    /// The pause before the next poll.
-    pub fn next_pause(&mut self) -> Duration {
-        self.round = self.round.saturating_add(1);
-        match self.round {
-            0..=64 => Duration::ZERO,
-            65..=128 => Duration::from_micros(10),
-            n => Duration::from_micros(u64::from(n.min(400) - 128) * 10)
-                .min(Duration::from_millis(2)),
-        }
-    }
-
-    /// Waits before the next poll.
-    pub fn wait(&mut self) {
-        match self.next_pause() {
-            Duration::ZERO => std::hint::spin_loop(),
-            d if d < Duration::from_micros(20) => std::thread::yield_now(),
-            d => sleep(d),
-        }
-    }
+    run_count: u64,
 }
 
 impl Session {
-    /// Opens a session on `device` with its profile.
-    pub fn open(device: Device) -> Result<Session> {
-        let profile = device.profile();
+    /// Opens a session on `node` with its profile.
+    pub fn open(node: RenderNode) -> Result<Session> {
+        let profile = node.profile();
         if profile == ProfileKind::Native {
-            device
-                .drm
+            node.drm
                 .context_init(VGNC_CAPSET_ID, 2, 1 << 1)
                 .map_err(|e| GuestError::io("CONTEXT_INIT", e))?;
         }
-        let shared = alloc(&device.drm, profile, SESSION_BYTES)?;
-        let res = shared.resource();
-        let ring_size = FaultRingLayout::new(RING_CAPACITY)
-            .ok_or(GuestError::Invalid("ring capacity"))?
-            .size();
-        let wire_profile = match profile {
-            ProfileKind::Compat => Profile::Compat,
-            ProfileKind::Native => Profile::Native { event_ring: 1 },
+        let layout = SessionLayout::default();
+        let SharedBuffer { bo, map } = alloc(&node.drm, profile, layout.bytes())?;
+        let channel = DrmChannel {
+            drm: node.drm.clone(),
+            map,
         };
-        let init = SessionInit::new(
-            wire_profile,
-            Region {
-                resource: res,
-                offset: REPLY_OFF,
-                size: REPLY_SIZE,
-            },
-            Region {
-                resource: res,
-                offset: RING_OFF,
-                size: ring_size,
-            },
-            Region {
-                resource: res,
-                offset: SIGNALS_OFF,
-                size: SIGNAL_SLOTS * 32,
-            },
-        );
-        let mut s = Session {
-            device,
+        let (ring, wire_profile) = match profile {
+            ProfileKind::Compat => (None, Profile::Compat),
+            ProfileKind::Native => (Some(0), Profile::Native { event_ring: 1 }),
+        };
+        let limits = DecodeLimits::from_capset(&node.capset);
+        let mut client = Client::new(channel, layout, limits, ring);
+        let init = client.start(ResourceId(bo.res_id), wire_profile)?;
+        Ok(Session {
+            node,
             profile,
-            shared,
-            seq: 1,
-            head: 0,
+            client,
+            session_buffer: bo,
             ranges: Vec::new(),
             policy: ResolvePolicy::Resolve,
-            faults_seen: 0,
-            signals_va: GpuVa(0),
-        };
-        let reply = s.call(&Request::SessionInit(init))?;
-        if let ReplyPayload::SessionInit(r) = reply.payload {
-            s.signals_va = r.signals_va;
-        }
-        Ok(s)
+            signals_va: init.signals_va,
+            run_count: 0,
+        })
     }
 
-    /// The device.
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// The render node.
+    pub fn node(&self) -> &RenderNode {
+        &self.node
     }
 
     /// The profile in use.
@@ -258,14 +246,24 @@ impl Session {
         self.profile
     }
 
+    /// The protocol client.
+    pub fn client(&mut self) -> &mut Client<DrmChannel> {
+        &mut self.client
+    }
+
     /// Where the device mapped the signal area.
     pub fn signals_va(&self) -> GpuVa {
         self.signals_va
     }
 
+    /// The session buffer's resource id.
+    pub fn session_resource(&self) -> ResourceId {
+        ResourceId(self.session_buffer.res_id)
+    }
+
     /// Fault records read so far.
     pub fn faults_seen(&self) -> u64 {
-        self.faults_seen
+        self.client.faults_seen()
     }
 
     /// Sets what the resolver does.
@@ -280,71 +278,22 @@ impl Session {
 
     /// A new shared buffer of `size` bytes, mapped.
     pub fn alloc(&self, size: u64) -> Result<SharedBuffer> {
-        alloc(&self.device.drm, self.profile, size)
+        alloc(&self.node.drm, self.profile, size)
     }
 
     /// Sends requests in one submission and waits for all their replies.
     pub fn call_many(&mut self, requests: &[Request<'_>]) -> Result<Vec<Reply>> {
-        let mut w = RequestWriter::new(0..REPLY_SIZE as u32)
-            .with_first_seqno(self.seq)
-            .with_limits(guest_proto::command::DecodeLimits::from_capset(
-                &self.device.capset,
-            ));
-        let mut tickets = Vec::with_capacity(requests.len());
-        for r in requests {
-            tickets.push(w.push(r).map_err(GuestError::Encode)?);
-        }
-        self.seq = w.next_seqno();
-        let ring = (self.profile == ProfileKind::Native).then_some(0);
-        self.device
-            .drm
-            .execbuffer(w.as_bytes(), ring)
-            .map_err(|e| GuestError::io("EXECBUFFER", e))?;
-        let mut replies = Vec::with_capacity(tickets.len());
-        for t in tickets {
-            let Some(off) = t.reply_off else {
-                continue;
-            };
-            replies.push(self.wait_reply(off as usize, t.seqno, t.reply_len as usize)?);
-        }
-        Ok(replies)
+        self.client.requests(requests)
     }
 
     /// Sends one request and returns its reply if its status is `OK`.
     pub fn call(&mut self, request: &Request<'_>) -> Result<Reply> {
-        let reply = self
-            .call_many(std::slice::from_ref(request))?
-            .into_iter()
-            .next()
-            .ok_or(GuestError::Invalid("no reply"))?;
-        check(reply)
-    }
-
-    fn wait_reply(&self, off: usize, seqno: u32, len: usize) -> Result<Reply> {
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        let mut backoff = Backoff::default();
-        while self.shared.map.load_u32(off) != Some(seqno) {
-            if Instant::now() > deadline {
-                return Err(GuestError::Timeout("reply"));
-            }
-            backoff.wait();
-        }
-        let bytes = self
-            .shared
-            .map
-            .as_slice()
-            .get(off..off + len)
-            .ok_or(GuestError::Invalid("reply offset"))?;
-        Reply::decode(bytes).map_err(GuestError::Decode)
+        self.client.call(request)
     }
 
     /// Applies bind ops; returns the session's bound bytes.
     pub fn bind(&mut self, ops: &[BindOp<'_>]) -> Result<u64> {
-        let reply = self.call(&Request::VmBind(VmBind::new(ops)))?;
-        match reply.payload {
-            ReplyPayload::VmBind(b) => Ok(b.bound_bytes),
-            _ => Err(GuestError::Invalid("VM_BIND reply")),
-        }
+        self.client.bind(ops).map(|b| b.bound_bytes)
     }
 
     /// Maps a shared buffer at `va`.
@@ -375,30 +324,23 @@ impl Session {
     }
 
     /// Sets range attributes.
-    pub fn set_attrs(&mut self, va: u64, size: u64, attrs: RangeAttrs) -> Result<()> {
-        self.call(&Request::RangeAttr(RangeAttr {
-            va: GpuVa(va),
-            size,
-            attrs,
-        }))
-        .map(|_| ())
+    pub fn set_attrs(
+        &mut self,
+        va: u64,
+        size: u64,
+        attrs: guest_proto::attr::RangeAttrs,
+    ) -> Result<()> {
+        self.client.set_attrs(va, size, attrs)
     }
 
     /// Creates a queue.
     pub fn create_queue(&mut self) -> Result<QueueId> {
-        match self
-            .call(&Request::QueueCreate(QueueCreate { priority: 0 }))?
-            .payload
-        {
-            ReplyPayload::QueueCreate(q) => Ok(q.queue),
-            _ => Err(GuestError::Invalid("QUEUE_CREATE reply")),
-        }
+        self.client.create_queue(0)
     }
 
     /// Destroys a queue.
     pub fn destroy_queue(&mut self, queue: QueueId) -> Result<()> {
-        self.call(&Request::QueueDestroy(QueueDestroy { queue }))
-            .map(|_| ())
+        self.client.destroy_queue(queue)
     }
 
     /// Queues `kernel` on `queue`, signalling `slot` with `value`.
@@ -409,193 +351,152 @@ impl Session {
         slot: u32,
         value: u64,
     ) -> Result<()> {
-        let d = Dispatch {
+        self.client.dispatch(Dispatch {
             queue,
             kernel,
             signal: Some(SignalIndex(slot)),
             notify: self.profile == ProfileKind::Native,
             completion_value: value,
-        };
-        // Clear the slot so a stale value from an earlier use cannot match.
-        self.clear_slot(slot)?;
-        self.call(&Request::Dispatch(d)).map(|_| ())
-    }
-
-    fn clear_slot(&mut self, slot: u32) -> Result<()> {
-        let off = (SIGNALS_OFF + u64::from(slot) * 32) as usize;
-        let bytes = self.shared.map.as_mut_slice();
-        bytes
-            .get_mut(off..off + 32)
-            .ok_or(GuestError::Invalid("signal slot"))?
-            .fill(0);
-        Ok(())
+        })
     }
 
     /// The signal slot as the device last wrote it.
     pub fn signal(&self, slot: u32) -> Result<SignalSlot> {
-        let off = (SIGNALS_OFF + u64::from(slot) * 32) as usize;
-        let _ = self.shared.map.load_u64(off);
-        let bytes = self
-            .shared
-            .map
-            .as_slice()
-            .get(off..off + 32)
-            .ok_or(GuestError::Invalid("signal slot"))?;
-        SignalSlot::decode(bytes).map_err(GuestError::Decode)
+        self.client.signal(slot)
     }
 
     /// Waits until `slot` holds `value`, resolving faults meanwhile.
     pub fn wait_signal(&mut self, slot: u32, value: u64, timeout: Duration) -> Result<SignalSlot> {
-        let off = (SIGNALS_OFF + u64::from(slot) * 32) as usize;
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Backoff::default();
-        loop {
-            if self.shared.map.load_u64(off) == Some(value) {
-                return self.signal(slot);
-            }
-            if self.pump_faults()? > 0 {
-                backoff = Backoff::default();
-                continue;
-            }
-            if Instant::now() > deadline {
-                return Err(GuestError::Timeout("signal"));
-            }
-            backoff.wait();
-        }
+        let (policy, ranges) = (self.policy, self.ranges.clone());
+        self.client.wait_signal(slot, value, timeout, |client| {
+            pump_faults(client, policy, &ranges).map(|n| n > 0)
+        })
     }
 
-    /// Runs a kernel and waits for it: `Ok(status)`.
+    /// Runs a kernel on signal slot 0 and waits for it.
     pub fn run(&mut self, queue: QueueId, kernel: Kernel, timeout: Duration) -> Result<SignalSlot> {
-        let value = u64::from(self.seq) << 8 | 1;
-        self.dispatch(queue, kernel, 0, value)?;
-        self.wait_signal(0, value, timeout)
+        self.run_on(queue, kernel, 0, timeout)
+    }
+
+    /// Runs a kernel on signal slot `slot` and waits for it.
+    pub fn run_on(
+        &mut self,
+        queue: QueueId,
+        kernel: Kernel,
+        slot: u32,
+        timeout: Duration,
+    ) -> Result<SignalSlot> {
+        self.run_count = self.run_count.wrapping_add(1);
+        let value = self.run_count << 8 | 1;
+        self.dispatch(queue, kernel, slot, value)?;
+        self.wait_signal(slot, value, timeout)
     }
 
     /// New fault records (consumed from the ring).
     pub fn take_faults(&mut self) -> Result<Vec<FaultRecord>> {
-        let ring = RING_OFF as usize;
-        let Some(tail) = self
-            .shared
-            .map
-            .load_u32(ring + FAULT_RING_TAIL_OFFSET as usize)
-        else {
-            return Ok(Vec::new());
-        };
-        let layout = FaultRingLayout::new(RING_CAPACITY).ok_or(GuestError::Invalid("ring"))?;
-        let mut out = Vec::new();
-        // A tail more than a ring ahead is garbage: read at most a ring.
-        for _ in 0..RING_CAPACITY {
-            if self.head == tail {
-                break;
-            }
-            let at = ring + layout.record_offset(self.head) as usize;
-            let bytes = self
-                .shared
-                .map
-                .as_slice()
-                .get(at..at + 32)
-                .ok_or(GuestError::Invalid("fault record"))?;
-            out.push(FaultRecord::decode(bytes).map_err(GuestError::Decode)?);
-            self.head = self.head.wrapping_add(1);
-        }
-        self.shared
-            .map
-            .store_u32(ring + FAULT_RING_HEAD_OFFSET as usize, self.head);
-        self.faults_seen += out.len() as u64;
-        Ok(out)
+        self.client.take_faults()
     }
 
     /// Reads the fault ring and answers what it finds; returns how many
     /// records it handled.
     pub fn pump_faults(&mut self) -> Result<usize> {
-        let faults = self.take_faults()?;
-        if faults.is_empty() || self.policy == ResolvePolicy::Ignore {
-            return Ok(faults.len());
-        }
-        for batch in faults.chunks(RESOLVE_BATCH) {
-            self.resolve_batch(batch)?;
-        }
-        Ok(faults.len())
-    }
-
-    fn resolve_batch(&mut self, faults: &[FaultRecord]) -> Result<()> {
-        let mut pages: Vec<(u64, Vec<GuestPhysAddr>)> = Vec::new();
-        let mut answers = Vec::new();
-        for f in faults {
-            let resolved = match self.policy {
-                ResolvePolicy::Resolve => self.resolve(f)?,
-                _ => None,
-            };
-            let outcome = match resolved {
-                Some(p) => {
-                    pages.push(p);
-                    FaultOutcome::Resolved
-                }
-                None => FaultOutcome::Rejected,
-            };
-            answers.push(FaultReplyEntry {
-                fault_id: f.fault_id,
-                outcome,
-            });
-        }
-        let ops: Vec<BindOp<'_>> = pages
-            .iter()
-            .map(|(va, p)| BindOp::MapPages {
-                va: GpuVa(*va),
-                perms: Perms::RW,
-                pages: PageList::new(p),
-            })
-            .collect();
-        let mut requests = Vec::new();
-        for op in ops.chunks(1) {
-            requests.push(Request::VmBind(VmBind::new(op)));
-        }
-        requests.push(Request::FaultReply(FaultReply::new(&answers)));
-        let replies = self.call_many(&requests)?;
-        for r in replies {
-            if r.status != Status::Ok && r.status != Status::UnknownFault {
-                log::warn!(
-                    "resolver: {:#x} answered {}",
-                    r.payload.cmd(),
-                    r.status.name()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The pages to bind for a fault: the part of its granule that lies in
-    /// memory this process owns, pinned. `None`: not ours.
-    fn resolve(&self, f: &FaultRecord) -> Result<Option<(u64, Vec<GuestPhysAddr>)>> {
-        let va = f.va.raw();
-        let Some(range) = self
-            .ranges
-            .iter()
-            .find(|r| va >= r.gpu && va - r.gpu < r.len)
-        else {
-            return Ok(None);
-        };
-        let granule = 1u64 << f.granule_shift.clamp(12, 30);
-        let start = (va & !(granule - 1)).max(range.gpu);
-        let end = ((va | (granule - 1)) + 1).min(range.gpu + range.len);
-        let cpu = range.cpu + (start - range.gpu);
-        memory::pin(cpu, end - start).map_err(|e| GuestError::io("pin", e))?;
-        let frames = memory::frames(cpu, end - start).map_err(|e| GuestError::io("pagemap", e))?;
-        Ok(Some((start, frames)))
+        pump_faults(&mut self.client, self.policy, &self.ranges)
     }
 
     /// `DEVICE_QUERY` counters.
-    pub fn query(&mut self) -> Result<guest_proto::reply::DeviceQueryReply> {
-        match self.call(&Request::DeviceQuery)?.payload {
-            ReplyPayload::DeviceQuery(q) => Ok(q),
-            _ => Err(GuestError::Invalid("DEVICE_QUERY reply")),
-        }
+    pub fn query(&mut self) -> Result<DeviceQueryReply> {
+        self.client.query()
     }
 
     /// Ends the session.
     pub fn destroy(mut self) -> Result<()> {
-        self.call(&Request::SessionDestroy).map(|_| ())
+        self.client.destroy()
     }
+}
+
+/// The user-space resolver: reads the fault ring and answers every record
+/// by `policy`. Returns how many records it handled.
+fn pump_faults<C: Channel>(
+    client: &mut Client<C>,
+    policy: ResolvePolicy,
+    ranges: &[OwnedRange],
+) -> Result<usize> {
+    let faults = client.take_faults()?;
+    if faults.is_empty() || policy == ResolvePolicy::Ignore {
+        return Ok(faults.len());
+    }
+    for batch in faults.chunks(RESOLVE_BATCH) {
+        resolve_batch(client, policy, ranges, batch)?;
+    }
+    Ok(faults.len())
+}
+
+fn resolve_batch<C: Channel>(
+    client: &mut Client<C>,
+    policy: ResolvePolicy,
+    ranges: &[OwnedRange],
+    faults: &[FaultRecord],
+) -> Result<()> {
+    let mut pages: Vec<(u64, Vec<GuestPhysAddr>)> = Vec::new();
+    let mut answers = Vec::new();
+    for f in faults {
+        let resolved = match policy {
+            ResolvePolicy::Resolve => resolve(ranges, f)?,
+            _ => None,
+        };
+        let outcome = match resolved {
+            Some(p) => {
+                pages.push(p);
+                FaultOutcome::Resolved
+            }
+            None => FaultOutcome::Rejected,
+        };
+        answers.push(FaultReplyEntry {
+            fault_id: f.fault_id,
+            outcome,
+        });
+    }
+    let ops: Vec<BindOp<'_>> = pages
+        .iter()
+        .map(|(va, p)| BindOp::MapPages {
+            va: GpuVa(*va),
+            perms: Perms::RW,
+            pages: PageList::new(p),
+        })
+        .collect();
+    let mut requests: Vec<Request<'_>> = ops
+        .chunks(1)
+        .map(|op| Request::VmBind(guest_proto::bind::VmBind::new(op)))
+        .collect();
+    requests.push(Request::FaultReply(guest_proto::fault::FaultReply::new(
+        &answers,
+    )));
+    for r in client.requests(&requests)? {
+        if r.status != Status::Ok && r.status != Status::UnknownFault {
+            log::warn!(
+                "resolver: {:#x} answered {}",
+                r.payload.cmd(),
+                r.status.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The pages to bind for a fault: the part of its granule that lies in
+/// memory this process owns, pinned. `None`: not ours.
+fn resolve(ranges: &[OwnedRange], f: &FaultRecord) -> Result<Option<(u64, Vec<GuestPhysAddr>)>> {
+    let va = f.va.raw();
+    let Some(range) = ranges.iter().find(|r| va >= r.gpu && va - r.gpu < r.len) else {
+        return Ok(None);
+    };
+    let granule = 1u64 << f.granule_shift.clamp(12, 30);
+    let start = (va & !(granule - 1)).max(range.gpu);
+    let end = ((va | (granule - 1)) + 1).min(range.gpu + range.len);
+    let cpu = range.cpu + (start - range.gpu);
+    memory::pin(cpu, end - start).map_err(|e| GuestError::io("pin", e))?;
+    let frames = memory::frames(cpu, end - start).map_err(|e| GuestError::io("pagemap", e))?;
+    Ok(Some((start, frames)))
 }
 
 fn alloc(drm: &Drm, profile: ProfileKind, size: u64) -> Result<SharedBuffer> {
@@ -608,19 +509,12 @@ fn alloc(drm: &Drm, profile: ProfileKind, size: u64) -> Result<SharedBuffer> {
         ProfileKind::Native => drm.create_blob(size),
     }
     .map_err(|e| GuestError::io("create buffer", e))?;
-    let map = Mapping::new(drm, bo, size as usize).map_err(|e| GuestError::io("mmap buffer", e))?;
+    let len = usize::try_from(size).map_err(|_| GuestError::Invalid("buffer size"))?;
+    let map = drm
+        .map_offset(bo)
+        .and_then(|offset| Mmap::shared(drm.fd(), offset, len))
+        .map_err(|e| GuestError::io("mmap buffer", e))?;
     Ok(SharedBuffer { bo, map })
-}
-
-fn check(reply: Reply) -> Result<Reply> {
-    if reply.status == Status::Ok {
-        Ok(reply)
-    } else {
-        Err(GuestError::Status {
-            cmd: reply.payload.cmd(),
-            status: reply.status,
-        })
-    }
 }
 
 /// Whether a fault record is a prefetch.
@@ -640,19 +534,4 @@ pub fn dispatch_ok(slot: &SignalSlot) -> Result<()> {
 /// Fault ids of records.
 pub fn ids(faults: &[FaultRecord]) -> Vec<FaultId> {
     faults.iter().map(|f| f.fault_id).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_spins_then_sleeps_at_most_2ms() {
-        let mut b = Backoff::default();
-        let pauses: Vec<Duration> = (0..1000).map(|_| b.next_pause()).collect();
-        assert_eq!(pauses[0], Duration::ZERO);
-        assert_eq!(pauses[100], Duration::from_micros(10));
-        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(*pauses.last().unwrap(), Duration::from_millis(2));
-    }
 }
