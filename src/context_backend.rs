@@ -77,6 +77,50 @@ impl GuestBacking {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The guest-physical pieces that hold bytes `[offset, offset + len)`
+    /// of the resource, in resource order, or `None` if that range is not
+    /// all inside the backing. The one walk over a backing: reads, page
+    /// lists and regions all go through it.
+    pub fn pieces(&self, offset: u64, len: u64) -> Option<Pieces<'_>> {
+        let end = offset.checked_add(len)?;
+        (end <= self.len()).then(|| Pieces {
+            entries: self.entries.iter(),
+            skip: offset,
+            left: len,
+        })
+    }
+}
+
+/// Iterator of [`GuestBacking::pieces`]: `(guest-physical address, bytes)`.
+#[derive(Debug, Clone)]
+pub struct Pieces<'a> {
+    entries: std::slice::Iter<'a, (GuestAddress, u32)>,
+    /// Bytes still to skip before the range starts.
+    skip: u64,
+    /// Bytes of the range not yet yielded.
+    left: u64,
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = (GuestAddress, u64);
+
+    fn next(&mut self) -> Option<(GuestAddress, u64)> {
+        while self.left > 0 {
+            let (addr, len) = self.entries.next()?;
+            let len = u64::from(*len);
+            if self.skip >= len {
+                self.skip -= len;
+                continue;
+            }
+            let n = (len - self.skip).min(self.left);
+            let at = GuestAddress(addr.0.checked_add(self.skip)?);
+            self.skip = 0;
+            self.left -= n;
+            return Some((at, n));
+        }
+        None
+    }
 }
 
 /// A resource as the compute layer sees it when it is attached to a context.
@@ -204,3 +248,32 @@ impl fmt::Debug for dyn ContextBackend {
 /// its held fences.
 pub type ContextBackendFactory =
     Arc<dyn Fn(Arc<dyn FenceCompleter>) -> Box<dyn ContextBackend> + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_exactly_the_range_across_entries() {
+        let b = GuestBacking {
+            entries: vec![
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x8000), 0x100),
+                (GuestAddress(0x4000), 0x2000),
+            ],
+        };
+        let got: Vec<(u64, u64)> = b
+            .pieces(0xFFE, 0x104)
+            .unwrap()
+            .map(|(a, n)| (a.0, n))
+            .collect();
+        assert_eq!(got, vec![(0x1FFE, 2), (0x8000, 0x100), (0x4000, 2)]);
+        assert_eq!(
+            b.pieces(0, 0x3100).unwrap().map(|p| p.1).sum::<u64>(),
+            0x3100
+        );
+        assert!(b.pieces(0x3000, 0x101).is_none(), "past the end");
+        assert!(b.pieces(u64::MAX, 2).is_none(), "wraps");
+        assert_eq!(b.pieces(0x3100, 0).unwrap().count(), 0);
+    }
+}

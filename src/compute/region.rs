@@ -37,42 +37,30 @@ pub enum RegionError {
 }
 
 /// The guest-physical pages of a resource's backing from byte `offset` on,
-/// `count` pages. Entries must be page-aligned.
+/// `count` pages. `offset` and every piece of the backing it covers must be
+/// page-aligned.
 pub fn backing_pages(
     backing: &GuestBacking,
     offset: u64,
     count: usize,
     out: &mut Vec<GuestAddress>,
 ) -> Result<(), RegionError> {
-    let total = backing.len();
     let size = (count as u64).saturating_mul(PAGE_SIZE);
     if offset % PAGE_SIZE != 0 {
         return Err(RegionError::Unaligned(offset));
     }
-    if offset.checked_add(size).is_none_or(|end| end > total) {
-        return Err(RegionError::OutOfRange {
+    let pieces = backing
+        .pieces(offset, size)
+        .ok_or(RegionError::OutOfRange {
             offset,
             size,
-            backing: total,
-        });
-    }
-    let mut entry_start = 0u64;
-    let mut want = offset;
-    let end = offset + size;
-    for (addr, len) in &backing.entries {
-        let len = u64::from(*len);
+            backing: backing.len(),
+        })?;
+    for (addr, len) in pieces {
         if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(RegionError::Unaligned(addr.0));
         }
-        let entry_end = entry_start + len;
-        while want < end && want < entry_end {
-            out.push(GuestAddress(addr.0 + (want - entry_start)));
-            want += PAGE_SIZE;
-        }
-        if want >= end {
-            break;
-        }
-        entry_start = entry_end;
+        out.extend((0..len / PAGE_SIZE).map(|i| GuestAddress(addr.0 + i * PAGE_SIZE)));
     }
     Ok(())
 }
