@@ -4,7 +4,7 @@
 #      kernel and its virtio-gpu modules, busybox-static, cpio, the musl
 #      target) - idempotent, fast when everything is there;
 #   2. formatting, lints and every Rust test of the workspace (unit, codec,
-#      property, backend fault lifecycle, the in-process vhost-user harness);
+#      property, backend fault lifecycle, the vhost-user socket harness);
 #   3. the QEMU-driven end-to-end suite against the real daemon.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
