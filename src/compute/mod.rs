@@ -17,6 +17,8 @@ pub mod region;
 pub mod resources;
 pub mod ring;
 pub mod session;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
