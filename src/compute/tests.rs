@@ -23,7 +23,7 @@ use guest_proto::{
     Status,
 };
 use guest_runtime::client::{self as runtime, Channel, SessionLayout};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
 use super::testing::TestGuest;
 use super::{ComputeBackend, ComputeConfig};
@@ -758,4 +758,25 @@ mod hostile {
             dev.teardown();
         }
     }
+}
+
+#[test]
+fn a_reply_guest_memory_no_longer_takes_counts_as_lost() {
+    let mut g = Guest::with(ComputeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let full = g.mem.memory().clone();
+    // The frontend replaces guest RAM by a smaller table: the session
+    // buffer is no longer guest RAM, so the reply has nowhere to go.
+    let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    g.mem.lock().unwrap().replace(small);
+    let (bytes, _) = c.proto.encode(&[Request::DeviceQuery]).unwrap();
+    assert_eq!(
+        g.nc().submit(c.ctx, &bytes, None),
+        Ok(FenceDisposition::SignalNow)
+    );
+    g.mem.lock().unwrap().replace((*full).clone());
+    let ReplyPayload::DeviceQuery(stats) = g.call(&mut c, &Request::DeviceQuery).payload else {
+        panic!()
+    };
+    assert_eq!(stats.lost_replies, 1);
 }
