@@ -4,6 +4,9 @@
 //! prints progress lines and exactly one `RESULT <scenario> PASS <detail>`
 //! or `RESULT <scenario> FAIL <reason>` line; the exit status is 0 only on
 //! a pass. `nc-guest all` runs every scenario.
+//!
+//! `NC_EXPECT_PROFILE=compat|native` makes `discovery` and `smoke` fail
+//! unless the device and the session come up in that transport profile.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,7 +14,9 @@ use std::time::{Duration, Instant};
 use guest_proto::attr::RangeAttrs;
 use guest_proto::capset::Features;
 use guest_proto::guest::memory::HostBuffer;
-use guest_proto::guest::session::{Device, OwnedRange, ResolvePolicy, Session, dispatch_ok};
+use guest_proto::guest::session::{
+    Device, OwnedRange, ProfileKind, ResolvePolicy, Session, dispatch_ok,
+};
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
 
@@ -109,6 +114,7 @@ fn discovery() -> Outcome {
         c.max_queues
     );
     ensure(d.virgl, || "VIRGL not offered".into())?;
+    expect_profile(d.profile())?;
     ensure(c.va_bits == 48, || format!("va_bits {}", c.va_bits))?;
     ensure(c.kernels & ALL_KERNELS_MASK == ALL_KERNELS_MASK, || {
         "kernels missing".into()
@@ -124,11 +130,28 @@ fn discovery() -> Outcome {
     ensure(q.queues == 0 && q.bound_bytes == 0, || {
         "fresh session not empty".into()
     })?;
+    expect_profile(s.profile())?;
     Ok(format!(
         "profile={:?} cus={}",
         s.profile(),
         s.device().capset.compute_units
     ))
+}
+
+/// The suite says which profile this boot must come up with
+/// (`NC_EXPECT_PROFILE=compat|native`); unset means no check.
+fn expect_profile(got: ProfileKind) -> Result<(), String> {
+    let Ok(want) = std::env::var("NC_EXPECT_PROFILE") else {
+        return Ok(());
+    };
+    let want_kind = match want.as_str() {
+        "compat" => ProfileKind::Compat,
+        "native" => ProfileKind::Native,
+        other => return Err(format!("NC_EXPECT_PROFILE={other}: not compat or native")),
+    };
+    ensure(got == want_kind, || {
+        format!("profile {got:?}, but this boot expects {want}")
+    })
 }
 
 fn read_u32s(buf: &guest_proto::guest::session::SharedBuffer, n: usize) -> Vec<u32> {
@@ -592,6 +615,8 @@ fn hanging_child(ready: i32) -> Result<(), String> {
 /// Discovery, one bind and a fill (after a QEMU restart, for example).
 fn smoke() -> Outcome {
     let mut s = open()?;
+    expect_profile(s.profile())?;
+    let profile = s.profile();
     let buf = s.alloc(64 * 1024).step("alloc")?;
     s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
     let q = s.create_queue().step("queue")?;
@@ -612,5 +637,5 @@ fn smoke() -> Outcome {
         || "fill data wrong".into(),
     )?;
     s.destroy().step("SESSION_DESTROY")?;
-    Ok("bind + fill ok".into())
+    Ok(format!("bind + fill ok, profile={profile:?}"))
 }
