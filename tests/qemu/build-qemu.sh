@@ -142,9 +142,10 @@ rm -rf "$build" "$dir.tmp"
 mkdir -p "$build/src"
 buildlog="$cache_root/build-$hash.log"
 : > "$buildlog"
-fail() { # what
+fail() { # what: the log stays, the half-built tree goes
     echo "build-qemu: error: $1 (log: $buildlog)" >&2
     tail -n 30 "$buildlog" | sed 's/^/    | /' >&2
+    rm -rf "$build" "$dir.tmp"
     exit 1
 }
 log "unpacking"
