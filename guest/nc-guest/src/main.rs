@@ -4,6 +4,9 @@
 //! prints progress lines and exactly one `RESULT <scenario> PASS <detail>`
 //! or `RESULT <scenario> FAIL <reason>` line; the exit status is 0 only on
 //! a pass. `nc-guest all` runs every scenario.
+//!
+//! `NC_EXPECT_PROFILE=compat|native` makes `discovery` and `smoke` fail
+//! unless the device and the session come up in that transport profile.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,7 +16,9 @@ use guest_proto::capset::Features;
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
 use guest_runtime::mmap::Mmap;
-use guest_runtime::session::{OwnedRange, RenderNode, ResolvePolicy, Session, dispatch_ok};
+use guest_runtime::session::{
+    OwnedRange, ProfileKind, RenderNode, ResolvePolicy, Session, dispatch_ok,
+};
 
 type Outcome = Result<String, String>;
 
@@ -112,6 +117,7 @@ fn discovery() -> Outcome {
         c.max_queues
     );
     ensure(d.virgl, || "VIRGL not offered".into())?;
+    expect_profile(d.profile())?;
     ensure(c.va_bits == 48, || format!("va_bits {}", c.va_bits))?;
     ensure(c.kernels & ALL_KERNELS_MASK == ALL_KERNELS_MASK, || {
         "kernels missing".into()
@@ -127,11 +133,28 @@ fn discovery() -> Outcome {
     ensure(q.queues == 0 && q.bound_bytes == 0, || {
         "fresh session not empty".into()
     })?;
+    expect_profile(s.profile())?;
     Ok(format!(
         "profile={:?} cus={}",
         s.profile(),
         s.node().capset.compute_units
     ))
+}
+
+/// The suite says which profile this boot must come up with
+/// (`NC_EXPECT_PROFILE=compat|native`); unset means no check.
+fn expect_profile(got: ProfileKind) -> Result<(), String> {
+    let Ok(want) = std::env::var("NC_EXPECT_PROFILE") else {
+        return Ok(());
+    };
+    let want_kind = match want.as_str() {
+        "compat" => ProfileKind::Compat,
+        "native" => ProfileKind::Native,
+        other => return Err(format!("NC_EXPECT_PROFILE={other}: not compat or native")),
+    };
+    ensure(got == want_kind, || {
+        format!("profile {got:?}, but this boot expects {want}")
+    })
 }
 
 fn read_u32s(buf: &guest_runtime::session::SharedBuffer, n: usize) -> Vec<u32> {
@@ -584,6 +607,8 @@ fn hanging_child(ready: i32) -> Result<(), String> {
 /// Discovery, one bind and a fill (after a QEMU restart, for example).
 fn smoke() -> Outcome {
     let mut s = open()?;
+    expect_profile(s.profile())?;
+    let profile = s.profile();
     let buf = s.alloc(64 * 1024).step("alloc")?;
     s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
     let q = s.create_queue().step("queue")?;
@@ -604,5 +629,5 @@ fn smoke() -> Outcome {
         || "fill data wrong".into(),
     )?;
     s.destroy().step("SESSION_DESTROY")?;
-    Ok("bind + fill ok".into())
+    Ok(format!("bind + fill ok, profile={profile:?}"))
 }
