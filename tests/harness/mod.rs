@@ -11,7 +11,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -73,20 +73,34 @@ const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
+    /// Where its stderr goes, if captured.
+    log: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::spawn(args, false)
+    }
+
+    /// Starts the daemon with its stderr (the log) captured in a file.
+    pub fn start_logged(args: &[&str]) -> Daemon {
+        Daemon::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], capture: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("gpu.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"))
-            .arg("--socket-path")
+        let log = capture.then(|| dir.path().join("daemon.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"));
+        cmd.arg("--socket-path")
             .arg(&socket)
             .args(["--compute-units", "2", "--log-level", "warn"])
-            .args(args)
-            .spawn()
-            .unwrap();
+            .args(args);
+        if let Some(log) = &log {
+            cmd.stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+        }
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "daemon did not listen");
@@ -95,12 +109,68 @@ impl Daemon {
         Daemon {
             child,
             socket,
+            log,
             _dir: dir,
         }
     }
 
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The captured log so far (empty if not captured).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The daemon's open file descriptors (/proc/PID/fd).
+    pub fn fds(&self) -> Vec<i32> {
+        let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort_unstable();
+        fds
+    }
+
+    /// CPU time the daemon used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which is in parentheses).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Sets the daemon's soft RLIMIT_NOFILE; returns the previous limits.
+    pub fn set_fd_limit(&self, soft: u64) -> libc::rlimit {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reading our child's limit into `old`.
+        let rc =
+            unsafe { libc::prlimit(self.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: setting our child's limit from a valid struct.
+        let rc =
+            unsafe { libc::prlimit(self.pid(), libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        old
     }
 }
 
@@ -111,21 +181,25 @@ impl Drop for Daemon {
     }
 }
 
-/// Shared guest RAM (memfd) mapped into the test process.
+/// Shared guest RAM (memfd) mapped into the test process. The mapping is
+/// always `RAM_SIZE` long; the file may be shorter (a frontend that lies
+/// about its regions), and then only `file_size` bytes may be touched here.
 pub struct GuestRam {
-    fd: std::fs::File,
+    pub fd: std::fs::File,
     ptr: *mut u8,
+    file_size: usize,
 }
 
 impl GuestRam {
-    fn new() -> GuestRam {
+    fn new(file_size: usize) -> GuestRam {
         // SAFETY: memfd_create with a static NUL-terminated name.
         let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), 0) };
         assert!(raw >= 0);
         // SAFETY: we own the fresh fd.
         let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        fd.set_len(RAM_SIZE as u64).unwrap();
-        // SAFETY: a shared mapping of the whole memfd.
+        fd.set_len(file_size as u64).unwrap();
+        // SAFETY: a shared mapping of the memfd (pages past its end are
+        // never touched by the harness).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -140,6 +214,7 @@ impl GuestRam {
         GuestRam {
             fd,
             ptr: ptr.cast(),
+            file_size,
         }
     }
 
@@ -147,23 +222,28 @@ impl GuestRam {
         self.ptr as u64 + gpa
     }
 
+    fn check(&self, gpa: u64, len: usize) {
+        assert!(gpa as usize + len <= self.file_size, "{gpa:#x}+{len:#x}");
+    }
+
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= RAM_SIZE);
-        // SAFETY: in bounds of the mapping (checked above).
+        self.check(gpa, bytes.len());
+        // SAFETY: in bounds of the mapping and the file (checked above).
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
         };
     }
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= RAM_SIZE);
+        self.check(gpa, len);
         let mut v = vec![0u8; len];
-        // SAFETY: in bounds of the mapping (checked above).
+        // SAFETY: in bounds of the mapping and the file (checked above).
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) };
         v
     }
 
     pub fn u16(&self, gpa: u64) -> u16 {
+        self.check(gpa, 2);
         // SAFETY: aligned, in bounds; the daemon writes it concurrently.
         unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize).cast::<u16>()) }
     }
@@ -177,9 +257,22 @@ impl GuestRam {
     }
 
     pub fn set_u16(&self, gpa: u64, v: u16) {
+        self.check(gpa, 2);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         // SAFETY: aligned, in bounds.
         unsafe { std::ptr::write_volatile(self.ptr.add(gpa as usize).cast::<u16>(), v) };
+    }
+
+    /// A memory-table entry for `[gpa, gpa + size)`, backed by the same
+    /// offset of the memfd.
+    pub fn region(&self, gpa: u64, size: u64) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.host_addr(gpa),
+            mmap_offset: gpa,
+            mmap_handle: self.fd.as_raw_fd(),
+        }
     }
 }
 
@@ -199,6 +292,7 @@ struct Queue {
     used_idx: u16,
     kick: EventFd,
     call: EventFd,
+    err: EventFd,
 }
 
 /// A descriptor of a chain the test builds.
@@ -207,6 +301,39 @@ pub struct Desc {
     pub addr: u64,
     pub len: u32,
     pub write: bool,
+}
+
+/// How the guest memory is given to the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemSetup {
+    /// One SET_MEM_TABLE region of `RAM_SIZE` bytes.
+    Table,
+    /// ADD_MEM_REG of two regions, halves of `RAM_SIZE` (needs
+    /// CONFIGURE_MEM_SLOTS).
+    Slots,
+}
+
+/// How the harness sets the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// VIRTIO_GPU_F_* bits to ack (of what the device offers).
+    pub features: u64,
+    /// Protocol features to ask for besides CONFIG, MQ and REPLY_ACK.
+    pub protocol: VhostUserProtocolFeatures,
+    /// The memfd's real size (the regions claim `RAM_SIZE`).
+    pub file_size: usize,
+    pub memory: MemSetup,
+}
+
+impl Setup {
+    pub fn new(features: u64) -> Setup {
+        Setup {
+            features,
+            protocol: VhostUserProtocolFeatures::empty(),
+            file_size: RAM_SIZE,
+            memory: MemSetup::Table,
+        }
+    }
 }
 
 /// The VMM + guest driver.
@@ -220,88 +347,149 @@ pub struct Vmm {
     heap: u64,
 }
 
+/// Connects to the daemon's socket, retrying while it is between bind()
+/// and listen().
+pub fn connect_socket(socket: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connecting to the daemon: {e}"),
+        }
+    }
+}
+
 impl Vmm {
     /// Connects and sets the device up like QEMU does, acking `features`
     /// (VIRTIO_GPU_F_* bits) of what the device offers.
     pub fn connect(socket: &Path, features: u64) -> Vmm {
-        // The socket file appears at bind(), a moment before listen().
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => panic!("connecting to the daemon: {e}"),
-            }
-        };
+        Vmm::connect_with(socket, Setup::new(features))
+    }
+
+    pub fn connect_with(socket: &Path, setup: Setup) -> Vmm {
+        Vmm::try_connect(socket, setup).unwrap()
+    }
+
+    /// Connects and sets the device up; the first vhost-user error is
+    /// returned (every request waits for its REPLY_ACK).
+    pub fn try_connect(socket: &Path, setup: Setup) -> Result<Vmm, vhost::Error> {
+        Vmm::try_connect_stream(connect_socket(socket), setup)
+    }
+
+    /// Sets the device up over an already connected stream.
+    pub fn try_connect_stream(
+        stream: std::os::unix::net::UnixStream,
+        setup: Setup,
+    ) -> Result<Vmm, vhost::Error> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let raw = stream.try_clone().unwrap();
         let mut frontend = Frontend::from_stream(stream, 2);
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
+        frontend.set_owner()?;
+        let offered = frontend.get_features()?;
         assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
-        let acked = offered & (features | F_VERSION_1 | F_PROTOCOL_FEATURES);
-        frontend.set_features(acked).unwrap();
-        let pf = frontend.get_protocol_features().unwrap();
+        let acked = offered & (setup.features | F_VERSION_1 | F_PROTOCOL_FEATURES);
+        frontend.set_features(acked)?;
+        let pf = frontend.get_protocol_features()?;
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
-        frontend
-            .set_protocol_features(
-                pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
-            )
-            .unwrap();
-        let ram = GuestRam::new();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_SIZE as u64,
-            userspace_addr: ram.host_addr(0),
-            mmap_offset: 0,
-            mmap_handle: ram.fd.as_raw_fd(),
-        };
-        frontend.set_mem_table(&[region]).unwrap();
-        let mut queues = Vec::new();
-        for q in 0..2usize {
-            let base = RING_BASE + q as u64 * RING_STRIDE;
-            let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
-            frontend.set_vring_num(q, QUEUE_SIZE).unwrap();
-            frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: QUEUE_SIZE,
-                        queue_size: QUEUE_SIZE,
-                        flags: 0,
-                        desc_table_addr: ram.host_addr(desc),
-                        used_ring_addr: ram.host_addr(used),
-                        avail_ring_addr: ram.host_addr(avail),
-                        log_addr: None,
-                    },
-                )
-                .unwrap();
-            frontend.set_vring_base(q, 0).unwrap();
-            let kick = EventFd::new(0).unwrap();
-            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            frontend.set_vring_kick(q, &kick).unwrap();
-            frontend.set_vring_call(q, &call).unwrap();
-            frontend.set_vring_enable(q, true).unwrap();
-            queues.push(Queue {
-                desc,
-                avail,
-                used,
-                avail_idx: 0,
-                used_idx: 0,
-                kick,
-                call,
-            });
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | setup.protocol;
+        frontend.set_protocol_features(pf & want)?;
+        let ram = GuestRam::new(setup.file_size);
+        match setup.memory {
+            MemSetup::Table => {
+                frontend.set_mem_table(&[ram.region(0, RAM_SIZE as u64)])?;
+            }
+            MemSetup::Slots => {
+                let half = RAM_SIZE as u64 / 2;
+                frontend.add_mem_region(&ram.region(0, half))?;
+                frontend.add_mem_region(&ram.region(half, half))?;
+            }
         }
-        Vmm {
+        let mut vmm = Vmm {
             frontend,
             raw,
             ram,
-            queues,
+            queues: Vec::new(),
             features: acked,
             heap: HEAP_GPA,
+        };
+        for q in 0..2usize {
+            let base = RING_BASE + q as u64 * RING_STRIDE;
+            let queue = Queue {
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                avail_idx: 0,
+                used_idx: 0,
+                kick: EventFd::new(0).unwrap(),
+                call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                err: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            };
+            vmm.queues.push(queue);
+            vmm.start_queue(q)?;
         }
+        Ok(vmm)
+    }
+
+    /// SET_VRING_NUM, _ADDR, _BASE (0), _KICK, _CALL, _ERR and _ENABLE for
+    /// queue `q`, with its rings where the harness keeps them.
+    fn start_queue(&mut self, q: usize) -> Result<(), vhost::Error> {
+        let queue = &self.queues[q];
+        let (desc, avail, used) = (queue.desc, queue.avail, queue.used);
+        self.frontend.set_vring_num(q, QUEUE_SIZE)?;
+        self.frontend.set_vring_addr(
+            q,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: self.ram.host_addr(desc),
+                used_ring_addr: self.ram.host_addr(used),
+                avail_ring_addr: self.ram.host_addr(avail),
+                log_addr: None,
+            },
+        )?;
+        self.frontend.set_vring_base(q, 0)?;
+        let queue = &self.queues[q];
+        self.frontend.set_vring_kick(q, &queue.kick)?;
+        self.frontend.set_vring_call(q, &queue.call)?;
+        self.frontend.set_vring_err(q, &queue.err)?;
+        self.frontend.set_vring_enable(q, true)?;
+        Ok(())
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE, as QEMU does on a guest reset),
+    /// clears its rings and starts it again from index 0.
+    pub fn reset_queue(&mut self, q: usize) {
+        self.frontend.get_vring_base(q).unwrap();
+        let queue = &mut self.queues[q];
+        self.ram.write(queue.desc, &[0u8; 0x3000]);
+        queue.avail_idx = 0;
+        queue.used_idx = 0;
+        self.start_queue(q).unwrap();
+    }
+
+    /// Whether the daemon signalled queue `q`'s error eventfd
+    /// (VHOST_USER_SET_VRING_ERR) since the last call.
+    pub fn vring_error(&self, q: usize) -> bool {
+        self.queues[q].err.read().is_ok()
+    }
+
+    /// Moves queue `q`'s avail index by `n` without writing entries, and
+    /// kicks.
+    pub fn advance_avail(&mut self, q: usize, n: u16) {
+        let queue = &mut self.queues[q];
+        queue.avail_idx = queue.avail_idx.wrapping_add(n);
+        self.ram.set_u16(queue.avail + 2, queue.avail_idx);
+        queue.kick.write(1).unwrap();
     }
 
     /// The device config space.
