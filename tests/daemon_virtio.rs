@@ -6,6 +6,8 @@ mod harness;
 
 use std::time::Duration;
 
+use vhost::VhostBackend;
+
 use harness::{
     Daemon, Desc, F_BLOB, F_CONTEXT_INIT, F_EDID, F_VIRGL, REQ_GPA, RESP_GPA, Vmm, cmd, entries,
     hdr, req,
@@ -367,4 +369,110 @@ fn the_scanout_reaches_the_frontend_over_the_gpu_socket() {
     assert_eq!(head, vec![0, 1, 0, 2, 2]);
     let px: Vec<u32> = (0..4).map(|i| u32_at(&update.body, 20 + i * 4)).collect();
     assert_eq!(px, vec![1, 2, 5, 6]);
+}
+
+/// MOVE_CURSOR on the cursor queue; whether it came back.
+fn cursor_answers(vmm: &mut Vmm) -> bool {
+    let gpa = REQ_GPA + 0x8000;
+    vmm.ram
+        .write(gpa, &req(cmd::MOVE_CURSOR, 0, &[0, 10, 20, 0, 0, 0, 0, 0]));
+    vmm.post(
+        1,
+        &[
+            Desc {
+                addr: gpa,
+                len: 56,
+                write: false,
+            },
+            Desc {
+                addr: gpa + 0x100,
+                len: 24,
+                write: true,
+            },
+        ],
+    );
+    vmm.wait_used(1, Duration::from_secs(5)).is_some()
+}
+
+/// Waits for the daemon to signal queue `q`'s error eventfd.
+fn wait_vring_error(vmm: &Vmm, q: usize) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if vmm.vring_error(q) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// After a ring error on the control queue: the queue is refused and the
+/// error reported once, the cursor queue and new connections still work,
+/// and the control queue works again once the frontend resets it.
+fn control_queue_survives(d: &mut Daemon, mut vmm: Vmm) {
+    assert!(wait_vring_error(&vmm, 0), "ring error reported");
+    assert!(cursor_answers(&mut vmm), "the cursor queue still answers");
+    // Further work on the broken queue is refused, not processed.
+    vmm.ram.write(REQ_GPA, &req(cmd::GET_DISPLAY_INFO, 0, &[]));
+    vmm.post(
+        0,
+        &[
+            Desc {
+                addr: REQ_GPA,
+                len: 24,
+                write: false,
+            },
+            Desc {
+                addr: RESP_GPA,
+                len: 24,
+                write: true,
+            },
+        ],
+    );
+    assert!(vmm.wait_used(0, Duration::from_millis(200)).is_none());
+    assert!(!vmm.vring_error(0), "reported once");
+    // The frontend resets the queue (as QEMU does on a guest reset).
+    vmm.reset_queue(0);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    drop(vmm);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    assert!(d.alive());
+    let broken = d.log().lines().filter(|l| l.contains("ring error")).count();
+    assert_eq!(broken, 1, "one log line per broken queue:\n{}", d.log());
+}
+
+#[test]
+fn a_head_index_beyond_the_queue_breaks_only_that_queue() {
+    let mut d = Daemon::start_logged(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    vmm.publish(0, harness::QUEUE_SIZE + 44);
+    control_queue_survives(&mut d, vmm);
+}
+
+#[test]
+fn an_avail_index_too_far_ahead_breaks_only_that_queue() {
+    let mut d = Daemon::start_logged(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    vmm.advance_avail(0, harness::QUEUE_SIZE + 1);
+    control_queue_survives(&mut d, vmm);
+}
+
+#[test]
+fn a_vring_base_beyond_the_queue_breaks_only_that_queue() {
+    let mut d = Daemon::start_logged(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    vmm.frontend.set_vring_base(0, 5000).unwrap();
+    vmm.advance_avail(0, 0);
+    control_queue_survives(&mut d, vmm);
 }

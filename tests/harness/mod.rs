@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -47,6 +49,9 @@ pub mod cmd {
     pub const CTX_ATTACH_RESOURCE: u32 = 0x0202;
     pub const RESOURCE_CREATE_3D: u32 = 0x0204;
     pub const SUBMIT_3D: u32 = 0x0207;
+    pub const SET_SCANOUT_BLOB: u32 = 0x010d;
+    pub const UPDATE_CURSOR: u32 = 0x0300;
+    pub const MOVE_CURSOR: u32 = 0x0301;
     pub const OK_NODATA: u32 = 0x1100;
     pub const OK_DISPLAY_INFO: u32 = 0x1101;
     pub const OK_CAPSET_INFO: u32 = 0x1102;
@@ -95,8 +100,11 @@ impl Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"));
         cmd.arg("--socket-path")
             .arg(&socket)
-            .args(["--compute-units", "2", "--log-level", "warn"])
+            .args(["--compute-units", "2"])
             .args(args);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "warn"]);
+        }
         if let Some(log) = &log {
             cmd.stderr(Stdio::from(std::fs::File::create(log).unwrap()));
         }
@@ -402,6 +410,9 @@ impl Vmm {
             | VhostUserProtocolFeatures::REPLY_ACK
             | setup.protocol;
         frontend.set_protocol_features(pf & want)?;
+        // Every request without a reply of its own waits for its ack, so
+        // the daemon has handled it when the call returns.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let ram = GuestRam::new(setup.file_size);
         match setup.memory {
             MemSetup::Table => {
