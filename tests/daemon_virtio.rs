@@ -476,3 +476,106 @@ fn a_vring_base_beyond_the_queue_breaks_only_that_queue() {
     vmm.advance_avail(0, 0);
     control_queue_survives(&mut d, vmm);
 }
+
+/// Waits until the daemon's fd list has not changed for 100 ms (it is
+/// back in accept() with the next connection's device ready).
+fn quiescent_fds(d: &Daemon) -> Vec<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = d.fds();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = d.fds();
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// One vhost-user connection that is served (GET_FEATURES answered), then
+/// dropped.
+fn connect_and_hang_up(socket: &std::path::Path) {
+    let s = harness::connect_socket(socket);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let f = vhost::vhost_user::Frontend::from_stream(s, 2);
+    f.get_features().expect("the daemon serves the connection");
+}
+
+#[test]
+fn a_thousand_reconnects_leave_the_fd_count_flat() {
+    let mut d = Daemon::start(&[]);
+    {
+        let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+            cmd::OK_DISPLAY_INFO
+        );
+    }
+    let before = quiescent_fds(&d);
+    let start = std::time::Instant::now();
+    for _ in 0..1000 {
+        connect_and_hang_up(&d.socket);
+    }
+    let took = start.elapsed();
+    let mut after = quiescent_fds(&d);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while after.len() != before.len() && std::time::Instant::now() < deadline {
+        after = quiescent_fds(&d);
+    }
+    eprintln!(
+        "1000 reconnects in {took:?}: {} fds before, {} after",
+        before.len(),
+        after.len()
+    );
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "{} fds leaked",
+        after.len().saturating_sub(before.len())
+    );
+    assert!(d.alive());
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+}
+
+#[test]
+fn out_of_fds_the_accept_loop_backs_off_and_serves_again_when_they_free_up() {
+    let d = Daemon::start_logged(&[]);
+    // Waiting in accept() with the next connection's device made: the
+    // lowest free fd number is what the daemon needs when idle.
+    let idle = quiescent_fds(&d);
+    let lowest_free = (0..).find(|n| !idle.contains(n)).unwrap();
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    // Fewer fds than a fresh device needs: after this connection the
+    // daemon cannot set up the next one.
+    let old = d.set_fd_limit(lowest_free as u64 - 3);
+    drop(vmm);
+    let lines_before = d.log().lines().count();
+    let cpu_before = d.cpu_time();
+    // A frontend connects meanwhile (it waits in the listen backlog).
+    let pending = harness::connect_socket(&d.socket);
+    let window = Duration::from_millis(1500);
+    std::thread::sleep(window);
+    let cpu = d.cpu_time() - cpu_before;
+    let log = d.log();
+    let lines = log.lines().count() - lines_before;
+    eprintln!("out of fds for {window:?}: {cpu:?} CPU, {lines} log lines");
+    assert!(lines >= 1, "the failure is logged");
+    assert!(lines <= 10, "{lines} log lines in {window:?}:\n{log}");
+    assert!(cpu < window / 10, "{cpu:?} CPU in {window:?}");
+    // The fds free up: the waiting frontend is served.
+    d.set_fd_limit(old.rlim_cur);
+    let vmm = Vmm::try_connect_stream(pending, harness::Setup::new(F_VIRGL));
+    let mut vmm = vmm.unwrap_or_else(|e| panic!("{e}: {}", d.log()));
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+}
