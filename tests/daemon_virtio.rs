@@ -579,3 +579,45 @@ fn out_of_fds_the_accept_loop_backs_off_and_serves_again_when_they_free_up() {
         cmd::OK_DISPLAY_INFO
     );
 }
+
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused() {
+    let mut d = Daemon::start(&[]);
+    let mut setup = harness::Setup::new(F_VIRGL);
+    // The region claims RAM_SIZE bytes; the memfd has half of that.
+    setup.file_size = harness::RAM_SIZE / 2;
+    match Vmm::try_connect(&d.socket, setup) {
+        Err(e) => eprintln!("refused: {e}"),
+        Ok(mut vmm) => {
+            // A request in the second half of the region, past the end of
+            // the file.
+            let past_eof = harness::RAM_SIZE as u64 * 3 / 4;
+            vmm.post(
+                0,
+                &[
+                    Desc {
+                        addr: past_eof,
+                        len: 24,
+                        write: false,
+                    },
+                    Desc {
+                        addr: RESP_GPA,
+                        len: 24,
+                        write: true,
+                    },
+                ],
+            );
+            let _ = vmm.wait_used(0, Duration::from_secs(2));
+            std::thread::sleep(Duration::from_millis(200));
+            let status = d.child.try_wait().unwrap();
+            panic!("the table was taken; daemon exit status: {status:?}");
+        }
+    }
+    assert!(d.alive());
+    // The daemon serves the next frontend.
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+}

@@ -14,6 +14,7 @@
 pub mod device;
 pub mod display;
 pub mod fences;
+pub mod memory;
 pub mod resources;
 pub mod vring;
 pub mod wire;
@@ -65,6 +66,7 @@ const TICK: Duration = Duration::from_millis(1);
 struct Inner {
     device: GpuDevice,
     rings: RingQueues,
+    /// The device's memory, once a table was accepted.
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     /// Queues stopped after a ring error, until the frontend resets them.
     broken: [bool; NUM_QUEUES],
@@ -79,6 +81,8 @@ pub struct GpuVhostBackend {
     event_idx: std::sync::atomic::AtomicBool,
     /// The control vring, once the worker has seen it (for `stop_vring`).
     control: Mutex<Option<GpuVring>>,
+    /// Guest memory as the device sees it: checked tables only.
+    memory: GuestMemoryAtomic<GuestMemoryMmap>,
 }
 
 impl std::fmt::Debug for GpuVhostBackend {
@@ -106,6 +110,7 @@ impl GpuVhostBackend {
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             event_idx: std::sync::atomic::AtomicBool::new(false),
             control: Mutex::new(None),
+            memory: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         })
     }
 
@@ -438,10 +443,28 @@ impl VhostUserBackend for GpuVhostBackend {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, shared: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // `shared` already holds the new table (and the vrings see it);
+        // the device only ever uses `self.memory`, which takes checked
+        // tables only (see [`memory`]).
+        let table = (*shared.memory()).clone();
+        if let Err(e) = memory::check_table(&table) {
+            log::error!("memory table refused: {e}");
+            drop(table);
+            let good = (*self.memory.memory()).clone();
+            match shared.lock() {
+                Ok(guard) => guard.replace(good),
+                Err(_) => log::error!("memory table refused, but the shared table is poisoned"),
+            }
+            return Err(io::Error::other(e));
+        }
         let mut inner = self.inner.lock();
-        inner.device.set_memory(mem.clone());
-        inner.memory = Some(mem);
+        match self.memory.lock() {
+            Ok(guard) => guard.replace(table),
+            Err(_) => return Err(io::Error::other("device memory lock poisoned")),
+        }
+        inner.device.set_memory(self.memory.clone());
+        inner.memory = Some(self.memory.clone());
         Ok(())
     }
 
