@@ -621,3 +621,55 @@ fn a_memory_region_larger_than_its_file_is_refused() {
         cmd::OK_DISPLAY_INFO
     );
 }
+
+#[test]
+fn backing_entries_count_against_a_per_guest_host_memory_budget() {
+    // The default budget is 64 MiB of entries (16 bytes each): sixteen
+    // backings of 2^18 entries.
+    const N: usize = 1 << 18;
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    let page = vmm.alloc(4096);
+    let big = vmm.alloc(16 * N as u64 + 4096);
+    // Every entry names the same page: duplicates are allowed, and counted.
+    let same_page = |n: usize| entries(&[(page, 4096)]).repeat(n);
+    let attach = |vmm: &mut Vmm, id: u32, list: &[u8]| {
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
+            cmd::OK_NODATA
+        );
+        let mut a = req(
+            cmd::RESOURCE_ATTACH_BACKING,
+            0,
+            &[id, (list.len() / 16) as u32],
+        );
+        a.extend_from_slice(list);
+        let r = vmm.ctrl_at(big, &a, 24);
+        u32::from_le_bytes(r[..4].try_into().unwrap())
+    };
+    let start = std::time::Instant::now();
+    for id in 1..=15 {
+        assert_eq!(attach(&mut vmm, id, &same_page(N)), cmd::OK_NODATA, "{id}");
+    }
+    // 60 MiB in use. 2^18 adjacent entries (all of guest RAM in 256-byte
+    // pieces) are merged into one: this costs 16 bytes, not 4 MiB...
+    let adjacent: Vec<(u64, u32)> = (0..N as u64).map(|i| (i * 256, 256)).collect();
+    assert_eq!(attach(&mut vmm, 100, &entries(&adjacent)), cmd::OK_NODATA);
+    // ... so 4 MiB less 16 bytes still fit ...
+    assert_eq!(attach(&mut vmm, 16, &same_page(N - 1)), cmd::OK_NODATA);
+    // ... and then the budget is full.
+    assert_eq!(
+        attach(&mut vmm, 17, &same_page(1)),
+        cmd::ERR_OUT_OF_MEMORY,
+        "over the budget"
+    );
+    // Freeing a backing gives its bytes back.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[3, 0])),
+        cmd::OK_NODATA
+    );
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[17, 1]);
+    a.extend_from_slice(&same_page(1));
+    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    eprintln!("17 attaches of 2^18 entries in {:?}", start.elapsed());
+}

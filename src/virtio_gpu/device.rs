@@ -12,11 +12,11 @@ use std::sync::Arc;
 use gpu_backend::GuestRam;
 
 use super::display::Display;
-use super::resources::{Resource, parse_entries, read_backing};
+use super::resources::{Resource, backing_cost, parse_entries, read_backing};
 use super::wire::{CtrlHdr, Cursor, FLAG_FENCE, FLAG_INFO_RING_IDX, HDR_SIZE, Rect, cmd, resp};
 use crate::context_backend::{
     ContextBackend, ContextBackendError, ContextInit, CtxId, FenceDisposition, FenceRef,
-    ResourceId, ResourceKind,
+    GuestBacking, ResourceId, ResourceKind,
 };
 
 /// `VIRTIO_GPU_F_*` bits the device offers.
@@ -55,6 +55,11 @@ pub struct GpuLimits {
     pub max_backing_entries: u32,
     /// Host memory for copies of 2D images (scanout sources), in total.
     pub max_image_bytes: u64,
+    /// Host memory for the entry lists of resource backings, in total (16
+    /// bytes per stored entry, after adjacent entries are merged). The
+    /// default, 64 MiB, describes 16 GiB of guest memory scattered in
+    /// 4 KiB pages.
+    pub max_backing_bytes: u64,
 }
 
 impl Default for GpuLimits {
@@ -63,6 +68,7 @@ impl Default for GpuLimits {
             max_resources: 16384,
             max_backing_entries: 1 << 18,
             max_image_bytes: 256 << 20,
+            max_backing_bytes: 64 << 20,
         }
     }
 }
@@ -86,6 +92,10 @@ pub struct GpuDevice {
     resources: BTreeMap<ResourceId, Resource>,
     /// Host bytes reserved for 2D image copies.
     image_bytes: u64,
+    /// Host bytes of backing entry lists.
+    backing_bytes: u64,
+    /// The backing budget was hit (logged once until usage drops).
+    backing_budget_hit: bool,
     contexts: BTreeMap<CtxId, ContextInit>,
     scanout: Option<(ResourceId, Rect)>,
     display: Display,
@@ -127,6 +137,8 @@ impl GpuDevice {
             limits,
             resources: BTreeMap::new(),
             image_bytes: 0,
+            backing_bytes: 0,
+            backing_budget_hit: false,
             contexts: BTreeMap::new(),
             scanout: None,
             display: Display::default(),
@@ -169,6 +181,38 @@ impl GpuDevice {
         self.contexts.clear();
         self.resources.clear();
         self.image_bytes = 0;
+        self.backing_bytes = 0;
+    }
+
+    /// Reserves `backing`'s host bytes against the guest's budget.
+    fn charge_backing(&mut self, id: ResourceId, backing: &GuestBacking) -> Result<(), u32> {
+        let cost = backing_cost(backing);
+        let total = self.backing_bytes.saturating_add(cost);
+        let budget = self.limits.max_backing_bytes;
+        if total > budget {
+            if !std::mem::replace(&mut self.backing_budget_hit, true) {
+                log::warn!(
+                    "{id:?}: a backing of {} entries ({cost} bytes of host memory) is over the \
+                     guest's budget for backing entries ({} of {budget} bytes in use; \
+                     --max-backing-bytes): out of memory",
+                    backing.entries.len(),
+                    self.backing_bytes
+                );
+            } else {
+                log::debug!("{id:?}: backing over the budget ({cost} bytes)");
+            }
+            return Err(resp::ERR_OUT_OF_MEMORY);
+        }
+        self.backing_bytes = total;
+        Ok(())
+    }
+
+    /// Gives a backing's host bytes back to the budget.
+    fn refund_backing(&mut self, backing: Option<&Arc<GuestBacking>>) {
+        if let Some(b) = backing {
+            self.backing_bytes = self.backing_bytes.saturating_sub(backing_cost(b));
+            self.backing_budget_hit = false;
+        }
     }
 
     /// Processes one control-queue request.
@@ -292,13 +336,18 @@ impl GpuDevice {
         Ok(out)
     }
 
-    fn new_resource(&mut self, res: Resource) -> Result<(), u32> {
-        if res.id.0 == 0 || self.resources.contains_key(&res.id) {
+    fn check_new_resource(&self, id: ResourceId) -> Result<(), u32> {
+        if id.0 == 0 || self.resources.contains_key(&id) {
             return Err(resp::ERR_INVALID_RESOURCE_ID);
         }
         if self.resources.len() >= self.limits.max_resources as usize {
             return Err(resp::ERR_OUT_OF_MEMORY);
         }
+        Ok(())
+    }
+
+    fn new_resource(&mut self, res: Resource) -> Result<(), u32> {
+        self.check_new_resource(res.id)?;
         self.resources.insert(res.id, res);
         Ok(())
     }
@@ -372,9 +421,12 @@ impl GpuDevice {
         if backing.len() < size {
             return Err(bad);
         }
-        let mut res = Resource::new(ResourceId(id), ResourceKind::BlobGuest, 0, 0, size);
+        let id = ResourceId(id);
+        self.check_new_resource(id)?;
+        self.charge_backing(id, &backing)?;
+        let mut res = Resource::new(id, ResourceKind::BlobGuest, 0, 0, size);
         res.backing = Some(Arc::new(backing));
-        self.new_resource(res)?;
+        self.resources.insert(id, res);
         nodata(hdr)
     }
 
@@ -394,6 +446,7 @@ impl GpuDevice {
             if res.kind == ResourceKind::Image2d {
                 self.image_bytes = self.image_bytes.saturating_sub(res.size);
             }
+            self.refund_backing(res.backing.as_ref());
         }
         Ok(())
     }
@@ -533,11 +586,16 @@ impl GpuDevice {
         let backing = parse_entries(r, nr, max, self.memory()?).map_err(|_| bad)?;
         let res = self
             .resources
-            .get_mut(&id)
+            .get(&id)
             .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
         if res.backing.is_some() {
             return Err(resp::ERR_UNSPEC);
         }
+        self.charge_backing(id, &backing)?;
+        let res = self
+            .resources
+            .get_mut(&id)
+            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
         res.backing = Some(Arc::new(backing));
         let view = res.view();
         for ctx in res.contexts.clone() {
@@ -557,8 +615,9 @@ impl GpuDevice {
             return Err(resp::ERR_UNSPEC);
         }
         let contexts = res.contexts.clone();
-        res.backing = None;
+        let backing = res.backing.take();
         res.image = None;
+        self.refund_backing(backing.as_ref());
         for ctx in contexts {
             // The context stops using the pages before the guest gets them
             // back; it sees the resource again on the next attach.

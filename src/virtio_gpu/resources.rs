@@ -30,7 +30,19 @@ pub enum BackingError {
     },
 }
 
-/// Parses and checks `count` memory entries.
+/// Host bytes one stored backing entry takes.
+pub const ENTRY_BYTES: u64 = std::mem::size_of::<(GuestAddress, u32)>() as u64;
+
+/// Host bytes a backing's entry list takes (what the per-guest budget
+/// counts).
+pub fn backing_cost(backing: &GuestBacking) -> u64 {
+    (backing.entries.capacity() as u64).saturating_mul(ENTRY_BYTES)
+}
+
+/// Parses and checks `count` memory entries. An entry that continues the
+/// previous one in guest memory is merged into it, so a backing costs host
+/// memory for its discontiguous pieces only; duplicates stay separate (and
+/// are paid for).
 pub fn parse_entries(
     r: &mut Cursor<'_>,
     count: u32,
@@ -41,16 +53,28 @@ pub fn parse_entries(
         return Err(BackingError::Count(count));
     }
     let guard = mem.memory();
-    let mut entries = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let (Some(addr), Some(len), Some(_pad)) = (r.u64(), r.u32(), r.u32()) else {
+    let raw = r
+        .take((count as usize).saturating_mul(16))
+        .ok_or(BackingError::Count(count))?;
+    let mut entries: Vec<(GuestAddress, u32)> = Vec::new();
+    for entry in raw.chunks_exact(16) {
+        let mut e = Cursor::new(entry);
+        let (Some(addr), Some(len)) = (e.u64(), e.u32()) else {
             return Err(BackingError::Count(count));
         };
         if len == 0 || !guard.check_range(GuestAddress(addr), len as usize) {
             return Err(BackingError::NotGuestRam { addr, len });
         }
+        if let Some((last, last_len)) = entries.last_mut() {
+            let continues = last.0.checked_add(u64::from(*last_len)) == Some(addr);
+            if let (true, Some(merged)) = (continues, last_len.checked_add(len)) {
+                *last_len = merged;
+                continue;
+            }
+        }
         entries.push((GuestAddress(addr), len));
     }
+    entries.shrink_to_fit();
     Ok(GuestBacking { entries })
 }
 
@@ -178,6 +202,46 @@ mod tests {
             parse_entries(&mut Cursor::new(&ok), 0, 16, &mem),
             Err(BackingError::Count(0))
         );
+    }
+
+    #[test]
+    fn adjacent_entries_are_merged_and_duplicates_kept() {
+        let mem = ram();
+        let list: Vec<(u64, u32)> = (0..64).map(|i| (0x1000 + i * 0x100, 0x100)).collect();
+        let b = parse_entries(&mut Cursor::new(&entries(&list)), 64, 64, &mem).unwrap();
+        assert_eq!(b.entries, vec![(GuestAddress(0x1000), 0x4000)]);
+        assert_eq!(backing_cost(&b), ENTRY_BYTES);
+        let dup = entries(&[(0x1000, 0x1000), (0x1000, 0x1000), (0x2000, 0x10)]);
+        let b = parse_entries(&mut Cursor::new(&dup), 3, 16, &mem).unwrap();
+        assert_eq!(
+            b.entries,
+            vec![
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x1000), 0x1010)
+            ]
+        );
+        assert_eq!(backing_cost(&b), 2 * ENTRY_BYTES);
+    }
+
+    #[test]
+    fn merged_entries_stay_below_4_gib() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_2000_0000)]).unwrap(),
+        );
+        let list = [
+            (0, 0xFFFF_F000u32),
+            (0xFFFF_F000, 0x2000),
+            (0x1_0000_1000, 0x1000),
+        ];
+        let b = parse_entries(&mut Cursor::new(&entries(&list)), 3, 16, &mem).unwrap();
+        assert_eq!(
+            b.entries,
+            vec![
+                (GuestAddress(0), 0xFFFF_F000),
+                (GuestAddress(0xFFFF_F000), 0x3000)
+            ]
+        );
+        assert_eq!(b.len(), 0x1_0000_2000);
     }
 
     #[test]

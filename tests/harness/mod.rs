@@ -590,13 +590,20 @@ impl Vmm {
 
     /// Sends a control request and returns the response bytes.
     pub fn ctrl(&mut self, request: &[u8], resp_len: u32) -> Vec<u8> {
-        self.ram.write(REQ_GPA, request);
+        assert!(request.len() as u64 <= RESP_GPA - REQ_GPA, "use ctrl_at");
+        self.ctrl_at(REQ_GPA, request, resp_len)
+    }
+
+    /// Sends a control request placed at `req_gpa` (for requests larger
+    /// than the harness's request buffer) and returns the response bytes.
+    pub fn ctrl_at(&mut self, req_gpa: u64, request: &[u8], resp_len: u32) -> Vec<u8> {
+        self.ram.write(req_gpa, request);
         self.ram.write(RESP_GPA, &vec![0u8; resp_len as usize]);
         self.post(
             0,
             &[
                 Desc {
-                    addr: REQ_GPA,
+                    addr: req_gpa,
                     len: request.len() as u32,
                     write: false,
                 },
