@@ -673,3 +673,75 @@ fn backing_entries_count_against_a_per_guest_host_memory_budget() {
     assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
     eprintln!("17 attaches of 2^18 entries in {:?}", start.elapsed());
 }
+
+/// SET_SCANOUT_BLOB: rect, scanout, resource, width, height, format,
+/// padding, strides[4], offsets[4].
+fn scanout_blob(id: u32, w: u32, h: u32, stride: u32, offset: u32) -> Vec<u8> {
+    req(
+        cmd::SET_SCANOUT_BLOB,
+        0,
+        &[
+            0, 0, w, h, 0, id, w, h, 2, 0, stride, 0, 0, 0, offset, 0, 0, 0,
+        ],
+    )
+}
+
+#[test]
+fn set_scanout_blob_takes_blobs_only_and_their_geometry() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_BLOB);
+    let peer = vmm.set_gpu_socket();
+    // A 2D resource is not a blob.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&scanout_blob(1, 4, 2, 16, 0)),
+        cmd::ERR_INVALID_PARAMETER,
+        "SET_SCANOUT_BLOB of a 2D resource"
+    );
+    // A 4 KiB guest blob; pixel i of the page = i.
+    let gpa = vmm.alloc(4096);
+    let px: Vec<u8> = (0..1024u32).flat_map(|i| i.to_le_bytes()).collect();
+    vmm.ram.write(gpa, &px);
+    let mut r = req(cmd::RESOURCE_CREATE_BLOB, 0, &[2, 1, 1, 1]);
+    r.extend_from_slice(&0u64.to_le_bytes());
+    r.extend_from_slice(&4096u64.to_le_bytes());
+    r.extend(entries(&[(gpa, 4096)]));
+    assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
+    // Strides shorter than a row, planes past the end, formats that are
+    // not 4 bytes per pixel: refused.
+    assert_eq!(
+        vmm.ctrl_type(&scanout_blob(2, 4, 2, 12, 0)),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    assert_eq!(
+        vmm.ctrl_type(&scanout_blob(2, 4, 2, 2048, 2048)),
+        cmd::ERR_INVALID_PARAMETER
+    );
+    let mut odd = scanout_blob(2, 4, 2, 32, 0);
+    odd[24 + 32..24 + 36].copy_from_slice(&0x77u32.to_le_bytes());
+    assert_eq!(vmm.ctrl_type(&odd), cmd::ERR_INVALID_PARAMETER);
+    // 4x2 pixels, rows 32 bytes apart, starting at byte 64.
+    assert_eq!(
+        vmm.ctrl_type(&scanout_blob(2, 4, 2, 32, 64)),
+        cmd::OK_NODATA
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 2, 0])),
+        cmd::OK_NODATA
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let update = loop {
+        let m = peer.msgs.lock().unwrap().clone();
+        if let Some(u) = m.iter().find(|m| m.request == 8) {
+            break u.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no UPDATE");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let got: Vec<u32> = (0..8).map(|i| u32_at(&update.body, 20 + i * 4)).collect();
+    // Pixel (x, y) is at byte 64 + 32 y + 4 x: index 16 + 8 y + x.
+    assert_eq!(got, vec![16, 17, 18, 19, 24, 25, 26, 27]);
+}

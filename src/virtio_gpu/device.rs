@@ -31,6 +31,9 @@ pub mod feature {
     pub const CONTEXT_INIT: u64 = 1 << 4;
 }
 
+/// `VIRTIO_GPU_FORMAT_*` with 4 bytes per pixel (all of them but the
+/// planar ones Linux never scans out).
+const FORMATS_32BPP: [u32; 8] = [1, 2, 3, 4, 67, 68, 121, 134];
 /// `PIPE_BUFFER`.
 const PIPE_BUFFER: u32 = 0;
 /// `VIRTIO_GPU_BLOB_MEM_GUEST`.
@@ -467,15 +470,39 @@ impl GpuDevice {
         let id = ResourceId(r.u32().ok_or(bad)?);
         let width = r.u32().ok_or(bad)?;
         let height = r.u32().ok_or(bad)?;
-        if let Some(res) = self.resources.get_mut(&id) {
-            if res.kind == ResourceKind::BlobGuest {
-                let needed = image_bytes(width, height);
-                if needed > res.size || needed > MAX_IMAGE_BYTES {
-                    return Err(bad);
-                }
-                res.width = width;
-                res.height = height;
+        let format = r.u32().ok_or(bad)?;
+        let _padding = r.u32().ok_or(bad)?;
+        let stride = r.u32().ok_or(bad)?;
+        r.skip(12).ok_or(bad)?; // strides of planes 1..3
+        let offset = r.u32().ok_or(bad)?;
+        r.skip(12).ok_or(bad)?; // offsets of planes 1..3
+        if scanout != 0 {
+            return Err(resp::ERR_INVALID_SCANOUT_ID);
+        }
+        if id.0 != 0 {
+            let res = self
+                .resources
+                .get_mut(&id)
+                .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+            // One plane of 4-byte pixels inside the blob.
+            let row = u64::from(width) * 4;
+            let end = u64::from(height)
+                .checked_sub(1)
+                .map(|rows| u64::from(offset) + rows * u64::from(stride) + row);
+            let fits = end.is_some_and(|end| end <= res.size);
+            if res.kind != ResourceKind::BlobGuest
+                || !FORMATS_32BPP.contains(&format)
+                || width == 0
+                || u64::from(stride) < row
+                || !fits
+                || image_bytes(width, height) > MAX_IMAGE_BYTES
+            {
+                return Err(bad);
             }
+            res.width = width;
+            res.height = height;
+            res.stride = u64::from(stride);
+            res.offset = u64::from(offset);
         }
         self.scan_out(scanout, id, rect)?;
         nodata(hdr)
@@ -558,11 +585,11 @@ impl GpuDevice {
     /// The pixels of `rect`, from the host copy (2D) or the guest memory
     /// (blob scanout).
     fn pixels(&self, res: &Resource, rect: Rect) -> Option<Vec<u8>> {
-        let stride = u64::from(res.width) * 4;
         let row_len = (u64::from(rect.width) * 4) as usize;
         let mut out = vec![0u8; row_len * rect.height as usize];
         for (row, line) in out.chunks_exact_mut(row_len.max(1)).enumerate() {
-            let at = (u64::from(rect.y) + row as u64) * stride + u64::from(rect.x) * 4;
+            let at =
+                res.offset + (u64::from(rect.y) + row as u64) * res.stride + u64::from(rect.x) * 4;
             match (&res.image, &res.backing) {
                 (Some(image), _) => {
                     line.copy_from_slice(image.get(at as usize..at as usize + row_len)?)

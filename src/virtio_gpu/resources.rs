@@ -119,6 +119,11 @@ pub struct Resource {
     pub height: u32,
     /// Size in bytes (buffers, blobs; 4 * width * height for images).
     pub size: u64,
+    /// Bytes from one row of pixels to the next (images; blobs once shown
+    /// with `SET_SCANOUT_BLOB`).
+    pub stride: u64,
+    /// Byte of the first pixel.
+    pub offset: u64,
     /// The guest backing.
     pub backing: Option<Arc<GuestBacking>>,
     /// Host copy of a 2D image (filled by TRANSFER_TO_HOST_2D).
@@ -136,6 +141,8 @@ impl Resource {
             width,
             height,
             size,
+            stride: u64::from(width) * 4,
+            offset: 0,
             backing: None,
             image: None,
             contexts: BTreeSet::new(),
