@@ -745,3 +745,69 @@ fn set_scanout_blob_takes_blobs_only_and_their_geometry() {
     // Pixel (x, y) is at byte 64 + 32 y + 4 x: index 16 + 8 y + x.
     assert_eq!(got, vec![16, 17, 18, 19, 24, 25, 26, 27]);
 }
+
+#[test]
+fn a_gpu_socket_peer_that_never_answers_costs_one_timeout() {
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
+    let peer = vmm.set_gpu_socket_peer(harness::PeerMode::Silent);
+    let start = std::time::Instant::now();
+    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    let first = start.elapsed();
+    assert_eq!(u32_at(&r, 0), cmd::OK_DISPLAY_INFO);
+    assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (1024, 768), "defaults");
+    assert!(first < Duration::from_secs(5), "{first:?}");
+    // No more questions to a peer that has not caught up: no more waits.
+    let start = std::time::Instant::now();
+    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    assert_eq!(u32_at(&r, 24), 128, "an EDID built for the default mode");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(cursor_answers(&mut vmm));
+    eprintln!("silent peer: first query {first:?}");
+    // The peer saw the one question.
+    assert_eq!(
+        peer.msgs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.request == 3)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn a_gpu_socket_peer_that_hangs_up_is_dropped() {
+    let mut d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    vmm.set_gpu_socket_peer(harness::PeerMode::Closes);
+    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (1024, 768), "defaults");
+    // Scanout messages to the closed socket: no SIGPIPE, no error to the
+    // guest.
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        cmd::OK_NODATA
+    );
+    let gpa = vmm.alloc(4096);
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    a.extend(entries(&[(gpa, 4096)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    for _ in 0..3 {
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
+            cmd::OK_NODATA
+        );
+        assert_eq!(
+            vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 1, 0])),
+            cmd::OK_NODATA
+        );
+    }
+    assert!(cursor_answers(&mut vmm));
+    assert!(d.alive());
+}

@@ -576,7 +576,7 @@ impl GpuDevice {
         }
         if self.scanout.is_some_and(|(s, _)| s == id) {
             if let Some(pixels) = self.pixels(res, rect) {
-                self.display.update(rect, &pixels);
+                self.display.update(rect, pixels);
             }
         }
         nodata(hdr)

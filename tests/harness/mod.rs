@@ -756,10 +756,25 @@ pub struct GpuSocketPeer {
     pub msgs: std::sync::Arc<std::sync::Mutex<Vec<GpuMsg>>>,
 }
 
+/// How the frontend's end of the GPU socket behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerMode {
+    /// Answers display queries (800x600, no EDID), records the rest.
+    Answers,
+    /// Reads and records everything, answers nothing.
+    Silent,
+    /// Closes its end at once.
+    Closes,
+}
+
 impl Vmm {
     /// Sends VHOST_USER_GPU_SET_SOCKET (33) with one end of a socketpair,
     /// as QEMU does; the vhost frontend API has no call for it.
     pub fn set_gpu_socket(&mut self) -> GpuSocketPeer {
+        self.set_gpu_socket_peer(PeerMode::Answers)
+    }
+
+    pub fn set_gpu_socket_peer(&mut self, mode: PeerMode) -> GpuSocketPeer {
         use std::io::{Read, Write};
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let hdr: Vec<u8> = [33u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -769,6 +784,10 @@ impl Vmm {
         // after the backend handled the socket.
         self.frontend.get_features().unwrap();
         let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if mode == PeerMode::Closes {
+            drop(ours);
+            return GpuSocketPeer { msgs };
+        }
         let log = msgs.clone();
         std::thread::spawn(move || {
             let mut sock = ours;
@@ -783,8 +802,8 @@ impl Vmm {
                 if sock.read_exact(&mut body).is_err() {
                     return;
                 }
-                let reply: Option<Vec<u8>> = match request {
-                    3 => {
+                let reply: Option<Vec<u8>> = match (mode, request) {
+                    (PeerMode::Answers, 3) => {
                         // virtio_gpu_resp_display_info: header, 16 modes.
                         let mut b = vec![0u8; 24 + 16 * 24];
                         for (i, v) in [0u32, 0, 800, 600, 1, 0].iter().enumerate() {
@@ -793,7 +812,7 @@ impl Vmm {
                         Some(b)
                     }
                     // No EDID from this frontend: size 0.
-                    11 => Some(vec![0u8; 24 + 8 + 1024]),
+                    (PeerMode::Answers, 11) => Some(vec![0u8; 24 + 8 + 1024]),
                     _ => None,
                 };
                 if let Some(b) = reply {
