@@ -185,6 +185,16 @@ impl GpuDevice {
         self.resources.clear();
         self.image_bytes = 0;
         self.backing_bytes = 0;
+        self.backing_budget_hit = false;
+        self.scanout = None;
+    }
+
+    /// Device reset (`VHOST_USER_RESET_DEVICE`): everything of the guest
+    /// goes, as on a disconnect; the memory table and the GPU socket are
+    /// the transport's and stay.
+    pub fn reset(&mut self) {
+        self.teardown();
+        self.features = 0;
     }
 
     /// Reserves `backing`'s host bytes against the guest's budget.

@@ -420,7 +420,22 @@ impl VhostUserBackend for GpuVhostBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        // vhost-user-backend has disabled every vring; the frontend sets
+        // the device up again from scratch.
+        let mut inner = self.inner.lock();
+        inner.device.reset();
+        inner.rings = RingQueues::default();
+        inner.broken = [false; NUM_QUEUES];
+        drop(inner);
+        let _ = self.inbox.take();
+        log::info!("device reset by the frontend");
     }
 
     fn set_event_idx(&self, enabled: bool) {
