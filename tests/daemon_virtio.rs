@@ -811,3 +811,194 @@ fn a_gpu_socket_peer_that_hangs_up_is_dropped() {
     assert!(cursor_answers(&mut vmm));
     assert!(d.alive());
 }
+
+/// TRANSFER_TO_HOST_2D of all of a `w` x `h` resource `id`.
+fn transfer_2d(vmm: &mut Vmm, id: u32, w: u32, h: u32) -> u32 {
+    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, w, h]);
+    t.extend_from_slice(&0u64.to_le_bytes());
+    t.extend_from_slice(&id.to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    vmm.ctrl_type(&t)
+}
+
+#[test]
+fn memory_slots_are_added_removed_and_checked() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    let mut d = Daemon::start(&[]);
+    let mut setup = harness::Setup::new(F_VIRGL);
+    setup.protocol = VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    setup.memory = harness::MemSetup::Slots;
+    let mut vmm = Vmm::connect_with(&d.socket, setup);
+    // An image backed by the upper slot.
+    let half = harness::RAM_SIZE as u64 / 2;
+    let upper = half + 0x10_0000;
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 16, 16])),
+        cmd::OK_NODATA
+    );
+    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    a.extend(entries(&[(upper, 4096)]));
+    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::OK_NODATA);
+    // The upper slot goes: its pages cannot be read any more, the rest of
+    // the device works on.
+    let region = vmm.ram.region(half, half);
+    vmm.frontend.remove_mem_region(&region).unwrap();
+    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::ERR_INVALID_PARAMETER);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+    // Back again.
+    vmm.frontend.add_mem_region(&region).unwrap();
+    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::OK_NODATA);
+    // A slot larger than its file is refused (and ends the connection).
+    let small = harness::memfd(0x10_0000);
+    let oversized = vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: 4 * half,
+        memory_size: 0x20_0000,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&small),
+    };
+    assert!(vmm.frontend.add_mem_region(&oversized).is_err());
+    drop(vmm);
+    assert!(d.alive());
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
+        cmd::OK_DISPLAY_INFO
+    );
+}
+
+#[test]
+fn reset_device_forgets_the_guest_and_keeps_the_connection() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    let mut d = Daemon::start(&[]);
+    let mut setup = harness::Setup::new(F_VIRGL);
+    setup.protocol = VhostUserProtocolFeatures::RESET_DEVICE;
+    let mut vmm = Vmm::connect_with(&d.socket, setup);
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        cmd::OK_NODATA
+    );
+    assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA);
+    assert_eq!(vmm.ctx_attach(1, 1), cmd::OK_NODATA);
+    vmm.frontend.reset_device().unwrap();
+    vmm.restart_after_reset();
+    assert_eq!(
+        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        cmd::OK_NODATA,
+        "resource 1 is free again"
+    );
+    assert_eq!(
+        vmm.ctx_create(1, 0),
+        cmd::OK_NODATA,
+        "context 1 is free again"
+    );
+    assert!(d.alive());
+}
+
+/// A native-profile session on context `ctx` in a 16 KiB guest blob `res`:
+/// reply buffer at 0, fault ring (64 records) at 4096, signals at 8192.
+/// Returns the blob's GPA.
+fn native_session(vmm: &mut Vmm, ctx: u32, res: u32) -> u64 {
+    use guest_proto::command::{Profile, Region, SessionInit};
+    use guest_proto::fault::FaultRingLayout;
+    use guest_proto::reply::Reply;
+    use guest_proto::writer::RequestWriter;
+    use guest_proto::{Request, ResourceId, Status};
+    assert_eq!(vmm.ctx_create(ctx, 24), cmd::OK_NODATA);
+    let gpa = vmm.alloc(16384);
+    let mut r = req(cmd::RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
+    r.extend_from_slice(&0u64.to_le_bytes());
+    r.extend_from_slice(&16384u64.to_le_bytes());
+    r.extend(entries(&[(gpa, 16384)]));
+    assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
+    assert_eq!(vmm.ctx_attach(ctx, res), cmd::OK_NODATA);
+    let rid = ResourceId(res);
+    let region = |offset, size| Region {
+        resource: rid,
+        offset,
+        size,
+    };
+    let init = SessionInit::new(
+        Profile::Native { event_ring: 1 },
+        region(0, 4096),
+        region(4096, FaultRingLayout::new(64).unwrap().size()),
+        region(8192, 64 * 32),
+    );
+    let mut w = RequestWriter::new(0..4096);
+    let t = w.push(&Request::SessionInit(init)).unwrap();
+    assert_eq!(vmm.submit(ctx, w.as_bytes()), cmd::OK_NODATA);
+    let reply = Reply::decode(&vmm.ram.read(gpa + u64::from(t.reply_off.unwrap()), 64)).unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    gpa
+}
+
+#[test]
+fn native_event_arm_with_a_reused_fence_returns_each_arm_once_in_order() {
+    use guest_proto::command::{Dispatch, QueueCreate};
+    use guest_proto::reply::{Reply, ReplyPayload};
+    use guest_proto::writer::RequestWriter;
+    use guest_proto::{GpuVa, Kernel, Request, SignalIndex};
+    let d = Daemon::start(&[]);
+    let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_CONTEXT_INIT | F_BLOB);
+    let session = native_session(&mut vmm, 1, 10);
+    let mut w = RequestWriter::new(0..4096).with_first_seqno(2);
+    let t = w
+        .push(&Request::QueueCreate(QueueCreate { priority: 1 }))
+        .unwrap();
+    assert_eq!(vmm.submit(1, w.as_bytes()), cmd::OK_NODATA);
+    let reply = Reply::decode(&vmm.ram.read(session + u64::from(t.reply_off.unwrap()), 64));
+    let ReplyPayload::QueueCreate(q) = reply.unwrap().payload else {
+        panic!("QUEUE_CREATE");
+    };
+    let mut arm = RequestWriter::new(0..4096);
+    arm.push_no_reply(&Request::EventArm).unwrap();
+    let arm = arm.into_bytes();
+    // Armed with fence 100 on the event ring: held while nothing is pending.
+    let first = vmm.post_submit(1, &arm, Some((100, Some(1))));
+    assert!(vmm.wait_used(0, Duration::from_millis(300)).is_none());
+    // Armed again with the same fence: the first arm comes back, the second
+    // is held.
+    let second = vmm.post_submit(1, &arm, Some((100, Some(1))));
+    assert_eq!(
+        vmm.wait_used(0, Duration::from_secs(10)).map(|u| u.0),
+        Some(first)
+    );
+    assert!(vmm.wait_used(0, Duration::from_millis(300)).is_none());
+    // A dispatch that faults makes an event pending: the second arm comes
+    // back, once.
+    let dispatch = Dispatch {
+        queue: q.queue,
+        kernel: Kernel::Fill {
+            dst: GpuVa(0x7000_0000),
+            count: 16,
+            value: 1,
+        },
+        signal: Some(SignalIndex(3)),
+        notify: true,
+        completion_value: 9,
+    };
+    let mut w = RequestWriter::new(0..4096).with_first_seqno(3);
+    w.push(&Request::Dispatch(dispatch)).unwrap();
+    let third = vmm.post_submit(1, w.as_bytes(), None);
+    let mut seen = Vec::new();
+    while let Some((head, _)) = vmm.wait_used(0, Duration::from_secs(5)) {
+        seen.push(head);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    seen.sort_unstable();
+    let mut want = vec![second, third];
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    assert!(
+        vmm.wait_used(0, Duration::from_millis(300)).is_none(),
+        "once"
+    );
+}

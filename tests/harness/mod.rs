@@ -198,6 +198,17 @@ pub struct GuestRam {
     file_size: usize,
 }
 
+/// A fresh memfd of `size` bytes.
+pub fn memfd(size: u64) -> std::fs::File {
+    // SAFETY: memfd_create with a static NUL-terminated name.
+    let raw = unsafe { libc::memfd_create(c"extra-ram".as_ptr(), 0) };
+    assert!(raw >= 0);
+    // SAFETY: we own the fresh fd.
+    let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    fd.set_len(size).unwrap();
+    fd
+}
+
 impl GuestRam {
     fn new(file_size: usize) -> GuestRam {
         // SAFETY: memfd_create with a static NUL-terminated name.
@@ -488,6 +499,15 @@ impl Vmm {
         self.start_queue(q).unwrap();
     }
 
+    /// Sets the device up again after RESET_DEVICE (features, both rings
+    /// from index 0), as a frontend does when the driver starts over.
+    pub fn restart_after_reset(&mut self) {
+        self.frontend.set_features(self.features).unwrap();
+        for q in 0..2 {
+            self.reset_queue(q);
+        }
+    }
+
     /// Whether the daemon signalled queue `q`'s error eventfd
     /// (VHOST_USER_SET_VRING_ERR) since the last call.
     pub fn vring_error(&self, q: usize) -> bool {
@@ -691,8 +711,13 @@ impl Vmm {
     }
 
     /// SUBMIT_3D of `commands` on `ctx`, with an optional (fence, ring).
-    /// Posts the chain and returns without waiting.
-    pub fn post_submit(&mut self, ctx: u32, commands: &[u8], fence: Option<(u64, Option<u8>)>) {
+    /// Posts the chain and returns its head without waiting.
+    pub fn post_submit(
+        &mut self,
+        ctx: u32,
+        commands: &[u8],
+        fence: Option<(u64, Option<u8>)>,
+    ) -> u16 {
         let (flags, id, ring) = match fence {
             None => (0, 0, 0),
             Some((id, None)) => (FLAG_FENCE, id, 0),
@@ -722,12 +747,12 @@ impl Vmm {
                     write: true,
                 },
             ],
-        );
+        )
     }
 
     /// SUBMIT_3D and wait for its response type.
     pub fn submit(&mut self, ctx: u32, commands: &[u8]) -> u32 {
-        self.post_submit(ctx, commands, None);
+        let _ = self.post_submit(ctx, commands, None);
         let (head, _) = self
             .wait_used(0, Duration::from_secs(20))
             .expect("no response");
