@@ -9,9 +9,27 @@ use std::time::Duration;
 use vhost::VhostBackend;
 
 use harness::{
-    Daemon, Desc, F_BLOB, F_CONTEXT_INIT, F_EDID, F_VIRGL, REQ_GPA, RESP_GPA, Vmm, cmd, entries,
-    hdr, req,
+    Daemon, Desc, F_BLOB, F_CONTEXT_INIT, F_EDID, F_VIRGL, REQ_GPA, RESP_GPA, Vmm, entries, hdr,
+    req,
 };
+use vhost::vhost_user::gpu_message::GpuBackendReq;
+use vhost_gpu_nc::virtio_gpu::protocol::{
+    VIRTIO_GPU_CMD_CTX_DESTROY, VIRTIO_GPU_CMD_GET_CAPSET, VIRTIO_GPU_CMD_GET_CAPSET_INFO,
+    VIRTIO_GPU_CMD_GET_DISPLAY_INFO, VIRTIO_GPU_CMD_GET_EDID, VIRTIO_GPU_CMD_MOVE_CURSOR,
+    VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+    VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, VIRTIO_GPU_CMD_RESOURCE_FLUSH,
+    VIRTIO_GPU_CMD_RESOURCE_UNREF, VIRTIO_GPU_CMD_SET_SCANOUT, VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+    VIRTIO_GPU_CMD_SUBMIT_3D, VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D,
+    VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID, VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
+    VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID, VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID,
+    VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY, VIRTIO_GPU_RESP_ERR_UNSPEC, VIRTIO_GPU_RESP_OK_CAPSET,
+    VIRTIO_GPU_RESP_OK_CAPSET_INFO, VIRTIO_GPU_RESP_OK_DISPLAY_INFO, VIRTIO_GPU_RESP_OK_EDID,
+    VIRTIO_GPU_RESP_OK_NODATA,
+};
+
+/// vhost-user-gpu messages the frontend's end sees.
+const SCANOUT: u32 = GpuBackendReq::SCANOUT as u32;
+const UPDATE: u32 = GpuBackendReq::UPDATE as u32;
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
@@ -33,16 +51,16 @@ fn features_and_config_space() {
 fn display_info_edid_and_capsets() {
     let d = Daemon::start(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
-    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
-    assert_eq!(u32_at(&r, 0), cmd::OK_DISPLAY_INFO);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_DISPLAY_INFO);
     assert_eq!(
         (u32_at(&r, 32), u32_at(&r, 36), u32_at(&r, 40)),
         (1024, 768, 1)
     );
     assert_eq!(u32_at(&r, 24 + 24 + 16), 0, "scanout 1 disabled");
 
-    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
-    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_EDID);
     let size = u32_at(&r, 24) as usize;
     let edid = &r[32..32 + size];
     assert_eq!(&edid[..8], &[0, 255, 255, 255, 255, 255, 255, 0]);
@@ -52,28 +70,28 @@ fn display_info_edid_and_capsets() {
         "checksum"
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_EDID, 0, &[1, 0])),
-        cmd::ERR_INVALID_SCANOUT_ID
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_EDID, 0, &[1, 0])),
+        VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID
     );
 
-    let r = vmm.ctrl(&req(cmd::GET_CAPSET_INFO, 0, &[0, 0]), 40);
-    assert_eq!(u32_at(&r, 0), cmd::OK_CAPSET_INFO);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_CAPSET_INFO, 0, &[0, 0]), 40);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_CAPSET_INFO);
     assert_eq!(
         (u32_at(&r, 24), u32_at(&r, 28), u32_at(&r, 32)),
         (24, 1, 128)
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_CAPSET_INFO, 0, &[1, 0])),
-        cmd::ERR_INVALID_PARAMETER
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_CAPSET_INFO, 0, &[1, 0])),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
-    let r = vmm.ctrl(&req(cmd::GET_CAPSET, 0, &[24, 1]), 24 + 128);
-    assert_eq!(u32_at(&r, 0), cmd::OK_CAPSET);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_CAPSET, 0, &[24, 1]), 24 + 128);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_CAPSET);
     let capset = guest_proto::capset::Capset::decode(&r[24..]).unwrap();
     assert_eq!(capset.va_bits, 48);
     assert_eq!(capset.compute_units, 2);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_CAPSET, 0, &[6, 1])),
-        cmd::ERR_INVALID_PARAMETER
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_CAPSET, 0, &[6, 1])),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
 }
 
@@ -82,57 +100,61 @@ fn two_d_resources_transfer_flush_and_scanout() {
     let d = Daemon::start(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
-        cmd::ERR_INVALID_RESOURCE_ID,
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 64, 64])),
+        VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID,
         "reused id"
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[2, 2, 0, 64])),
-        cmd::ERR_INVALID_PARAMETER
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[2, 2, 0, 64])),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
     let gpa = vmm.alloc(64 * 64 * 4);
     vmm.ram.write(gpa, &vec![0x7f; 64 * 64 * 4]);
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
     a.extend(entries(&[(gpa, 64 * 64 * 4)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
     // rect, offset, resource
-    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, 64, 64]);
+    let mut t = req(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, &[0, 0, 64, 64]);
     t.extend_from_slice(&0u64.to_le_bytes());
     t.extend_from_slice(&1u32.to_le_bytes());
     t.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(vmm.ctrl_type(&t), cmd::OK_NODATA);
-    let mut bad = req(cmd::TRANSFER_TO_HOST_2D, 0, &[60, 0, 8, 64]);
+    assert_eq!(vmm.ctrl_type(&t), VIRTIO_GPU_RESP_OK_NODATA);
+    let mut bad = req(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, &[60, 0, 8, 64]);
     bad.extend_from_slice(&0u64.to_le_bytes());
     bad.extend_from_slice(&1u32.to_le_bytes());
     bad.extend_from_slice(&0u32.to_le_bytes());
     assert_eq!(
         vmm.ctrl_type(&bad),
-        cmd::ERR_INVALID_PARAMETER,
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
         "rect outside the image"
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 64, 64, 0, 1])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_SET_SCANOUT, 0, &[0, 0, 64, 64, 0, 1])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 64, 64, 3, 1])),
-        cmd::ERR_INVALID_SCANOUT_ID
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_SET_SCANOUT, 0, &[0, 0, 64, 64, 3, 1])),
+        VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 64, 64, 1, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(
+            VIRTIO_GPU_CMD_RESOURCE_FLUSH,
+            0,
+            &[0, 0, 64, 64, 1, 0]
+        )),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_UNREF, 0, &[1, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
-        cmd::ERR_INVALID_RESOURCE_ID
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_UNREF, 0, &[1, 0])),
+        VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID
     );
 }
 
@@ -140,28 +162,39 @@ fn two_d_resources_transfer_flush_and_scanout() {
 fn contexts_with_and_without_context_init() {
     let d = Daemon::start(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_CONTEXT_INIT);
-    assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA, "compat context");
     assert_eq!(
         vmm.ctx_create(1, 0),
-        cmd::ERR_INVALID_CONTEXT_ID,
+        VIRTIO_GPU_RESP_OK_NODATA,
+        "compat context"
+    );
+    assert_eq!(
+        vmm.ctx_create(1, 0),
+        VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID,
         "reused id"
     );
-    assert_eq!(vmm.ctx_create(2, 24), cmd::OK_NODATA, "native context");
+    assert_eq!(
+        vmm.ctx_create(2, 24),
+        VIRTIO_GPU_RESP_OK_NODATA,
+        "native context"
+    );
     assert_eq!(
         vmm.ctx_create(3, 1),
-        cmd::ERR_INVALID_PARAMETER,
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
         "a capset we do not serve"
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::CTX_DESTROY, 2, &[])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_CTX_DESTROY, 2, &[])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::CTX_DESTROY, 2, &[])),
-        cmd::ERR_INVALID_CONTEXT_ID
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_CTX_DESTROY, 2, &[])),
+        VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID
     );
-    assert_eq!(vmm.ctx_attach(9, 1), cmd::ERR_INVALID_CONTEXT_ID);
-    assert_eq!(vmm.ctx_attach(1, 77), cmd::ERR_INVALID_RESOURCE_ID);
+    assert_eq!(vmm.ctx_attach(9, 1), VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID);
+    assert_eq!(
+        vmm.ctx_attach(1, 77),
+        VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID
+    );
 }
 
 #[test]
@@ -169,32 +202,41 @@ fn malformed_commands_get_errors_and_the_device_keeps_working() {
     let mut d = Daemon::start(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     // Too short for a header.
-    assert_eq!(vmm.ctrl_type(&[1, 2, 3]), cmd::ERR_UNSPEC);
+    assert_eq!(vmm.ctrl_type(&[1, 2, 3]), VIRTIO_GPU_RESP_ERR_UNSPEC);
     // Unknown command.
-    assert_eq!(vmm.ctrl_type(&req(0x0999, 0, &[])), cmd::ERR_UNSPEC);
+    assert_eq!(
+        vmm.ctrl_type(&req(0x0999, 0, &[])),
+        VIRTIO_GPU_RESP_ERR_UNSPEC
+    );
     // Truncated body.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5])),
-        cmd::ERR_INVALID_PARAMETER
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[5])),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
     // GuestBacking outside guest RAM, and a huge entry count.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 16, 16])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[5, 2, 16, 16])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[5, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[5, 1]);
     a.extend(entries(&[(1 << 40, 4096)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::ERR_INVALID_PARAMETER);
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[5, u32::MAX]);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[5, u32::MAX]);
     a.extend(entries(&[(0x40_0000, 4096)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::ERR_INVALID_PARAMETER);
-    // SUBMIT_3D whose size runs past the request.
-    let mut s = hdr(cmd::SUBMIT_3D, 0, 0, 0, 0);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER);
+    // SUBMIT_3D whose size runs past the request (checked when it is
+    // decoded, before its context is looked up).
+    let mut s = hdr(VIRTIO_GPU_CMD_SUBMIT_3D, 0, 0, 0, 0);
     s.extend_from_slice(&4096u32.to_le_bytes());
     s.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(vmm.ctrl_type(&s), cmd::ERR_INVALID_CONTEXT_ID);
+    assert_eq!(vmm.ctrl_type(&s), VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER);
+    // A whole SUBMIT_3D on a context that does not exist.
+    let mut s = hdr(VIRTIO_GPU_CMD_SUBMIT_3D, 0, 0, 0, 0);
+    s.extend_from_slice(&0u32.to_le_bytes());
+    s.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(vmm.ctrl_type(&s), VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID);
     // A response buffer too small for the response: truncated, not a crash.
-    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 8);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]), 8);
     assert_eq!(r.len(), 8);
     // A chain whose descriptor points outside guest RAM: returned empty.
     vmm.post(
@@ -215,15 +257,16 @@ fn malformed_commands_get_errors_and_the_device_keeps_working() {
     let (_, len) = vmm.wait_used(0, Duration::from_secs(10)).unwrap();
     assert_eq!(len, 0);
     // A chain that loops onto itself.
-    vmm.ram.write(REQ_GPA, &req(cmd::GET_DISPLAY_INFO, 0, &[]));
+    vmm.ram
+        .write(REQ_GPA, &req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]));
     vmm.raw_desc(0, 200, REQ_GPA, 24, 1, 200);
     vmm.publish(0, 200);
     let (head, len) = vmm.wait_used(0, Duration::from_secs(10)).unwrap();
     assert_eq!((head, len), (200, 0));
     // Still serving.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     assert!(d.alive());
 }
@@ -234,21 +277,21 @@ fn the_resource_quota_is_enforced() {
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     for id in 1..=3 {
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
     }
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
-        cmd::ERR_OUT_OF_MEMORY
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
+        VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[2, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_UNREF, 0, &[2, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[4, 2, 8, 8])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
 }
 
@@ -258,21 +301,21 @@ fn reconnect_gets_fresh_state_and_sigterm_exits_cleanly() {
     {
         let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
-        assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA);
+        assert_eq!(vmm.ctx_create(1, 0), VIRTIO_GPU_RESP_OK_NODATA);
     }
     std::thread::sleep(Duration::from_millis(200));
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
-        cmd::OK_NODATA,
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        VIRTIO_GPU_RESP_OK_NODATA,
         "id 1 is free again"
     );
     assert_eq!(
         vmm.ctx_create(1, 0),
-        cmd::OK_NODATA,
+        VIRTIO_GPU_RESP_OK_NODATA,
         "context 1 is free again"
     );
     drop(vmm);
@@ -291,26 +334,42 @@ fn host_copies_of_images_are_bounded_per_guest() {
     // 64 MiB each; 256 MiB in total.
     for id in 1..=4 {
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 4096, 4096])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(
+                VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+                0,
+                &[id, 2, 4096, 4096]
+            )),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
     }
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4096, 4096])),
-        cmd::ERR_OUT_OF_MEMORY
+        vmm.ctrl_type(&req(
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            0,
+            &[5, 2, 4096, 4096]
+        )),
+        VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4097, 4096])),
-        cmd::ERR_INVALID_PARAMETER,
+        vmm.ctrl_type(&req(
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            0,
+            &[5, 2, 4097, 4096]
+        )),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
         "over 64 MiB"
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[1, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_UNREF, 0, &[1, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[5, 2, 4096, 4096])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            0,
+            &[5, 2, 4096, 4096]
+        )),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
 }
 
@@ -320,50 +379,56 @@ fn the_scanout_reaches_the_frontend_over_the_gpu_socket() {
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
     let peer = vmm.set_gpu_socket();
     // The mode comes from the frontend now.
-    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
     assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (800, 600));
     // The frontend has no EDID: the daemon builds one for its mode.
-    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
-    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_EDID);
     assert_eq!(
         u32::from(r[32 + 56]) | (u32::from(r[32 + 58] >> 4) << 8),
         800
     );
     // A 4x2 image, pixel i = i, shown and flushed.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     let gpa = vmm.alloc(4096);
     let pixels: Vec<u8> = (0..8u32).flat_map(|i| i.to_le_bytes()).collect();
     vmm.ram.write(gpa, &pixels);
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
     a.extend(entries(&[(gpa, 4096)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
-    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, 4, 2]);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
+    let mut t = req(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, &[0, 0, 4, 2]);
     t.extend_from_slice(&0u64.to_le_bytes());
     t.extend_from_slice(&1u32.to_le_bytes());
     t.extend_from_slice(&0u32.to_le_bytes());
-    assert_eq!(vmm.ctrl_type(&t), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&t), VIRTIO_GPU_RESP_OK_NODATA);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[1, 0, 2, 2, 1, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_FLUSH, 0, &[1, 0, 2, 2, 1, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let msgs = loop {
         let m = peer.msgs.lock().unwrap().clone();
-        if m.iter().any(|m| m.request == 8) || std::time::Instant::now() > deadline {
+        if m.iter().any(|m| m.request == UPDATE) || std::time::Instant::now() > deadline {
             break m;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let scanout = msgs.iter().find(|m| m.request == 7).expect("SCANOUT sent");
+    let scanout = msgs
+        .iter()
+        .find(|m| m.request == SCANOUT)
+        .expect("SCANOUT sent");
     assert_eq!(&scanout.body[..12], &[0, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0, 0]);
-    let update = msgs.iter().find(|m| m.request == 8).expect("UPDATE sent");
+    let update = msgs
+        .iter()
+        .find(|m| m.request == UPDATE)
+        .expect("UPDATE sent");
     // scanout 0, x 1, y 0, 2x2, then the pixels of that rectangle.
     let head: Vec<u32> = (0..5).map(|i| u32_at(&update.body, i * 4)).collect();
     assert_eq!(head, vec![0, 1, 0, 2, 2]);
@@ -374,8 +439,10 @@ fn the_scanout_reaches_the_frontend_over_the_gpu_socket() {
 /// MOVE_CURSOR on the cursor queue; whether it came back.
 fn cursor_answers(vmm: &mut Vmm) -> bool {
     let gpa = REQ_GPA + 0x8000;
-    vmm.ram
-        .write(gpa, &req(cmd::MOVE_CURSOR, 0, &[0, 10, 20, 0, 0, 0, 0, 0]));
+    vmm.ram.write(
+        gpa,
+        &req(VIRTIO_GPU_CMD_MOVE_CURSOR, 0, &[0, 10, 20, 0, 0, 0, 0, 0]),
+    );
     vmm.post(
         1,
         &[
@@ -413,7 +480,8 @@ fn control_queue_survives(d: &mut Daemon, mut vmm: Vmm) {
     assert!(wait_vring_error(&vmm, 0), "ring error reported");
     assert!(cursor_answers(&mut vmm), "the cursor queue still answers");
     // Further work on the broken queue is refused, not processed.
-    vmm.ram.write(REQ_GPA, &req(cmd::GET_DISPLAY_INFO, 0, &[]));
+    vmm.ram
+        .write(REQ_GPA, &req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]));
     vmm.post(
         0,
         &[
@@ -434,14 +502,14 @@ fn control_queue_survives(d: &mut Daemon, mut vmm: Vmm) {
     // The frontend resets the queue (as QEMU does on a guest reset).
     vmm.reset_queue(0);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     drop(vmm);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     assert!(d.alive());
     let broken = d.log().lines().filter(|l| l.contains("ring error")).count();
@@ -453,8 +521,8 @@ fn a_head_index_beyond_the_queue_breaks_only_that_queue() {
     let mut d = Daemon::start_logged(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     vmm.publish(0, harness::QUEUE_SIZE + 44);
     control_queue_survives(&mut d, vmm);
@@ -507,8 +575,8 @@ fn a_thousand_reconnects_leave_the_fd_count_flat() {
     {
         let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-            cmd::OK_DISPLAY_INFO
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+            VIRTIO_GPU_RESP_OK_DISPLAY_INFO
         );
     }
     let before = quiescent_fds(&d);
@@ -536,8 +604,8 @@ fn a_thousand_reconnects_leave_the_fd_count_flat() {
     assert!(d.alive());
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
 }
 
@@ -550,8 +618,8 @@ fn out_of_fds_the_accept_loop_backs_off_and_serves_again_when_they_free_up() {
     let lowest_free = (0..).find(|n| !idle.contains(n)).unwrap();
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     // Fewer fds than a fresh device needs: after this connection the
     // daemon cannot set up the next one.
@@ -575,8 +643,8 @@ fn out_of_fds_the_accept_loop_backs_off_and_serves_again_when_they_free_up() {
     let vmm = Vmm::try_connect_stream(pending, harness::Setup::new(F_VIRGL));
     let mut vmm = vmm.unwrap_or_else(|e| panic!("{e}: {}", d.log()));
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
 }
 
@@ -617,8 +685,8 @@ fn a_memory_region_larger_than_its_file_is_refused() {
     // The daemon serves the next frontend.
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
 }
 
@@ -635,11 +703,11 @@ fn backing_entries_count_against_a_per_guest_host_memory_budget() {
     let same_page = |n: usize| entries(&[(page, 4096)]).repeat(n);
     let attach = |vmm: &mut Vmm, id: u32, list: &[u8]| {
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[id, 2, 8, 8])),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
         let mut a = req(
-            cmd::RESOURCE_ATTACH_BACKING,
+            VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING,
             0,
             &[id, (list.len() / 16) as u32],
         );
@@ -649,28 +717,38 @@ fn backing_entries_count_against_a_per_guest_host_memory_budget() {
     };
     let start = std::time::Instant::now();
     for id in 1..=15 {
-        assert_eq!(attach(&mut vmm, id, &same_page(N)), cmd::OK_NODATA, "{id}");
+        assert_eq!(
+            attach(&mut vmm, id, &same_page(N)),
+            VIRTIO_GPU_RESP_OK_NODATA,
+            "{id}"
+        );
     }
     // 60 MiB in use. 2^18 adjacent entries (all of guest RAM in 256-byte
     // pieces) are merged into one: this costs 16 bytes, not 4 MiB...
     let adjacent: Vec<(u64, u32)> = (0..N as u64).map(|i| (i * 256, 256)).collect();
-    assert_eq!(attach(&mut vmm, 100, &entries(&adjacent)), cmd::OK_NODATA);
+    assert_eq!(
+        attach(&mut vmm, 100, &entries(&adjacent)),
+        VIRTIO_GPU_RESP_OK_NODATA
+    );
     // ... so 4 MiB less 16 bytes still fit ...
-    assert_eq!(attach(&mut vmm, 16, &same_page(N - 1)), cmd::OK_NODATA);
+    assert_eq!(
+        attach(&mut vmm, 16, &same_page(N - 1)),
+        VIRTIO_GPU_RESP_OK_NODATA
+    );
     // ... and then the budget is full.
     assert_eq!(
         attach(&mut vmm, 17, &same_page(1)),
-        cmd::ERR_OUT_OF_MEMORY,
+        VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY,
         "over the budget"
     );
     // Freeing a backing gives its bytes back.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_UNREF, 0, &[3, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_UNREF, 0, &[3, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[17, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[17, 1]);
     a.extend_from_slice(&same_page(1));
-    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
     eprintln!("17 attaches of 2^18 entries in {:?}", start.elapsed());
 }
 
@@ -678,7 +756,7 @@ fn backing_entries_count_against_a_per_guest_host_memory_budget() {
 /// padding, strides[4], offsets[4].
 fn scanout_blob(id: u32, w: u32, h: u32, stride: u32, offset: u32) -> Vec<u8> {
     req(
-        cmd::SET_SCANOUT_BLOB,
+        VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
         0,
         &[
             0, 0, w, h, 0, id, w, h, 2, 0, stride, 0, 0, 0, offset, 0, 0, 0,
@@ -693,49 +771,49 @@ fn set_scanout_blob_takes_blobs_only_and_their_geometry() {
     let peer = vmm.set_gpu_socket();
     // A 2D resource is not a blob.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
         vmm.ctrl_type(&scanout_blob(1, 4, 2, 16, 0)),
-        cmd::ERR_INVALID_PARAMETER,
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
         "SET_SCANOUT_BLOB of a 2D resource"
     );
     // A 4 KiB guest blob; pixel i of the page = i.
     let gpa = vmm.alloc(4096);
     let px: Vec<u8> = (0..1024u32).flat_map(|i| i.to_le_bytes()).collect();
     vmm.ram.write(gpa, &px);
-    let mut r = req(cmd::RESOURCE_CREATE_BLOB, 0, &[2, 1, 1, 1]);
+    let mut r = req(VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, 0, &[2, 1, 1, 1]);
     r.extend_from_slice(&0u64.to_le_bytes());
     r.extend_from_slice(&4096u64.to_le_bytes());
     r.extend(entries(&[(gpa, 4096)]));
-    assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&r), VIRTIO_GPU_RESP_OK_NODATA);
     // Strides shorter than a row, planes past the end, formats that are
     // not 4 bytes per pixel: refused.
     assert_eq!(
         vmm.ctrl_type(&scanout_blob(2, 4, 2, 12, 0)),
-        cmd::ERR_INVALID_PARAMETER
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
     assert_eq!(
         vmm.ctrl_type(&scanout_blob(2, 4, 2, 2048, 2048)),
-        cmd::ERR_INVALID_PARAMETER
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
     );
     let mut odd = scanout_blob(2, 4, 2, 32, 0);
     odd[24 + 32..24 + 36].copy_from_slice(&0x77u32.to_le_bytes());
-    assert_eq!(vmm.ctrl_type(&odd), cmd::ERR_INVALID_PARAMETER);
+    assert_eq!(vmm.ctrl_type(&odd), VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER);
     // 4x2 pixels, rows 32 bytes apart, starting at byte 64.
     assert_eq!(
         vmm.ctrl_type(&scanout_blob(2, 4, 2, 32, 64)),
-        cmd::OK_NODATA
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 2, 0])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 2, 0])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let update = loop {
         let m = peer.msgs.lock().unwrap().clone();
-        if let Some(u) = m.iter().find(|m| m.request == 8) {
+        if let Some(u) = m.iter().find(|m| m.request == UPDATE) {
             break u.clone();
         }
         assert!(std::time::Instant::now() < deadline, "no UPDATE");
@@ -752,15 +830,15 @@ fn a_gpu_socket_peer_that_never_answers_costs_one_timeout() {
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL | F_EDID);
     let peer = vmm.set_gpu_socket_peer(harness::PeerMode::Silent);
     let start = std::time::Instant::now();
-    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
     let first = start.elapsed();
-    assert_eq!(u32_at(&r, 0), cmd::OK_DISPLAY_INFO);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_DISPLAY_INFO);
     assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (1024, 768), "defaults");
     assert!(first < Duration::from_secs(5), "{first:?}");
     // No more questions to a peer that has not caught up: no more waits.
     let start = std::time::Instant::now();
-    let r = vmm.ctrl(&req(cmd::GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
-    assert_eq!(u32_at(&r, 0), cmd::OK_EDID);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_EDID, 0, &[0, 0]), 24 + 8 + 1024);
+    assert_eq!(u32_at(&r, 0), VIRTIO_GPU_RESP_OK_EDID);
     assert_eq!(u32_at(&r, 24), 128, "an EDID built for the default mode");
     assert!(
         start.elapsed() < Duration::from_millis(500),
@@ -775,7 +853,7 @@ fn a_gpu_socket_peer_that_never_answers_costs_one_timeout() {
             .lock()
             .unwrap()
             .iter()
-            .filter(|m| m.request == 3)
+            .filter(|m| m.request == u32::from(GpuBackendReq::GET_DISPLAY_INFO))
             .count(),
         1
     );
@@ -786,26 +864,26 @@ fn a_gpu_socket_peer_that_hangs_up_is_dropped() {
     let mut d = Daemon::start(&[]);
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     vmm.set_gpu_socket_peer(harness::PeerMode::Closes);
-    let r = vmm.ctrl(&req(cmd::GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
+    let r = vmm.ctrl(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[]), 24 + 16 * 24);
     assert_eq!((u32_at(&r, 32), u32_at(&r, 36)), (1024, 768), "defaults");
     // Scanout messages to the closed socket: no SIGPIPE, no error to the
     // guest.
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 4, 2])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     let gpa = vmm.alloc(4096);
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
     a.extend(entries(&[(gpa, 4096)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
     for _ in 0..3 {
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_SET_SCANOUT, 0, &[0, 0, 4, 2, 0, 1])),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
         assert_eq!(
-            vmm.ctrl_type(&req(cmd::RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 1, 0])),
-            cmd::OK_NODATA
+            vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_FLUSH, 0, &[0, 0, 4, 2, 1, 0])),
+            VIRTIO_GPU_RESP_OK_NODATA
         );
     }
     assert!(cursor_answers(&mut vmm));
@@ -814,7 +892,7 @@ fn a_gpu_socket_peer_that_hangs_up_is_dropped() {
 
 /// TRANSFER_TO_HOST_2D of all of a `w` x `h` resource `id`.
 fn transfer_2d(vmm: &mut Vmm, id: u32, w: u32, h: u32) -> u32 {
-    let mut t = req(cmd::TRANSFER_TO_HOST_2D, 0, &[0, 0, w, h]);
+    let mut t = req(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, &[0, 0, w, h]);
     t.extend_from_slice(&0u64.to_le_bytes());
     t.extend_from_slice(&id.to_le_bytes());
     t.extend_from_slice(&0u32.to_le_bytes());
@@ -834,25 +912,28 @@ fn memory_slots_are_added_removed_and_checked() {
     let half = harness::RAM_SIZE as u64 / 2;
     let upper = half + 0x10_0000;
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 16, 16])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 16, 16])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
-    let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
+    let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[1, 1]);
     a.extend(entries(&[(upper, 4096)]));
-    assert_eq!(vmm.ctrl_type(&a), cmd::OK_NODATA);
-    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
+    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), VIRTIO_GPU_RESP_OK_NODATA);
     // The upper slot goes: its pages cannot be read any more, the rest of
     // the device works on.
     let region = vmm.ram.region(half, half);
     vmm.frontend.remove_mem_region(&region).unwrap();
-    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::ERR_INVALID_PARAMETER);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        transfer_2d(&mut vmm, 1, 16, 16),
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER
+    );
+    assert_eq!(
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
     // Back again.
     vmm.frontend.add_mem_region(&region).unwrap();
-    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), cmd::OK_NODATA);
+    assert_eq!(transfer_2d(&mut vmm, 1, 16, 16), VIRTIO_GPU_RESP_OK_NODATA);
     // A slot larger than its file is refused (and ends the connection).
     let small = harness::memfd(0x10_0000);
     let oversized = vhost::VhostUserMemoryRegionInfo {
@@ -867,8 +948,8 @@ fn memory_slots_are_added_removed_and_checked() {
     assert!(d.alive());
     let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::GET_DISPLAY_INFO, 0, &[])),
-        cmd::OK_DISPLAY_INFO
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_GET_DISPLAY_INFO, 0, &[])),
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO
     );
 }
 
@@ -881,21 +962,21 @@ fn reset_device_forgets_the_guest_and_keeps_the_connection() {
     setup.protocol = VhostUserProtocolFeatures::RESET_DEVICE;
     let mut vmm = Vmm::connect_with(&d.socket, setup);
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
-        cmd::OK_NODATA
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
-    assert_eq!(vmm.ctx_create(1, 0), cmd::OK_NODATA);
-    assert_eq!(vmm.ctx_attach(1, 1), cmd::OK_NODATA);
+    assert_eq!(vmm.ctx_create(1, 0), VIRTIO_GPU_RESP_OK_NODATA);
+    assert_eq!(vmm.ctx_attach(1, 1), VIRTIO_GPU_RESP_OK_NODATA);
     vmm.frontend.reset_device().unwrap();
     vmm.restart_after_reset();
     assert_eq!(
-        vmm.ctrl_type(&req(cmd::RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
-        cmd::OK_NODATA,
+        vmm.ctrl_type(&req(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, &[1, 2, 8, 8])),
+        VIRTIO_GPU_RESP_OK_NODATA,
         "resource 1 is free again"
     );
     assert_eq!(
         vmm.ctx_create(1, 0),
-        cmd::OK_NODATA,
+        VIRTIO_GPU_RESP_OK_NODATA,
         "context 1 is free again"
     );
     assert!(d.alive());
@@ -910,14 +991,14 @@ fn native_session(vmm: &mut Vmm, ctx: u32, res: u32) -> u64 {
     use guest_proto::reply::Reply;
     use guest_proto::writer::RequestWriter;
     use guest_proto::{Request, ResourceId, Status};
-    assert_eq!(vmm.ctx_create(ctx, 24), cmd::OK_NODATA);
+    assert_eq!(vmm.ctx_create(ctx, 24), VIRTIO_GPU_RESP_OK_NODATA);
     let gpa = vmm.alloc(16384);
-    let mut r = req(cmd::RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
+    let mut r = req(VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
     r.extend_from_slice(&0u64.to_le_bytes());
     r.extend_from_slice(&16384u64.to_le_bytes());
     r.extend(entries(&[(gpa, 16384)]));
-    assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
-    assert_eq!(vmm.ctx_attach(ctx, res), cmd::OK_NODATA);
+    assert_eq!(vmm.ctrl_type(&r), VIRTIO_GPU_RESP_OK_NODATA);
+    assert_eq!(vmm.ctx_attach(ctx, res), VIRTIO_GPU_RESP_OK_NODATA);
     let rid = ResourceId(res);
     let region = |offset, size| Region {
         resource: rid,
@@ -932,7 +1013,7 @@ fn native_session(vmm: &mut Vmm, ctx: u32, res: u32) -> u64 {
     );
     let mut w = RequestWriter::new(0..4096);
     let t = w.push(&Request::SessionInit(init)).unwrap();
-    assert_eq!(vmm.submit(ctx, w.as_bytes()), cmd::OK_NODATA);
+    assert_eq!(vmm.submit(ctx, w.as_bytes()), VIRTIO_GPU_RESP_OK_NODATA);
     let reply = Reply::decode(&vmm.ram.read(gpa + u64::from(t.reply_off.unwrap()), 64)).unwrap();
     assert_eq!(reply.status, Status::Ok);
     gpa
@@ -951,7 +1032,7 @@ fn native_event_arm_with_a_reused_fence_returns_each_arm_once_in_order() {
     let t = w
         .push(&Request::QueueCreate(QueueCreate { priority: 1 }))
         .unwrap();
-    assert_eq!(vmm.submit(1, w.as_bytes()), cmd::OK_NODATA);
+    assert_eq!(vmm.submit(1, w.as_bytes()), VIRTIO_GPU_RESP_OK_NODATA);
     let reply = Reply::decode(&vmm.ram.read(session + u64::from(t.reply_off.unwrap()), 64));
     let ReplyPayload::QueueCreate(q) = reply.unwrap().payload else {
         panic!("QUEUE_CREATE");

@@ -26,8 +26,6 @@ use vhost::vhost_user::gpu_message::{
     VhostUserGpuUpdate, VirtioGpuRespDisplayInfo, VirtioGpuRespGetEdid,
 };
 
-use super::wire::Rect;
-
 /// The default mode when the frontend does not say.
 pub const DEFAULT_WIDTH: u32 = 1024;
 /// The default mode when the frontend does not say.
@@ -246,15 +244,16 @@ impl Display {
         }
     }
 
-    /// New pixels (4 bytes each, rows of `rect.width`) for `rect`.
-    pub fn update(&self, rect: Rect, pixels: Vec<u8>) {
+    /// New pixels (4 bytes each, rows of `width`) for the rectangle at
+    /// `x`, `y`.
+    pub fn update(&self, x: u32, y: u32, width: u32, height: u32, pixels: Vec<u8>) {
         if let Some(l) = &self.link {
             let u = VhostUserGpuUpdate {
                 scanout_id: 0,
-                x: rect.x,
-                y: rect.y,
-                width: rect.width,
-                height: rect.height,
+                x,
+                y,
+                width,
+                height,
             };
             l.tell(Job::Update(u, pixels));
         }

@@ -1,10 +1,17 @@
 //! The virtio-gpu device as a vhost-user backend.
 //!
-//! - [`wire`]: control messages on the wire, parsed with bounds checks.
+//! - [`protocol`]: the wire: `#[repr(C)]` structures, the numbers from
+//!   `virtio_bindings`, requests decoded once into a [`protocol::GpuCommand`]
+//!   and responses encoded once.
+//! - [`error`]: [`error::GpuError`], why a command failed, and the
+//!   `VIRTIO_GPU_RESP_ERR_*` it answers with.
+//! - [`device`]: the command handlers (typed command in, typed response
+//!   out).
 //! - [`resources`]: resources and their guest backing.
 //! - [`display`]: scanout, EDID and QEMU's GPU socket.
-//! - [`device`]: the command handlers (bytes in, bytes out).
 //! - [`fences`]: held fences and per-ring ordering.
+//! - [`memory`]: the memory table, checked against its files.
+//! - [`vring`]: the vring type, with the frontend's error eventfd.
 //!
 //! This module connects them to vhost-user-backend: two virtqueues
 //! (control, cursor), the config space, a 1 ms timer that drives the compute
@@ -13,11 +20,12 @@
 
 pub mod device;
 pub mod display;
+pub mod error;
 pub mod fences;
 pub mod memory;
+pub mod protocol;
 pub mod resources;
 pub mod vring;
-pub mod wire;
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -33,7 +41,9 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{
+    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -41,8 +51,12 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::context_backend::ContextBackendFactory;
-use device::{GpuDevice, GpuLimits, feature};
+use device::{GpuDevice, GpuLimits};
 use fences::{Deferred, FenceInbox, RingQueues};
+use protocol::{
+    VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_VIRGL,
+    VirtioGpuConfig,
+};
 use vring::GpuVring;
 
 /// Control queue index.
@@ -129,12 +143,12 @@ impl GpuVhostBackend {
         self.inner.lock().device.teardown();
     }
 
-    fn config_space(&self) -> [u8; 16] {
-        let num_capsets = self.inner.lock().device.num_capsets();
-        let mut c = [0u8; 16];
-        c[8..12].copy_from_slice(&1u32.to_le_bytes()); // num_scanouts
-        c[12..16].copy_from_slice(&num_capsets.to_le_bytes());
-        c
+    fn config_space(&self) -> VirtioGpuConfig {
+        VirtioGpuConfig {
+            num_scanouts: 1.into(),
+            num_capsets: self.inner.lock().device.num_capsets().into(),
+            ..VirtioGpuConfig::default()
+        }
     }
 
     /// Drains a queue. With EVENT_IDX the driver is told not to notify
@@ -407,10 +421,10 @@ impl VhostUserBackend for GpuVhostBackend {
             | (1 << VIRTIO_F_RING_RESET)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | feature::VIRGL
-            | feature::EDID
-            | feature::RESOURCE_BLOB
-            | feature::CONTEXT_INIT
+            | (1 << VIRTIO_GPU_F_VIRGL)
+            | (1 << VIRTIO_GPU_F_EDID)
+            | (1 << VIRTIO_GPU_F_RESOURCE_BLOB)
+            | (1 << VIRTIO_GPU_F_CONTEXT_INIT)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -448,7 +462,7 @@ impl VhostUserBackend for GpuVhostBackend {
         let start = offset as usize;
         start
             .checked_add(size as usize)
-            .and_then(|end| c.get(start..end))
+            .and_then(|end| c.as_slice().get(start..end))
             .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }

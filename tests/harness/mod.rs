@@ -14,11 +14,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::gpu_message::GpuBackendReq;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_gpu_nc::virtio_gpu::protocol::{
+    CtrlHdr, VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, VIRTIO_GPU_CMD_CTX_CREATE,
+    VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+    VIRTIO_GPU_CMD_SUBMIT_3D, VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID,
+    VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_VIRGL, VIRTIO_GPU_FLAG_FENCE,
+    VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_OK_NODATA,
+};
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const RAM_SIZE: usize = 64 << 20;
@@ -32,47 +42,13 @@ pub const RESP_GPA: u64 = 0x20_0000;
 /// Memory the tests hand out to resources.
 pub const HEAP_GPA: u64 = 0x40_0000;
 
-pub mod cmd {
-    pub const GET_DISPLAY_INFO: u32 = 0x0100;
-    pub const RESOURCE_CREATE_2D: u32 = 0x0101;
-    pub const RESOURCE_UNREF: u32 = 0x0102;
-    pub const SET_SCANOUT: u32 = 0x0103;
-    pub const RESOURCE_FLUSH: u32 = 0x0104;
-    pub const TRANSFER_TO_HOST_2D: u32 = 0x0105;
-    pub const RESOURCE_ATTACH_BACKING: u32 = 0x0106;
-    pub const GET_CAPSET_INFO: u32 = 0x0108;
-    pub const GET_CAPSET: u32 = 0x0109;
-    pub const GET_EDID: u32 = 0x010a;
-    pub const RESOURCE_CREATE_BLOB: u32 = 0x010c;
-    pub const CTX_CREATE: u32 = 0x0200;
-    pub const CTX_DESTROY: u32 = 0x0201;
-    pub const CTX_ATTACH_RESOURCE: u32 = 0x0202;
-    pub const RESOURCE_CREATE_3D: u32 = 0x0204;
-    pub const SUBMIT_3D: u32 = 0x0207;
-    pub const SET_SCANOUT_BLOB: u32 = 0x010d;
-    pub const UPDATE_CURSOR: u32 = 0x0300;
-    pub const MOVE_CURSOR: u32 = 0x0301;
-    pub const OK_NODATA: u32 = 0x1100;
-    pub const OK_DISPLAY_INFO: u32 = 0x1101;
-    pub const OK_CAPSET_INFO: u32 = 0x1102;
-    pub const OK_CAPSET: u32 = 0x1103;
-    pub const OK_EDID: u32 = 0x1104;
-    pub const ERR_UNSPEC: u32 = 0x1200;
-    pub const ERR_OUT_OF_MEMORY: u32 = 0x1201;
-    pub const ERR_INVALID_SCANOUT_ID: u32 = 0x1202;
-    pub const ERR_INVALID_RESOURCE_ID: u32 = 0x1203;
-    pub const ERR_INVALID_CONTEXT_ID: u32 = 0x1204;
-    pub const ERR_INVALID_PARAMETER: u32 = 0x1205;
-}
-
-pub const FLAG_FENCE: u32 = 1;
-pub const FLAG_RING_IDX: u32 = 2;
-pub const F_VIRGL: u64 = 1 << 0;
-pub const F_EDID: u64 = 1 << 1;
-pub const F_BLOB: u64 = 1 << 3;
-pub const F_CONTEXT_INIT: u64 = 1 << 4;
-const F_VERSION_1: u64 = 1 << 32;
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VIRTIO_GPU_F_* as feature masks.
+pub const F_VIRGL: u64 = 1 << VIRTIO_GPU_F_VIRGL;
+pub const F_EDID: u64 = 1 << VIRTIO_GPU_F_EDID;
+pub const F_BLOB: u64 = 1 << VIRTIO_GPU_F_RESOURCE_BLOB;
+pub const F_CONTEXT_INIT: u64 = 1 << VIRTIO_GPU_F_CONTEXT_INIT;
+const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// The daemon process.
 pub struct Daemon {
@@ -649,14 +625,15 @@ impl Vmm {
 
 /// A request header.
 pub fn hdr(type_: u32, flags: u32, fence: u64, ctx: u32, ring: u8) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    v.extend_from_slice(&type_.to_le_bytes());
-    v.extend_from_slice(&flags.to_le_bytes());
-    v.extend_from_slice(&fence.to_le_bytes());
-    v.extend_from_slice(&ctx.to_le_bytes());
-    v.push(ring);
-    v.extend_from_slice(&[0; 3]);
-    v
+    let h = CtrlHdr {
+        type_: type_.into(),
+        flags: flags.into(),
+        fence_id: fence.into(),
+        ctx_id: ctx.into(),
+        ring_idx: ring,
+        padding: [0; 3],
+    };
+    h.as_slice().to_vec()
 }
 
 /// A request: header then little-endian u32 fields.
@@ -684,21 +661,21 @@ impl Vmm {
     /// returns the backing's GPA.
     pub fn buffer_3d(&mut self, id: u32, bytes: u32) -> u64 {
         let r = req(
-            cmd::RESOURCE_CREATE_3D,
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
             0,
             &[id, 0, 64, 1, bytes, 1, 1, 1, 0, 0, 0, 0],
         );
-        assert_eq!(self.ctrl_type(&r), cmd::OK_NODATA);
+        assert_eq!(self.ctrl_type(&r), VIRTIO_GPU_RESP_OK_NODATA);
         let gpa = self.alloc(u64::from(bytes));
-        let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[id, 1]);
+        let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[id, 1]);
         a.extend(entries(&[(gpa, bytes.next_multiple_of(4096))]));
-        assert_eq!(self.ctrl_type(&a), cmd::OK_NODATA);
+        assert_eq!(self.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
         gpa
     }
 
     /// CTX_CREATE with `context_init`.
     pub fn ctx_create(&mut self, ctx: u32, context_init: u32) -> u32 {
-        let mut r = req(cmd::CTX_CREATE, ctx, &[4, context_init]);
+        let mut r = req(VIRTIO_GPU_CMD_CTX_CREATE, ctx, &[4, context_init]);
         let mut name = [0u8; 64];
         name[..4].copy_from_slice(b"test");
         r.extend_from_slice(&name);
@@ -707,7 +684,7 @@ impl Vmm {
 
     /// CTX_ATTACH_RESOURCE.
     pub fn ctx_attach(&mut self, ctx: u32, id: u32) -> u32 {
-        self.ctrl_type(&req(cmd::CTX_ATTACH_RESOURCE, ctx, &[id, 0]))
+        self.ctrl_type(&req(VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, ctx, &[id, 0]))
     }
 
     /// SUBMIT_3D of `commands` on `ctx`, with an optional (fence, ring).
@@ -720,10 +697,10 @@ impl Vmm {
     ) -> u16 {
         let (flags, id, ring) = match fence {
             None => (0, 0, 0),
-            Some((id, None)) => (FLAG_FENCE, id, 0),
-            Some((id, Some(r))) => (FLAG_FENCE | FLAG_RING_IDX, id, r),
+            Some((id, None)) => (VIRTIO_GPU_FLAG_FENCE, id, 0),
+            Some((id, Some(r))) => (VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX, id, r),
         };
-        let mut r = hdr(cmd::SUBMIT_3D, flags, id, ctx, ring);
+        let mut r = hdr(VIRTIO_GPU_CMD_SUBMIT_3D, flags, id, ctx, ring);
         r.extend_from_slice(&(commands.len() as u32).to_le_bytes());
         r.extend_from_slice(&0u32.to_le_bytes());
         r.extend_from_slice(commands);
@@ -793,7 +770,7 @@ pub enum PeerMode {
 }
 
 impl Vmm {
-    /// Sends VHOST_USER_GPU_SET_SOCKET (33) with one end of a socketpair,
+    /// Sends VHOST_USER_GPU_SET_SOCKET with one end of a socketpair,
     /// as QEMU does; the vhost frontend API has no call for it.
     pub fn set_gpu_socket(&mut self) -> GpuSocketPeer {
         self.set_gpu_socket_peer(PeerMode::Answers)
@@ -802,7 +779,11 @@ impl Vmm {
     pub fn set_gpu_socket_peer(&mut self, mode: PeerMode) -> GpuSocketPeer {
         use std::io::{Read, Write};
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let hdr: Vec<u8> = [33u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let set_socket = u32::from(FrontendReq::GPU_SET_SOCKET);
+        let hdr: Vec<u8> = [set_socket, 1, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         send_with_fd(&self.raw, &hdr, theirs.as_raw_fd());
         drop(theirs);
         // No reply without REPLY_ACK: a request that has one orders us
@@ -827,8 +808,10 @@ impl Vmm {
                 if sock.read_exact(&mut body).is_err() {
                     return;
                 }
+                let display_info = u32::from(GpuBackendReq::GET_DISPLAY_INFO);
+                let get_edid = u32::from(GpuBackendReq::GET_EDID);
                 let reply: Option<Vec<u8>> = match (mode, request) {
-                    (PeerMode::Answers, 3) => {
+                    (PeerMode::Answers, r) if r == display_info => {
                         // virtio_gpu_resp_display_info: header, 16 modes.
                         let mut b = vec![0u8; 24 + 16 * 24];
                         for (i, v) in [0u32, 0, 800, 600, 1, 0].iter().enumerate() {
@@ -837,14 +820,15 @@ impl Vmm {
                         Some(b)
                     }
                     // No EDID from this frontend: size 0.
-                    (PeerMode::Answers, 11) => Some(vec![0u8; 24 + 8 + 1024]),
+                    (PeerMode::Answers, r) if r == get_edid => Some(vec![0u8; 24 + 8 + 1024]),
                     _ => None,
                 };
                 if let Some(b) = reply {
-                    let mut out: Vec<u8> = [request, 0x4, b.len() as u32]
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect();
+                    let mut out: Vec<u8> =
+                        [request, VhostUserHeaderFlag::REPLY.bits(), b.len() as u32]
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect();
                     out.extend(b);
                     sock.write_all(&out).unwrap();
                 } else {
