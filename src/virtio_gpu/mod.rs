@@ -596,3 +596,6 @@ impl VhostUserBackend for GpuVhostBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
