@@ -13,8 +13,9 @@
 //! backend request channel cannot send a config-change message either (and
 //! virtio-gpu's config space has no field that would say "reset"). So the
 //! device does what the transport allows: it signals this eventfd (QEMU
-//! logs "vhost vring error in virtqueue N"), logs once, and refuses the
-//! queue until the frontend stops it (`GET_VRING_BASE`) or resets the device.
+//! sets one up for every vhost queue; its handler only reports the error in
+//! debug builds), logs once, and refuses the queue until the frontend stops
+//! it (`GET_VRING_BASE`) or resets the device (`RESET_DEVICE`).
 
 use std::fs::File;
 use std::io::{self, Write};
