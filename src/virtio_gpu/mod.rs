@@ -65,8 +65,10 @@ const CONTROL_QUEUE: u16 = 0;
 const CURSOR_QUEUE: u16 = 1;
 /// Virtqueues.
 const NUM_QUEUES: usize = 2;
-/// Largest queue.
-const QUEUE_SIZE: usize = 1024;
+/// Largest queue: the split-ring maximum. crosvm offers the guest its
+/// `max-queue-size` (default 32768) and Linux takes all of it; the rings live
+/// in guest memory, so a large maximum costs the daemon nothing up front.
+const QUEUE_SIZE: usize = 32768;
 /// Device event of the tick timer (0..=NUM_QUEUES are the library's).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Device event of held-fence completions.
