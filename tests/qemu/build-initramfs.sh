@@ -4,6 +4,8 @@
 # (unpacked by setup.sh) and the guest test program as /nc-guest. Its /init
 # runs the scenarios named on the kernel command line (nc.scenarios=a,b,...)
 # and powers off.
+# virtio-gpu is the module setup.sh rebuilt with our patch series
+# (work/kernel/rebuilt), or Debian's own with NC_STOCK_VIRTIO_GPU=1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 guest_bin=${1:?usage: build-initramfs.sh GUEST_BIN OUT}
@@ -26,6 +28,15 @@ for m in "$kdir/lib/modules/$version/kernel/"*; do
         *) cp "$m" "$root/lib/modules/$version/kernel/" ;;
     esac
 done
+rebuilt="$kdir/rebuilt/virtio-gpu.ko"
+if [ "${NC_STOCK_VIRTIO_GPU:-0}" != 1 ]; then
+    [ -f "$rebuilt" ] || { echo "build-initramfs: no rebuilt virtio-gpu.ko: run setup.sh (or NC_STOCK_VIRTIO_GPU=1)" >&2; exit 1; }
+    cp "$rebuilt" "$root/lib/modules/$version/kernel/virtio-gpu.ko"
+    echo rebuilt > "$root/nc-module"
+else
+    echo debian > "$root/nc-module"
+fi
+echo "build-initramfs: virtio-gpu.ko $(cat "$root/nc-module") $(sha256sum "$root/lib/modules/$version/kernel/virtio-gpu.ko" | cut -c1-16)"
 touch "$root/lib/modules/$version/"{modules.order,modules.builtin,modules.builtin.modinfo}
 /sbin/depmod -b "$root" "$version"
 
@@ -40,6 +51,8 @@ modprobe virtio-gpu || echo "NC-ERROR modprobe virtio-gpu failed"
 i=0
 while [ ! -e /dev/dri/renderD128 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/dri/renderD128 ] || echo "NC-ERROR no render node"
+ko=/lib/modules/$(uname -r)/kernel/virtio-gpu.ko
+echo "NC-MODULE virtio_gpu $(cat /nc-module) sha256=$(sha256sum $ko | cut -c1-16) taint=$(cat /sys/module/virtio_gpu/taint) vermagic=$(modinfo -F vermagic $ko | tr ' ' _)"
 scenarios=$(sed -n 's/.*nc\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline)
 for s in $(echo "$scenarios" | tr , ' '); do
     echo "NC-SCENARIO $s"

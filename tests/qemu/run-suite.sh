@@ -56,6 +56,16 @@ start=$(date +%s)
 "$here/run-qemu.sh" "$sock" "$out/initrd.gz" "$first" "$out/console1.log" 900 || true
 echo "   ($(( $(date +%s) - start )) s)"
 for s in ${first//,/ }; do report "$s" "$out/console1.log"; done
+# Which virtio-gpu the guest loaded: the rebuilt one is out of tree and
+# unsigned, so the kernel taints with O (and E).
+module=$(grep -a "^NC-MODULE virtio_gpu " "$out/console1.log" | tail -n1 || true)
+want=rebuilt
+[ "${NC_STOCK_VIRTIO_GPU:-0}" = 1 ] && want=debian
+case "$want:$module" in
+    "rebuilt:NC-MODULE virtio_gpu rebuilt "*taint=*O*|"debian:NC-MODULE virtio_gpu debian "*)
+        passed=$((passed + 1)); echo "PASS module: ${module#NC-MODULE }" ;;
+    *) failed=$((failed + 1)); echo "FAIL module: want the $want virtio-gpu, guest said '${module:-nothing}'" ;;
+esac
 
 echo "== boot 2: QEMU restarted against the same daemon"
 if kill -0 "$daemon_pid" 2>/dev/null; then
