@@ -13,8 +13,9 @@
 #     root/        linux-headers-VERSION, -common and linux-kbuild (dpkg -x)
 #     src/         pristine parts of linux-source: drivers/gpu/drm/virtio,
 #                  include/uapi/drm, checkpatch.pl and its data files
-#     modules/KEY/ virtio-gpu.ko (stripped), virtio-gpu.ko.debug and the
-#                  build log; KEY hashes the series and the build recipe
+#     modules/KEY/ virtio-gpu.ko (stripped), virtio-gpu.ko.debug, the build
+#                  log and the patched uAPI headers (uapi/drm/); KEY hashes
+#                  the series and the build recipe
 # so that a warm run (same kernel, same series) only hashes the series.
 #
 # Commands:
@@ -24,7 +25,8 @@
 #               applied as commits (git am), for working on the series;
 #               regenerate the patches with git format-patch
 #   dev DIR     build the working tree of DIR (made by `tree`), uncached;
-#               print the module's path
+#               print the module's path (its user-space uAPI headers are in
+#               uapi/ four levels up)
 #   each        build after every patch of the series (each must build
 #               warning-free on its own)
 #
@@ -34,7 +36,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 patches="$here/virtio-gpu/patches"
 # Bump when the way a module is built changes (invalidates cached modules).
-recipe=2
+recipe=3
 
 log() { echo "kernel-build: $*" >&2; }
 die() { echo "kernel-build: $*" >&2; exit 1; }
@@ -204,6 +206,16 @@ make_module() {
     [ "${vm%% *}" = "$kver" ] || die "vermagic '$vm' does not match $kver"
 }
 
+# install_uapi DIR DEST: DIR's (patched) DRM uAPI headers for user space
+# (headers_install.sh strips __user and friends), for tests of the module.
+install_uapi() {
+    local f
+    mkdir -p "$2/drm"
+    for f in virtgpu_drm.h drm.h drm_mode.h; do
+        (cd "$hdr" && sh scripts/headers_install.sh "$1/include/uapi/drm/$f" "$2/drm/$f")
+    done
+}
+
 # pristine_copy DIR: the pristine driver and uapi headers in DIR.
 pristine_copy() {
     local dir=$1
@@ -245,6 +257,7 @@ cmd_module() {
     cp "$work/drivers/gpu/drm/virtio/virtio-gpu.ko" "$out.tmp/virtio-gpu.ko.debug"
     strip --strip-debug -o "$out.tmp/virtio-gpu.ko" "$out.tmp/virtio-gpu.ko.debug"
     cp "$work/build.log" "$out.tmp/"
+    install_uapi "$work" "$out.tmp/uapi"
     series_list > "$out.tmp/series"
     rm -rf "$out"
     mv "$out.tmp" "$out"
@@ -283,6 +296,7 @@ cmd_dev() {
     cp -a "$dir/include/uapi/drm" "$work/include/uapi/"
     rm -f "$work/drivers/gpu/drm/virtio/Kbuild"
     make_module "$work" "$work/build.log"
+    install_uapi "$work" "$work/uapi"
     echo "$work/drivers/gpu/drm/virtio/virtio-gpu.ko"
 }
 

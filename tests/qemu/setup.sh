@@ -135,6 +135,10 @@ install_virtio_gpu() {
     debian=$(/sbin/modinfo -F vermagic "$kdir/lib/modules/$version/kernel/virtio-gpu.ko.xz" 2>/dev/null || echo "?")
     log "rebuilt virtio-gpu.ko $(sha256sum "$out/virtio-gpu.ko" | cut -c1-16): vermagic '$mine' (Debian's: '$debian')"
     [ "$mine" = "$debian" ] || { echo "setup: the rebuilt module's vermagic differs from Debian's" >&2; exit 1; }
+    # The guest-side tests of the module's uAPI, against its patched header.
+    gcc -static -O2 -Wall -Wextra -Werror -I "$(dirname "$ko")/uapi" \
+        -o "$out/svm-test.tmp" "$here/../../guest/kernel/tests/svm-test.c"
+    mv "$out/svm-test.tmp" "$out/svm-test"
 }
 
 install_packages

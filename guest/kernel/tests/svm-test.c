@@ -1,0 +1,452 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * svm-test: guest-side tests of the virtio-gpu SVM uAPI
+ * (DRM_IOCTL_VIRTGPU_SVM, guest/kernel/virtio-gpu/patches).
+ *
+ * Usage: svm-test SCENARIO. Prints "RESULT <scenario> PASS|FAIL <detail>"
+ * the way nc-guest does, and exits 0 on PASS.
+ *
+ * Built static against the patched uAPI header by tests/qemu/setup.sh and
+ * run inside the QEMU guest with the rebuilt virtio-gpu module loaded.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <drm/virtgpu_drm.h>
+
+#define PAGE 4096UL
+#define MIB (1024UL * 1024UL)
+
+static const char *scenario;
+
+static void result(int pass, const char *fmt, ...)
+{
+	va_list ap;
+
+	printf("RESULT %s %s ", scenario, pass ? "PASS" : "FAIL");
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	printf("\n");
+	fflush(stdout);
+	exit(pass ? 0 : 1);
+}
+
+#define CHECK(cond, ...) do { if (!(cond)) result(0, __VA_ARGS__); } while (0)
+
+static int open_render(void)
+{
+	int fd = open("/dev/dri/renderD128", O_RDWR | O_CLOEXEC);
+
+	CHECK(fd >= 0, "open renderD128: %s", strerror(errno));
+	return fd;
+}
+
+/* The SVM ioctl: 0 or -errno. */
+static int svm(int fd, uint32_t op, uint64_t addr, uint64_t size,
+	       uint64_t gpu_addr, uint32_t access, uint32_t granule_shift)
+{
+	struct drm_virtgpu_svm a = {
+		.op = op,
+		.addr = addr,
+		.size = size,
+		.gpu_addr = gpu_addr,
+		.access = access,
+		.granule_shift = granule_shift,
+	};
+
+	return ioctl(fd, DRM_IOCTL_VIRTGPU_SVM, &a) ? -errno : 0;
+}
+
+static int reg(int fd, void *p, uint64_t size)
+{
+	return svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, size,
+		   (uintptr_t)p, VIRTGPU_SVM_ACCESS_READ |
+		   VIRTGPU_SVM_ACCESS_WRITE, 21);
+}
+
+static int unreg(int fd, void *p, uint64_t size)
+{
+	return svm(fd, VIRTGPU_SVM_OP_UNREGISTER, (uintptr_t)p, size, 0, 0, 0);
+}
+
+/* A counter from /proc/self/fdinfo/FD ("virtio-gpu-svm-KEY:\tN"), -1 if absent. */
+static long long fdinfo(int fd, const char *key)
+{
+	char path[64], line[256], want[96];
+	long long v = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+	snprintf(want, sizeof(want), "virtio-gpu-svm-%s:", key);
+	f = fopen(path, "r");
+	CHECK(f, "open %s: %s", path, strerror(errno));
+	while (fgets(line, sizeof(line), f)) {
+		if (!strncmp(line, want, strlen(want)))
+			v = strtoll(line + strlen(want), NULL, 10);
+	}
+	fclose(f);
+	return v;
+}
+
+static void *map_anon(size_t size)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	CHECK(p != MAP_FAILED, "mmap: %s", strerror(errno));
+	return p;
+}
+
+/* Any kernel warning, oops or BUG since boot fails the run. */
+static void scenario_dmesg(void)
+{
+	static const char *const bad[] = {
+		"WARNING:", "BUG:", "Oops", "general protection",
+		"list_add corruption", "refcount_t:", "INFO: task",
+	};
+	char buf[1 << 16];
+	ssize_t n;
+	size_t i;
+	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
+
+	CHECK(fd >= 0, "open /dev/kmsg: %s", strerror(errno));
+	for (;;) {
+		n = read(fd, buf, sizeof(buf) - 1);
+		if (n < 0 && errno == EPIPE)
+			continue;
+		if (n <= 0)
+			break;
+		buf[n] = 0;
+		for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+			CHECK(!strstr(buf, bad[i]), "kernel log: %s", buf);
+	}
+	close(fd);
+	result(1, "no kernel warnings");
+}
+
+/* The ioctl exists and checks its arguments. */
+static void scenario_uapi(void)
+{
+	int fd = open_render();
+	void *p = map_anon(4 * PAGE);
+	struct drm_virtgpu_svm a = { .op = VIRTGPU_SVM_OP_REGISTER };
+	int rc;
+
+	CHECK(svm(fd, 0, 0, 0, 0, 0, 0) == -EINVAL, "op 0 is not EINVAL");
+	CHECK(svm(fd, 99, 0, 0, 0, 0, 0) == -EINVAL, "op 99 is not EINVAL");
+	a.flags = 1;
+	CHECK(ioctl(fd, DRM_IOCTL_VIRTGPU_SVM, &a) && errno == EINVAL,
+	      "flags != 0 accepted");
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p + 1, PAGE,
+		 (uintptr_t)p, 3, 0);
+	CHECK(rc == -EINVAL, "misaligned addr: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, 0, (uintptr_t)p, 3, 0);
+	CHECK(rc == -EINVAL, "size 0: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, PAGE, (uintptr_t)p, 0, 0);
+	CHECK(rc == -EINVAL, "no access: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, PAGE, (uintptr_t)p, 8, 0);
+	CHECK(rc == -EINVAL, "undefined access bit: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, PAGE, (uintptr_t)p, 3, 31);
+	CHECK(rc == -EINVAL, "granule 31: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, PAGE, (uintptr_t)p, 3, 11);
+	CHECK(rc == -EINVAL, "granule 11: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, ~0UL << 12, 2 * PAGE, 0, 3, 0);
+	CHECK(rc == -EINVAL, "wrapping range: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p, PAGE, ~0UL << 12, 3, 0);
+	CHECK(rc == -EINVAL, "wrapping GPU range: %d", rc);
+	CHECK(fdinfo(fd, "ranges") == 0, "ranges after refused registrations: %lld",
+	      fdinfo(fd, "ranges"));
+	result(1, "bad arguments refused with EINVAL");
+}
+
+/* Registration, overlap checks and unregistration. */
+static void scenario_register(void)
+{
+	int fd = open_render();
+	char *p = map_anon(8 * MIB);
+	int rc;
+
+	CHECK(reg(fd, p, 4 * MIB) == 0, "register: %s", strerror(-reg(fd, p, 4 * MIB)));
+	CHECK(fdinfo(fd, "ranges") == 1, "ranges = %lld", fdinfo(fd, "ranges"));
+	rc = reg(fd, p + 2 * MIB, 4 * MIB);
+	CHECK(rc == -EEXIST, "CPU overlap: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p + 4 * MIB, MIB,
+		 (uintptr_t)p + MIB, 3, 0);
+	CHECK(rc == -EEXIST, "GPU overlap: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_REGISTER, (uintptr_t)p + 4 * MIB, MIB,
+		 0x100000000000UL, 3, 0);
+	CHECK(rc == 0, "offset mapping: %d", rc);
+	CHECK(fdinfo(fd, "ranges") == 2, "ranges = %lld", fdinfo(fd, "ranges"));
+	rc = unreg(fd, p, 2 * MIB);
+	CHECK(rc == -ENOENT, "unregister of a part: %d", rc);
+	rc = unreg(fd, p + PAGE, 4 * MIB);
+	CHECK(rc == -ENOENT, "unregister at another address: %d", rc);
+	CHECK(unreg(fd, p, 4 * MIB) == 0, "unregister");
+	CHECK(unreg(fd, p, 4 * MIB) == -ENOENT, "second unregister");
+	CHECK(fdinfo(fd, "ranges") == 1, "ranges = %lld", fdinfo(fd, "ranges"));
+	/* The range is free again, and closing with a range registered is fine. */
+	CHECK(reg(fd, p, 4 * MIB) == 0, "register again");
+	close(fd);
+	result(1, "register, overlaps (EEXIST), unregister (ENOENT for non-exact)");
+}
+
+/* The notifier fires for what the mm does to a registered range. */
+static void scenario_notifier(void)
+{
+	int fd = open_render();
+	char *p = map_anon(4 * MIB), *q = map_anon(MIB);
+	long long c0, c1, c2, c3, c4;
+	pid_t pid;
+	int st;
+
+	memset(p, 1, 4 * MIB);
+	CHECK(reg(fd, p, 4 * MIB) == 0, "register");
+	c0 = fdinfo(fd, "invalidations");
+	CHECK(c0 >= 0, "no invalidation counter in fdinfo");
+	CHECK(madvise(p, MIB, MADV_DONTNEED) == 0, "madvise");
+	c1 = fdinfo(fd, "invalidations");
+	CHECK(c1 > c0, "MADV_DONTNEED: %lld -> %lld", c0, c1);
+	pid = fork();
+	if (!pid)
+		_exit(p[3 * MIB] == 1 ? 0 : 1);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && !WEXITSTATUS(st),
+	      "child");
+	c2 = fdinfo(fd, "invalidations");
+	CHECK(c2 > c1, "fork (COW write-protect): %lld -> %lld", c1, c2);
+	CHECK(munmap(p + 2 * MIB, MIB) == 0, "munmap");
+	c3 = fdinfo(fd, "invalidations");
+	CHECK(c3 > c2, "munmap: %lld -> %lld", c2, c3);
+	/*
+	 * Outside the range: nothing (the mapping is made before the hole
+	 * the munmap above left inside the range could be reused).
+	 */
+	memset(q, 1, MIB);
+	CHECK(munmap(q, MIB) == 0, "munmap outside");
+	c4 = fdinfo(fd, "invalidations");
+	CHECK(c4 == c3, "munmap outside the range counted: %lld -> %lld", c3, c4);
+	CHECK(unreg(fd, p, 4 * MIB) == 0, "unregister");
+	result(1, "invalidations: DONTNEED %lld, fork %lld, munmap %lld, outside 0",
+	       c1 - c0, c2 - c1, c3 - c2);
+}
+
+/*
+ * A compat-profile session of the vhost-gpu-nc protocol on @fd
+ * (docs/protocol.md 3.1, 5.2): one 3D buffer resource holds the reply
+ * buffer (4 KiB), the fault ring (16 records) and the signal area.
+ */
+struct session {
+	int fd;
+	uint32_t res;
+	uint8_t *mem;
+	uint32_t seqno;
+};
+
+#define S_REPLY 0
+#define S_RING 4096
+#define S_SIGNALS 8192
+#define S_SIZE 12288
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static int execbuffer(int fd, const void *cmd, uint32_t size)
+{
+	struct drm_virtgpu_execbuffer eb = {
+		.size = size,
+		.command = (uintptr_t)cmd,
+		.fence_fd = -1,
+	};
+
+	return ioctl(fd, DRM_IOCTL_VIRTGPU_EXECBUFFER, &eb) ? -errno : 0;
+}
+
+/* The context gets created by the first resource. */
+static uint32_t create_buffer(int fd, uint32_t size, uint8_t **map)
+{
+	struct drm_virtgpu_resource_create rc = {
+		.format = 64, .bind = 1, .width = size, .height = 1, .depth = 1,
+		.array_size = 1, .size = size,
+	};
+	struct drm_virtgpu_map m = { 0 };
+	void *p;
+
+	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_RESOURCE_CREATE, &rc),
+	      "RESOURCE_CREATE: %s", strerror(errno));
+	m.handle = rc.bo_handle;
+	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_MAP, &m), "MAP: %s", strerror(errno));
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, m.offset);
+	CHECK(p != MAP_FAILED, "mmap buffer: %s", strerror(errno));
+	memset(p, 0, size);
+	*map = p;
+	return rc.res_handle;
+}
+
+/* Waits for the reply with @seqno at @off; returns its status. */
+static uint32_t wait_reply(struct session *s, uint32_t off, uint32_t seqno)
+{
+	int i;
+
+	for (i = 0; i < 20000; i++) {
+		if (__atomic_load_n((uint32_t *)(s->mem + off), __ATOMIC_ACQUIRE) == seqno)
+			return get32(s->mem + off + 4);
+		usleep(100);
+	}
+	result(0, "no reply to seqno %u", seqno);
+	return 0;
+}
+
+static void session_init(struct session *s, int fd)
+{
+	uint8_t req[104] = { 0 };
+
+	s->fd = fd;
+	s->res = create_buffer(fd, S_SIZE, &s->mem);
+	s->seqno = 1;
+	put32(req + 0, 0x0001);		/* SESSION_INIT */
+	put32(req + 4, sizeof(req));
+	put32(req + 8, s->seqno);
+	put32(req + 12, S_REPLY);
+	put32(req + 16, 1);		/* version 1.0 */
+	put32(req + 20, 1);		/* COMPAT */
+	put32(req + 32, s->res);	/* reply */
+	put64(req + 40, S_REPLY);
+	put64(req + 48, 4096);
+	put32(req + 56, s->res);	/* fault ring */
+	put64(req + 64, S_RING);
+	put64(req + 72, 128 + 32 * 16);
+	put32(req + 80, s->res);	/* signals */
+	put64(req + 88, S_SIGNALS);
+	put64(req + 96, 32 * 4);
+	CHECK(!execbuffer(fd, req, sizeof(req)), "EXECBUFFER SESSION_INIT");
+	CHECK(wait_reply(s, S_REPLY, s->seqno) == 0, "SESSION_INIT failed");
+}
+
+/* The capset's feature bits (docs/protocol.md 2.2). */
+static uint32_t capset_features(int fd)
+{
+	uint8_t caps[128] = { 0 };
+	struct drm_virtgpu_get_caps gc = {
+		.cap_set_id = 24, .cap_set_ver = 1,
+		.addr = (uintptr_t)caps, .size = sizeof(caps),
+	};
+
+	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_GET_CAPS, &gc), "GET_CAPS: %s",
+	      strerror(errno));
+	CHECK(get32(caps) == 0x434e4756, "capset magic %#x", get32(caps));
+	return get32(caps + 12);
+}
+
+#define FEATURE_KERNEL_SVM (1u << 4)
+
+static int svm_enable(int fd, uint32_t ring_size)
+{
+	struct drm_virtgpu_svm a = { .op = VIRTGPU_SVM_OP_ENABLE,
+				     .ring_size = ring_size };
+
+	return ioctl(fd, DRM_IOCTL_VIRTGPU_SVM, &a) ? -errno : 0;
+}
+
+static int svm_disable(int fd)
+{
+	return svm(fd, VIRTGPU_SVM_OP_DISABLE, 0, 0, 0, 0, 0);
+}
+
+/*
+ * ENABLE needs a context with a session, and a device that offers kernel
+ * SVM (capset feature KERNEL_SVM; protocol 1.0 devices answer
+ * EOPNOTSUPP).
+ */
+static void scenario_enable(void)
+{
+	int fd = open_render();
+	int kernel_svm = !!(capset_features(fd) & FEATURE_KERNEL_SVM);
+	struct session s;
+	uint8_t *m;
+	int rc;
+
+	rc = svm_enable(fd, 0);
+	CHECK(rc == -ENOENT, "ENABLE without a context: %d", rc);
+	CHECK(svm_enable(fd, 100) == -EINVAL, "ring size 100 accepted");
+	CHECK(svm_enable(fd, 8) == -EINVAL, "ring size 8 accepted");
+	create_buffer(fd, 4096, &m);
+	rc = svm_enable(fd, 0);
+	CHECK(rc == -ENOENT, "ENABLE without a session: %d", rc);
+	CHECK(fdinfo(fd, "enabled") == 0, "enabled after a failed ENABLE");
+	session_init(&s, fd);
+	rc = svm_enable(fd, 64);
+	if (!kernel_svm) {
+		CHECK(rc == -EOPNOTSUPP, "ENABLE on a 1.0 device: %d", rc);
+		CHECK(fdinfo(fd, "enabled") == 0, "enabled = %lld",
+		      fdinfo(fd, "enabled"));
+		CHECK(svm_disable(fd) == -ENOENT, "DISABLE when not enabled");
+		result(1, "ENOENT without a context or session; the device has no KERNEL_SVM: EOPNOTSUPP");
+	}
+	CHECK(rc == 0, "ENABLE: %d", rc);
+	CHECK(fdinfo(fd, "enabled") == 1, "enabled = %lld", fdinfo(fd, "enabled"));
+	CHECK(svm_enable(fd, 64) == -EBUSY, "second ENABLE");
+	CHECK(svm_disable(fd) == 0, "DISABLE");
+	CHECK(fdinfo(fd, "enabled") == 0, "enabled after DISABLE");
+	CHECK(svm_enable(fd, 0) == 0, "ENABLE again");
+	close(fd);
+	result(1, "ENOENT without a context or session; ENABLE, EBUSY, DISABLE, ENABLE, close");
+}
+
+/* The file's SVM is bound to the mm that first used it. */
+static void scenario_mm(void)
+{
+	int fd = open_render();
+	char *p = map_anon(MIB);
+	pid_t pid;
+	int st;
+
+	CHECK(reg(fd, p, MIB) == 0, "register");
+	pid = fork();
+	if (!pid)
+		_exit(reg(fd, p + 0, MIB) == -EPERM &&
+		      unreg(fd, p, MIB) == -EPERM ? 0 : 1);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && !WEXITSTATUS(st),
+	      "the child's mm was not refused with EPERM");
+	CHECK(fdinfo(fd, "ranges") == 1, "ranges = %lld", fdinfo(fd, "ranges"));
+	result(1, "another process's mm refused with EPERM");
+}
+
+static const struct {
+	const char *name;
+	void (*run)(void);
+} scenarios[] = {
+	{ "svm-uapi", scenario_uapi },
+	{ "svm-register", scenario_register },
+	{ "svm-notifier", scenario_notifier },
+	{ "svm-mm", scenario_mm },
+	{ "svm-enable", scenario_enable },
+	{ "svm-dmesg", scenario_dmesg },
+};
+
+int main(int argc, char **argv)
+{
+	size_t i;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	scenario = argc > 1 ? argv[1] : "?";
+	for (i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++) {
+		if (!strcmp(scenarios[i].name, scenario)) {
+			scenarios[i].run();
+			return 0;
+		}
+	}
+	result(0, "unknown scenario");
+	return 1;
+}
