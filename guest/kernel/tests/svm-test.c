@@ -404,6 +404,75 @@ static void scenario_enable(void)
 	result(1, "ENOENT without a context or session; ENABLE, EBUSY, DISABLE, ENABLE, close");
 }
 
+static unsigned long resident_pages(void *p, size_t size)
+{
+	unsigned char vec[4096];
+	unsigned long n = 0, i;
+
+	CHECK(size / PAGE <= sizeof(vec), "mincore range too large");
+	CHECK(!mincore(p, size, vec), "mincore: %s", strerror(errno));
+	for (i = 0; i < size / PAGE; i++)
+		n += vec[i] & 1;
+	return n;
+}
+
+/*
+ * PREFETCH resolves a range with hmm_range_fault: the pages become
+ * resident (they are faulted in, not pinned) and, with SVM enabled, bound.
+ */
+static void scenario_prefetch(void)
+{
+	int fd = open_render();
+	int kernel_svm = !!(capset_features(fd) & FEATURE_KERNEL_SVM);
+	char *p = map_anon(4 * MIB), *none;
+	unsigned long before, after;
+	struct session s;
+	int rc;
+
+	CHECK(reg(fd, p, 4 * MIB) == 0, "register");
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p + 4 * MIB, PAGE, 0, 0, 0);
+	CHECK(rc == -ENOENT, "PREFETCH outside the range: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p + 3 * MIB, 2 * MIB, 0, 0, 0);
+	CHECK(rc == -ENOENT, "PREFETCH past the range: %d", rc);
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p + 1, PAGE, 0, 0, 0);
+	CHECK(rc == -EINVAL, "misaligned PREFETCH: %d", rc);
+
+	before = resident_pages(p, 2 * MIB);
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p, 2 * MIB, 0, 0, 0);
+	after = resident_pages(p, 2 * MIB);
+	CHECK(before == 0 && after == 512,
+	      "PREFETCH did not fault the pages in: resident %lu -> %lu", before, after);
+	if (!kernel_svm) {
+		CHECK(rc == -ENODEV, "PREFETCH without SVM enabled: %d", rc);
+	} else {
+		CHECK(rc == -ENODEV, "PREFETCH before ENABLE: %d", rc);
+	}
+
+	/* A PROT_NONE range cannot be bound. */
+	none = mmap(NULL, MIB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(none != MAP_FAILED, "mmap PROT_NONE");
+	CHECK(reg(fd, none, MIB) == 0, "register PROT_NONE");
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)none, MIB, 0, 0, 0);
+	CHECK(rc == -EFAULT, "PREFETCH of PROT_NONE: %d", rc);
+
+	if (!kernel_svm)
+		result(1, "ENOENT outside ranges, EFAULT for PROT_NONE; pages faulted in (%lu resident), ENODEV without SVM",
+		       after);
+
+	session_init(&s, fd);
+	CHECK(svm_enable(fd, 0) == 0, "ENABLE");
+	rc = svm(fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p, 4 * MIB, 0, 0, 0);
+	CHECK(rc == 0, "PREFETCH: %d", rc);
+	CHECK(fdinfo(fd, "bound-pages") == 1024, "bound pages %lld",
+	      fdinfo(fd, "bound-pages"));
+	CHECK(fdinfo(fd, "binds") == 2, "binds %lld", fdinfo(fd, "binds"));
+	CHECK(munmap(p, MIB) == 0, "munmap");
+	CHECK(fdinfo(fd, "unbinds") == 1, "unbinds after munmap: %lld",
+	      fdinfo(fd, "unbinds"));
+	result(1, "bound 4 MiB in %lld binds; munmap unbound in %lld us",
+	       fdinfo(fd, "binds"), fdinfo(fd, "unbind-ns") / 1000);
+}
+
 /* The file's SVM is bound to the mm that first used it. */
 static void scenario_mm(void)
 {
@@ -432,6 +501,7 @@ static const struct {
 	{ "svm-notifier", scenario_notifier },
 	{ "svm-mm", scenario_mm },
 	{ "svm-enable", scenario_enable },
+	{ "svm-prefetch", scenario_prefetch },
 	{ "svm-dmesg", scenario_dmesg },
 };
 
