@@ -53,7 +53,7 @@ report() { # name log
 first="discovery,binds,unified,offset,isolation,bad-address,killed"
 # The rebuilt driver's SVM uAPI (guest/kernel/tests/svm-test.c); svm-dmesg
 # last: no kernel warning during the whole boot.
-[ "${NC_STOCK_VIRTIO_GPU:-0}" = 1 ] || first="$first,svm-uapi,svm-register,svm-notifier,svm-mm,svm-enable,svm-prefetch,svm-dmesg"
+[ "${NC_STOCK_VIRTIO_GPU:-0}" = 1 ] || first="$first,svm-uapi,svm-register,svm-notifier,svm-mm,svm-enable,svm-prefetch,svm-filter,svm-dmesg"
 echo "== boot 1: $first"
 start=$(date +%s)
 "$here/run-qemu.sh" "$sock" "$out/initrd.gz" "$first" "$out/console1.log" 900 || true

@@ -142,7 +142,13 @@ static void scenario_uapi(void)
 	int fd = open_render();
 	void *p = map_anon(4 * PAGE);
 	struct drm_virtgpu_svm a = { .op = VIRTGPU_SVM_OP_REGISTER };
-	int rc;
+	int value = 0, rc;
+	struct drm_virtgpu_getparam gp = {
+		.param = VIRTGPU_PARAM_SVM, .value = (uintptr_t)&value,
+	};
+
+	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_GETPARAM, &gp) && value == 1,
+	      "VIRTGPU_PARAM_SVM: %s, %d", strerror(errno), value);
 
 	CHECK(svm(fd, 0, 0, 0, 0, 0, 0) == -EINVAL, "op 0 is not EINVAL");
 	CHECK(svm(fd, 99, 0, 0, 0, 0, 0) == -EINVAL, "op 99 is not EINVAL");
@@ -168,7 +174,7 @@ static void scenario_uapi(void)
 	CHECK(rc == -EINVAL, "wrapping GPU range: %d", rc);
 	CHECK(fdinfo(fd, "ranges") == 0, "ranges after refused registrations: %lld",
 	      fdinfo(fd, "ranges"));
-	result(1, "bad arguments refused with EINVAL");
+	result(1, "VIRTGPU_PARAM_SVM 1; bad arguments refused with EINVAL");
 }
 
 /* Registration, overlap checks and unregistration. */
@@ -473,6 +479,102 @@ static void scenario_prefetch(void)
 	       fdinfo(fd, "binds"), fdinfo(fd, "unbind-ns") / 1000);
 }
 
+static void set_strict(int on)
+{
+	int fd = open("/sys/module/virtio_gpu/parameters/svm_strict", O_WRONLY);
+
+	CHECK(fd >= 0, "svm_strict parameter: %s", strerror(errno));
+	CHECK(write(fd, on ? "Y" : "N", 1) == 1, "write svm_strict");
+	close(fd);
+}
+
+/* A request header at @p; returns the next free offset. */
+static uint32_t put_hdr(uint8_t *p, uint32_t cmd, uint32_t len, uint32_t seqno,
+			uint32_t reply_off)
+{
+	memset(p, 0, len);
+	put32(p, cmd);
+	put32(p + 4, len);
+	put32(p + 8, seqno);
+	put32(p + 12, reply_off);
+	return len;
+}
+
+/* VM_BIND with one op of @kind (MAP_PAGES names one bogus page). */
+static uint32_t put_bind(uint8_t *p, uint32_t kind, uint64_t va, uint32_t seqno)
+{
+	uint32_t len = kind == 2 ? 24 + 40 + 8 : 24 + 40;
+
+	put_hdr(p, 0x0010, len, seqno, 0xffffffff);
+	put32(p + 16, 1);
+	put32(p + 20, kind == 2 ? 1 : 0);
+	put32(p + 24, kind);
+	put32(p + 28, kind == 2 ? 3 : 0);
+	put64(p + 32, va);
+	put64(p + 40, PAGE);
+	if (kind == 2)
+		put64(p + 64, 1ULL << 52);	/* not guest RAM */
+	return len;
+}
+
+/*
+ * The driver refuses user requests only the kernel may send: always
+ * SVM_ATTACH/SVM_DETACH and kernel reply offsets; with SVM enabled (or the
+ * svm_strict parameter) also MAP_PAGES and FAULT_REPLY. It frames the
+ * stream like the device: nothing after a broken header counts.
+ */
+static void scenario_filter(void)
+{
+	int fd = open_render();
+	uint8_t req[256];
+	struct session s;
+	uint32_t n;
+	int rc;
+
+	session_init(&s, fd);
+	n = put_hdr(req, 0x0003, 16, 10, 0x80000000);	/* DEVICE_QUERY */
+	rc = execbuffer(fd, req, n);
+	CHECK(rc == -EACCES, "kernel reply offset: %d", rc);
+	n = put_hdr(req, 0x0050, 56, 11, 0xffffffff);	/* SVM_ATTACH */
+	CHECK(execbuffer(fd, req, n) == -EACCES, "user SVM_ATTACH accepted");
+	n = put_hdr(req, 0x0051, 16, 12, 0xffffffff);	/* SVM_DETACH */
+	CHECK(execbuffer(fd, req, n) == -EACCES, "user SVM_DETACH accepted");
+	n = put_hdr(req, 0x0003, 16, 13, 64);
+	n += put_hdr(req + n, 0x0051, 16, 14, 0xffffffff);
+	CHECK(execbuffer(fd, req, n) == -EACCES, "SVM_DETACH second in a stream accepted");
+	/* Not mediated: MAP_PAGES and FAULT_REPLY go through. */
+	n = put_bind(req, 2, 0x200000, 15);
+	rc = execbuffer(fd, req, n);
+	CHECK(rc == 0, "MAP_PAGES refused without SVM: %d", rc);
+	n = put_hdr(req, 0x0030, 40, 16, 0xffffffff);
+	put32(req + 16, 1);
+	put32(req + 32, 1);
+	CHECK(execbuffer(fd, req, n) == 0, "FAULT_REPLY refused without SVM");
+
+	set_strict(1);
+	n = put_bind(req, 2, 0x200000, 17);
+	rc = execbuffer(fd, req, n);
+	set_strict(0);
+	CHECK(rc == -EACCES, "strict: MAP_PAGES accepted: %d", rc);
+	set_strict(1);
+	n = put_hdr(req, 0x0030, 40, 18, 0xffffffff);
+	put32(req + 16, 1);
+	put32(req + 32, 1);
+	rc = execbuffer(fd, req, n);
+	n = put_bind(req, 3, 0x200000, 19);
+	CHECK(execbuffer(fd, req, n) == 0, "strict: UNMAP refused");
+	/* After a header that breaks the framing, the device executes nothing. */
+	n = put_hdr(req, 0x0003, 16, 20, 0xffffffff);
+	put32(req + 4, 12);
+	n += put_bind(req + n, 2, 0x200000, 21);
+	CHECK(execbuffer(fd, req, n) == 0, "MAP_PAGES after broken framing refused");
+	set_strict(0);
+	CHECK(rc == -EACCES, "strict: FAULT_REPLY accepted: %d", rc);
+	n = put_bind(req, 2, 0x200000, 22);
+	CHECK(execbuffer(fd, req, n) == 0, "MAP_PAGES refused after strict mode off");
+	result(1, "kernel-only requests refused (EACCES); MAP_PAGES/FAULT_REPLY refused in strict mode only; framing as the device");
+}
+
 /* The file's SVM is bound to the mm that first used it. */
 static void scenario_mm(void)
 {
@@ -502,6 +604,7 @@ static const struct {
 	{ "svm-mm", scenario_mm },
 	{ "svm-enable", scenario_enable },
 	{ "svm-prefetch", scenario_prefetch },
+	{ "svm-filter", scenario_filter },
 	{ "svm-dmesg", scenario_dmesg },
 };
 
