@@ -575,6 +575,301 @@ static void scenario_filter(void)
 	result(1, "kernel-only requests refused (EACCES); MAP_PAGES/FAULT_REPLY refused in strict mode only; framing as the device");
 }
 
+/*
+ * End to end: GPU work on memory the kernel resolves. These need a device
+ * with KERNEL_SVM (protocol 1.1); on a 1.0 device they fail at ENABLE.
+ */
+
+/* Sends one request (reply at a rotating offset) and waits for its reply. */
+static uint32_t call(struct session *s, uint8_t *req, uint32_t len,
+		     uint8_t *reply, uint32_t reply_len)
+{
+	uint32_t off = (s->seqno % 16) * 256, st;
+
+	s->seqno++;
+	put32(req + 8, s->seqno);
+	put32(req + 12, off);
+	memset(s->mem + S_REPLY + off, 0, 256);
+	CHECK(!execbuffer(s->fd, req, len), "EXECBUFFER %#x", get32(req));
+	st = wait_reply(s, S_REPLY + off, s->seqno);
+	if (reply)
+		memcpy(reply, s->mem + S_REPLY + off, reply_len);
+	return st;
+}
+
+static uint32_t queue_create(struct session *s)
+{
+	uint8_t req[24] = { 0 }, rep[24];
+
+	put32(req, 0x0020);
+	put32(req + 4, sizeof(req));
+	CHECK(call(s, req, sizeof(req), rep, sizeof(rep)) == 0, "QUEUE_CREATE");
+	return get32(rep + 16);
+}
+
+static uint64_t completion;
+
+/* FILL (kernel 1) or COPY (kernel 2) on @q, signalling slot 0. */
+static void dispatch(struct session *s, uint32_t q, uint32_t kernel,
+		     uint64_t a0, uint64_t a1, uint64_t a2)
+{
+	uint8_t req[64] = { 0 };
+
+	completion++;
+	memset(s->mem + S_SIGNALS, 0, 32);
+	put32(req, 0x0022);
+	put32(req + 4, sizeof(req));
+	put32(req + 16, q);
+	put32(req + 20, kernel);
+	put32(req + 24, 0);
+	put64(req + 32, completion);
+	put64(req + 40, a0);
+	put64(req + 48, a1);
+	if (kernel == 1)
+		put32(req + 56, (uint32_t)a2);
+	else
+		put64(req + 56, a2);
+	CHECK(call(s, req, sizeof(req), NULL, 0) == 0, "DISPATCH");
+}
+
+/* Waits for the last dispatch; returns its status (0 = OK). */
+static uint32_t wait_done(struct session *s, int timeout_s)
+{
+	struct timespec t0, t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		if (__atomic_load_n((uint64_t *)(s->mem + S_SIGNALS),
+				    __ATOMIC_ACQUIRE) == completion)
+			return get32(s->mem + S_SIGNALS + 8);
+		clock_gettime(CLOCK_MONOTONIC, &t);
+		CHECK(t.tv_sec - t0.tv_sec < timeout_s, "dispatch timed out");
+		usleep(200);
+	}
+}
+
+static uint64_t bound_bytes(struct session *s)
+{
+	uint8_t req[16] = { 0 }, rep[80];
+
+	put32(req, 0x0003);
+	put32(req + 4, sizeof(req));
+	CHECK(call(s, req, sizeof(req), rep, sizeof(rep)) == 0, "DEVICE_QUERY");
+	return (uint64_t)get32(rep + 64) | (uint64_t)get32(rep + 68) << 32;
+}
+
+static double now_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* A session with the kernel resolver, a queue, and @p registered. */
+static uint32_t e2e_setup(struct session *s, void *p, size_t size)
+{
+	int fd = open_render();
+	int rc;
+
+	CHECK(capset_features(fd) & FEATURE_KERNEL_SVM,
+	      "the device does not offer KERNEL_SVM (protocol 1.1)");
+	session_init(s, fd);
+	rc = svm_enable(fd, 0);
+	CHECK(rc == 0, "ENABLE: %d", rc);
+	CHECK(reg(fd, p, size) == 0, "register");
+	return queue_create(s);
+}
+
+static void check_fill(const uint32_t *p, size_t n, uint32_t v, const char *what)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		CHECK(p[i] == v, "%s: [%zu] = %#x, want %#x", what, i, p[i], v);
+}
+
+/* 64 MiB of plain anonymous memory, resolved by the kernel only. */
+static void scenario_e2e_unified(void)
+{
+	const size_t size = 64 * MIB;
+	uint32_t *p = map_anon(size);
+	struct session s;
+	double t0, t1;
+	uint32_t q;
+
+	q = e2e_setup(&s, p, size);
+	t0 = now_ms();
+	dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0xabcd1234);
+	CHECK(wait_done(&s, 120) == 0, "FILL failed");
+	t1 = now_ms();
+	check_fill(p, size / 4, 0xabcd1234, "unified");
+	result(1, "64 MiB FILL %.0f ms, kernel faults=%lld resolved=%lld (%.0f us each), binds=%lld",
+	       t1 - t0, fdinfo(s.fd, "faults"), fdinfo(s.fd, "faults-resolved"),
+	       fdinfo(s.fd, "fault-ns") / 1e3 /
+	       (fdinfo(s.fd, "faults") ? fdinfo(s.fd, "faults") : 1),
+	       fdinfo(s.fd, "binds"));
+}
+
+/*
+ * munmap + mmap at the same address: the GPU must write the new page,
+ * never the old one. The old pages stay alive in a child that shares them
+ * (MAP_SHARED), holding a canary the GPU must not overwrite.
+ */
+static void scenario_e2e_remap(void)
+{
+	const size_t size = 2 * MIB;
+	uint32_t *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+			   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	int to_child[2], to_parent[2];
+	struct session s;
+	uint32_t q, *n;
+	char c = 0;
+	pid_t pid;
+	int st;
+
+	CHECK(p != MAP_FAILED, "mmap");
+	q = e2e_setup(&s, p, size);
+	dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0x11111111);
+	CHECK(wait_done(&s, 60) == 0, "first FILL");
+	check_fill(p, size / 4, 0x11111111, "first FILL");
+
+	CHECK(!pipe(to_child) && !pipe(to_parent), "pipe");
+	pid = fork();
+	if (!pid) {
+		/* The old pages, shared with the parent until it unmaps them. */
+		if (read(to_child[0], &c, 1) != 1)
+			_exit(2);
+		for (size_t i = 0; i < size / 4; i++)
+			if (p[i] != 0x11111111)
+				_exit(3);
+		_exit(0);
+	}
+	CHECK(!munmap(p, size), "munmap");
+	n = mmap(p, size, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+	CHECK(n == p, "mmap at the same address");
+	memset(n, 0x5a, size);
+	dispatch(&s, q, 1, (uintptr_t)n, size / 4, 0x22222222);
+	CHECK(wait_done(&s, 60) == 0, "second FILL");
+	CHECK(write(to_child[1], &c, 1) == 1, "pipe write");
+	CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	      "the GPU wrote the old pages (child saw status %d)", WEXITSTATUS(st));
+	check_fill(n, size / 4, 0x22222222, "the new mapping");
+	result(1, "new pages written, old pages untouched; unbinds=%lld (%.0f us each)",
+	       fdinfo(s.fd, "unbinds"), fdinfo(s.fd, "unbind-ns") / 1e3 /
+	       (fdinfo(s.fd, "unbinds") ? fdinfo(s.fd, "unbinds") : 1));
+}
+
+/* MADV_DONTNEED, then a GPU read sees zeroes. */
+static void scenario_e2e_dontneed(void)
+{
+	const size_t size = 2 * MIB;
+	uint32_t *p = map_anon(2 * size), *dst = p + size / 4;
+	struct session s;
+	uint32_t q;
+
+	q = e2e_setup(&s, p, 2 * size);
+	dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0x33333333);
+	CHECK(wait_done(&s, 60) == 0, "FILL");
+	check_fill(p, size / 4, 0x33333333, "FILL");
+	CHECK(!madvise(p, size, MADV_DONTNEED), "madvise");
+	memset(dst, 0xee, size);
+	dispatch(&s, q, 2, (uintptr_t)dst, (uintptr_t)p, size);
+	CHECK(wait_done(&s, 60) == 0, "COPY");
+	check_fill(dst, size / 4, 0, "the GPU's read after MADV_DONTNEED");
+	result(1, "GPU read zeroes after MADV_DONTNEED; unbinds=%lld", fdinfo(s.fd, "unbinds"));
+}
+
+/*
+ * fork: the parent writes after fork (copy-on-write gives it new pages,
+ * the child keeps the old ones); the GPU must follow the parent's pages.
+ */
+static void scenario_e2e_fork(void)
+{
+	const size_t size = 2 * MIB;
+	uint32_t *p = map_anon(size);
+	int to_child[2];
+	struct session s;
+	uint32_t q;
+	char c = 0;
+	pid_t pid;
+	int st;
+
+	q = e2e_setup(&s, p, size);
+	dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0x44444444);
+	CHECK(wait_done(&s, 60) == 0, "FILL");
+	CHECK(!pipe(to_child), "pipe");
+	pid = fork();
+	if (!pid) {
+		if (read(to_child[0], &c, 1) != 1)
+			_exit(2);
+		for (size_t i = 0; i < size / 4; i++)
+			if (p[i] != 0x44444444)
+				_exit(3);
+		_exit(0);
+	}
+	memset(p, 0x66, size);	/* COW: the parent gets new pages */
+	dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0x55555555);
+	CHECK(wait_done(&s, 60) == 0, "FILL after fork");
+	CHECK(write(to_child[1], &c, 1) == 1, "pipe write");
+	CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+	check_fill(p, size / 4, 0x55555555, "the parent's pages");
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	      "the GPU wrote the child's pages (child status %d)", WEXITSTATUS(st));
+	result(1, "GPU followed the parent's pages after fork + COW; the child's stayed");
+}
+
+/*
+ * A process exiting mid-dispatch leaves nothing bound: the parent keeps
+ * the file open (and queries the session) after the child that enabled
+ * SVM and started a long dispatch has exited.
+ */
+static void scenario_e2e_exit(void)
+{
+	const size_t size = 64 * MIB;
+	struct session s;
+	uint64_t before, after;
+	int go[2], ready[2];
+	char c = 0;
+	pid_t pid;
+	int st;
+
+	session_init(&s, open_render());
+	CHECK(capset_features(s.fd) & FEATURE_KERNEL_SVM,
+	      "the device does not offer KERNEL_SVM (protocol 1.1)");
+	before = bound_bytes(&s);
+	CHECK(!pipe(go) && !pipe(ready), "pipe");
+	pid = fork();
+	if (!pid) {
+		uint32_t *p = map_anon(size), q;
+
+		if (svm_enable(s.fd, 0) || reg(s.fd, p, size))
+			_exit(2);
+		q = queue_create(&s);
+		dispatch(&s, q, 1, (uintptr_t)p, size / 4, 0x77777777);
+		/* Let a few faults resolve, then die mid-dispatch. */
+		while (fdinfo(s.fd, "binds") < 2)
+			usleep(100);
+		if (write(ready[1], &c, 1) != 1)
+			_exit(3);
+		_exit(0);
+	}
+	completion++;	/* the child's dispatch */
+	CHECK(read(ready[0], &c, 1) == 1, "the child did not get going");
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && !WEXITSTATUS(st),
+	      "child");
+	/* The dispatch ends (its faults are rejected); nothing stays bound. */
+	CHECK(wait_done(&s, 60) != 0, "the dispatch of the exited process succeeded");
+	after = bound_bytes(&s);
+	CHECK(after == before, "bound bytes %llu before, %llu after the exit",
+	      (unsigned long long)before, (unsigned long long)after);
+	result(1, "after the exit: bound bytes back to %llu, dispatch ended with status %u; binds=%lld unbinds=%lld",
+	       (unsigned long long)after, get32(s.mem + S_SIGNALS + 8),
+	       fdinfo(s.fd, "binds"), fdinfo(s.fd, "unbinds"));
+}
+
 /* The file's SVM is bound to the mm that first used it. */
 static void scenario_mm(void)
 {
@@ -605,6 +900,11 @@ static const struct {
 	{ "svm-enable", scenario_enable },
 	{ "svm-prefetch", scenario_prefetch },
 	{ "svm-filter", scenario_filter },
+	{ "svm-e2e-unified", scenario_e2e_unified },
+	{ "svm-e2e-remap", scenario_e2e_remap },
+	{ "svm-e2e-dontneed", scenario_e2e_dontneed },
+	{ "svm-e2e-fork", scenario_e2e_fork },
+	{ "svm-e2e-exit", scenario_e2e_exit },
 	{ "svm-dmesg", scenario_dmesg },
 };
 
