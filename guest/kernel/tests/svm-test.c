@@ -115,6 +115,7 @@ static void scenario_dmesg(void)
 	static const char *const bad[] = {
 		"WARNING:", "BUG:", "Oops", "general protection",
 		"list_add corruption", "refcount_t:", "INFO: task",
+		"no answer from the device",
 	};
 	char buf[1 << 16];
 	ssize_t n;
@@ -822,6 +823,36 @@ static void scenario_e2e_fork(void)
 }
 
 /*
+ * A registered range with holes: the mapped parts of a granule resolve,
+ * a GPU access to a hole is rejected.
+ */
+static void scenario_e2e_holes(void)
+{
+	char *p = map_anon(4 * MIB);
+	struct session s;
+	uint32_t q, st;
+	int rc;
+
+	CHECK(!munmap(p, MIB) && !munmap(p + 2 * MIB, MIB), "munmap");
+	q = e2e_setup(&s, p, 4 * MIB);
+	dispatch(&s, q, 1, (uintptr_t)p + MIB, MIB / 4, 0x88888888);
+	CHECK(wait_done(&s, 60) == 0, "FILL of the second MiB");
+	check_fill((uint32_t *)(p + MIB), MIB / 4, 0x88888888, "second MiB");
+	dispatch(&s, q, 1, (uintptr_t)p + 3 * MIB, MIB / 4, 0x99999999);
+	CHECK(wait_done(&s, 60) == 0, "FILL of the fourth MiB");
+	check_fill((uint32_t *)(p + 3 * MIB), MIB / 4, 0x99999999, "fourth MiB");
+	dispatch(&s, q, 1, (uintptr_t)p, 1024, 1);
+	st = wait_done(&s, 60);
+	CHECK(st == 1, "FILL of a hole: status %u, want FAULT_REJECTED", st);
+	rc = svm(s.fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p, 4 * MIB, 0, 0, 0);
+	CHECK(rc == -EFAULT, "PREFETCH over holes: %d", rc);
+	rc = svm(s.fd, VIRTGPU_SVM_OP_PREFETCH, (uintptr_t)p + MIB, MIB, 0, 0, 0);
+	CHECK(rc == 0, "PREFETCH of a mapped MiB: %d", rc);
+	result(1, "mapped parts resolved around holes, the hole rejected; faults=%lld rejected=%lld",
+	       fdinfo(s.fd, "faults"), fdinfo(s.fd, "faults-rejected"));
+}
+
+/*
  * A process exiting mid-dispatch leaves nothing bound: the parent keeps
  * the file open (and queries the session) after the child that enabled
  * SVM and started a long dispatch has exited.
@@ -905,6 +936,7 @@ static const struct {
 	{ "svm-e2e-dontneed", scenario_e2e_dontneed },
 	{ "svm-e2e-fork", scenario_e2e_fork },
 	{ "svm-e2e-exit", scenario_e2e_exit },
+	{ "svm-e2e-holes", scenario_e2e_holes },
 	{ "svm-dmesg", scenario_dmesg },
 };
 
