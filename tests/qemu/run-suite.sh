@@ -72,12 +72,26 @@ boot() { # profile scenarios log timeout
 common="discovery,binds,unified,offset,isolation,bad-address,killed"
 # Only the native profile has the event ring and guest-memory blobs.
 native_only="event-poll,rings,blob-memory"
+# The rebuilt driver's SVM uAPI (guest/kernel/tests/svm-test.c); svm-dmesg
+# last: no kernel warning during the whole boot.
+svm="svm-uapi,svm-register,svm-notifier,svm-mm,svm-enable,svm-prefetch,svm-filter,svm-dmesg"
+want=rebuilt
+[ "${NC_STOCK_VIRTIO_GPU:-0}" = 1 ] && want=debian
 for profile in compat native; do
     first=$common
-    [ "$profile" = native ] && first="$common,$native_only"
+    [ "$profile" = native ] && first="$first,$native_only"
+    [ "$want" = rebuilt ] && first="$first,$svm"
     echo "== $profile boot 1: $first"
     boot "$profile" "$first" "$out/$profile-1.log" 900
     for s in ${first//,/ }; do report "$profile" "$s" "$out/$profile-1.log"; done
+    # Which virtio-gpu the guest loaded: the rebuilt one is out of tree and
+    # unsigned, so the kernel taints with O (and E).
+    module=$(grep -a "^NC-MODULE virtio_gpu " "$out/$profile-1.log" | tail -n1 || true)
+    case "$want:$module" in
+        "rebuilt:NC-MODULE virtio_gpu rebuilt "*taint=*O*|"debian:NC-MODULE virtio_gpu debian "*)
+            passed=$((passed + 1)); echo "PASS $profile/module: ${module#NC-MODULE }" ;;
+        *) failed=$((failed + 1)); echo "FAIL $profile/module: want the $want virtio-gpu, guest said '${module:-nothing}'" ;;
+    esac
 
     echo "== $profile boot 2: QEMU restarted against the same daemon"
     if kill -0 "$daemon_pid" 2>/dev/null; then
