@@ -27,7 +27,7 @@ pub const CAPSET_MAGIC: u32 = 0x434E_4756;
 /// The protocol major version this crate speaks.
 pub const VERSION_MAJOR: u16 = 1;
 /// The protocol minor version this crate speaks.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 /// Width of a GPU VA on the simulated GPU.
 pub const DEFAULT_VA_BITS: u8 = 48;
@@ -76,8 +76,10 @@ impl Features {
     pub const BIND_PAGES: Features = Features(1 << 2);
     /// The `PREFETCH` range attribute posts prefetch records.
     pub const PREFETCH: Features = Features(1 << 3);
+    /// 1.1: `SVM_ATTACH`/`SVM_DETACH`, faults resolved by the guest kernel.
+    pub const KERNEL_SVM: Features = Features(1 << 4);
     /// Every bit this protocol version defines.
-    pub const ALL: Features = Features(0xF);
+    pub const ALL: Features = Features(0x1F);
 
     /// The bit set as the wire carries it, unknown bits included.
     pub const fn from_bits_retain(bits: u32) -> Features {

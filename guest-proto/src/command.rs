@@ -24,6 +24,7 @@ use crate::header::{NO_REPLY, REQUEST_HEADER_SIZE, RequestHeader};
 use crate::kernel::{Kernel, args_len_of};
 use crate::opcode::Command;
 use crate::signal::SIGNAL_SLOT_SIZE;
+use crate::svm::{SVM_ATTACH_LEN, SVM_DETACH_LEN, SvmAttach};
 use crate::types::{QueueId, ResourceId, SignalIndex};
 use crate::wire::{put_u16, put_u32, put_u64, reserved_at, u16_at, u32_at, u64_at};
 
@@ -480,6 +481,10 @@ pub enum Request<'a> {
     FaultReply(FaultReply<'a>),
     /// `EVENT_ARM`
     EventArm,
+    /// `SVM_ATTACH` (1.1, kernel only)
+    SvmAttach(SvmAttach),
+    /// `SVM_DETACH` (1.1, kernel only)
+    SvmDetach,
 }
 
 impl<'a> Request<'a> {
@@ -525,6 +530,11 @@ impl<'a> Request<'a> {
                 }
                 Request::EventArm
             }
+            Command::SvmAttach => Request::SvmAttach(SvmAttach::decode(bytes, limits)?),
+            Command::SvmDetach => {
+                exact_len(bytes, SVM_DETACH_LEN)?;
+                Request::SvmDetach
+            }
         })
     }
 
@@ -541,6 +551,8 @@ impl<'a> Request<'a> {
             Request::Dispatch(_) => Command::Dispatch,
             Request::FaultReply(_) => Command::FaultReply,
             Request::EventArm => Command::EventArm,
+            Request::SvmAttach(_) => Command::SvmAttach,
+            Request::SvmDetach => Command::SvmDetach,
         }
     }
 
@@ -548,9 +560,11 @@ impl<'a> Request<'a> {
     pub fn encoded_len(&self) -> Result<u32, EncodeError> {
         let len: u64 = match self {
             Request::SessionInit(_) => SESSION_INIT_LEN as u64,
-            Request::SessionDestroy | Request::DeviceQuery | Request::EventArm => {
-                EMPTY_REQUEST_LEN as u64
-            }
+            Request::SessionDestroy
+            | Request::DeviceQuery
+            | Request::EventArm
+            | Request::SvmDetach => EMPTY_REQUEST_LEN as u64,
+            Request::SvmAttach(_) => SVM_ATTACH_LEN as u64,
             Request::VmBind(bind) => bind.encoded_len().unwrap_or(u64::MAX),
             Request::RangeAttr(attr) => attr.encoded_len() as u64,
             Request::QueueCreate(_) | Request::QueueDestroy(_) => QUEUE_REQUEST_LEN as u64,
@@ -582,7 +596,11 @@ impl<'a> Request<'a> {
         .write(buf);
         match self {
             Request::SessionInit(r) => r.write(buf),
-            Request::SessionDestroy | Request::DeviceQuery | Request::EventArm => {}
+            Request::SessionDestroy
+            | Request::DeviceQuery
+            | Request::EventArm
+            | Request::SvmDetach => {}
+            Request::SvmAttach(r) => r.write(buf),
             Request::VmBind(r) => r.write(buf),
             Request::RangeAttr(r) => r.write(buf),
             Request::QueueCreate(r) => r.write(buf),

@@ -196,11 +196,12 @@ mod tests {
 
     #[test]
     fn status_values_round_trip() {
-        for v in 0..=16 {
+        for v in 0..=17 {
             let s = Status::from_u32(v).unwrap();
             assert_eq!(s.as_u32(), v);
         }
-        assert_eq!(Status::from_u32(17), None);
+        assert_eq!(Status::from_u32(18), None);
+        assert_eq!(Status::Permission.name(), "ERR_PERMISSION");
         assert_eq!(Status::Unsupported.name(), "ERR_UNSUPPORTED");
     }
 
@@ -321,12 +322,12 @@ mod tests {
         h.write(&mut out);
         assert_eq!(out, bytes);
         let mut bad = bytes;
-        bad[4] = 17;
+        bad[4] = 0x99;
         assert_eq!(
             ReplyHeader::decode(&bad),
             Err(DecodeError::InvalidValue {
                 field: "status",
-                value: 17
+                value: 0x99
             })
         );
     }

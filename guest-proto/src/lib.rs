@@ -50,6 +50,7 @@ pub mod reply;
 pub mod signal;
 pub mod status;
 pub mod stream;
+pub mod svm;
 pub mod types;
 mod wire;
 pub mod writer;

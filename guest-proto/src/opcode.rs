@@ -28,6 +28,10 @@ pub enum Command {
     FaultReply = 0x0030,
     /// Native profile: a fence held until an event is pending.
     EventArm = 0x0040,
+    /// 1.1, kernel only: the guest kernel takes over the session's faults.
+    SvmAttach = 0x0050,
+    /// 1.1, kernel only: the guest kernel gives the faults back.
+    SvmDetach = 0x0051,
 }
 
 impl Command {
@@ -44,6 +48,8 @@ impl Command {
             0x0022 => Command::Dispatch,
             0x0030 => Command::FaultReply,
             0x0040 => Command::EventArm,
+            0x0050 => Command::SvmAttach,
+            0x0051 => Command::SvmDetach,
             _ => return None,
         })
     }
@@ -63,7 +69,9 @@ impl Command {
             Command::VmBind => 32,
             Command::QueueCreate => 24,
             Command::FaultReply => 24,
+            Command::SvmAttach => 24,
             Command::SessionDestroy
+            | Command::SvmDetach
             | Command::RangeAttr
             | Command::QueueDestroy
             | Command::Dispatch

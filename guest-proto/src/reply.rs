@@ -14,6 +14,7 @@ use crate::error::DecodeError;
 use crate::header::{REPLY_HEADER_SIZE, ReplyHeader};
 use crate::opcode::{Command, reply_len};
 use crate::status::Status;
+use crate::svm::SvmAttachReply;
 use crate::types::{GpuVa, QueueId};
 use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
 
@@ -102,6 +103,10 @@ pub enum ReplyPayload {
     FaultReply(FaultReplyAck),
     /// `EVENT_ARM` that asked for a reply (an error), header only.
     EventArm,
+    /// `SVM_ATTACH` (1.1), 8 bytes.
+    SvmAttach(SvmAttachReply),
+    /// `SVM_DETACH` (1.1), header only.
+    SvmDetach,
     /// An undefined `cmd` (never a defined one), header only.
     Unknown(u32),
 }
@@ -122,6 +127,8 @@ impl ReplyPayload {
             Some(Command::Dispatch) => ReplyPayload::Dispatch,
             Some(Command::FaultReply) => ReplyPayload::FaultReply(FaultReplyAck::default()),
             Some(Command::EventArm) => ReplyPayload::EventArm,
+            Some(Command::SvmAttach) => ReplyPayload::SvmAttach(SvmAttachReply::default()),
+            Some(Command::SvmDetach) => ReplyPayload::SvmDetach,
             None => ReplyPayload::Unknown(cmd),
         }
     }
@@ -139,6 +146,8 @@ impl ReplyPayload {
             ReplyPayload::Dispatch => Command::Dispatch,
             ReplyPayload::FaultReply(_) => Command::FaultReply,
             ReplyPayload::EventArm => Command::EventArm,
+            ReplyPayload::SvmAttach(_) => Command::SvmAttach,
+            ReplyPayload::SvmDetach => Command::SvmDetach,
             ReplyPayload::Unknown(cmd) => return *cmd,
         };
         command.as_u32()
@@ -176,7 +185,9 @@ impl ReplyPayload {
                 put_u32(buf, 16, r.accepted);
                 put_u32(buf, 20, r.unknown);
             }
+            ReplyPayload::SvmAttach(r) => put_u32(buf, 16, r.fault_ring_capacity),
             ReplyPayload::SessionDestroy
+            | ReplyPayload::SvmDetach
             | ReplyPayload::RangeAttr
             | ReplyPayload::QueueDestroy
             | ReplyPayload::Dispatch
@@ -230,6 +241,13 @@ impl ReplyPayload {
                 unknown: u32_at(bytes, 20)?,
             }),
             Command::EventArm => ReplyPayload::EventArm,
+            Command::SvmAttach => {
+                reserved_at(bytes, 20, 4, "reserved")?;
+                ReplyPayload::SvmAttach(SvmAttachReply {
+                    fault_ring_capacity: u32_at(bytes, 16)?,
+                })
+            }
+            Command::SvmDetach => ReplyPayload::SvmDetach,
         })
     }
 }

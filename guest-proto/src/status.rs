@@ -45,6 +45,10 @@ pub enum Status {
     Device = 15,
     /// A capability this device or profile does not offer.
     Unsupported = 16,
+    /// 1.1: a request only the guest kernel may send did not come from it,
+    /// or a mediated context's `MAP_PAGES`/`FAULT_REPLY` came from user
+    /// space.
+    Permission = 17,
 }
 
 impl Status {
@@ -68,6 +72,7 @@ impl Status {
             14 => Status::BadSignal,
             15 => Status::Device,
             16 => Status::Unsupported,
+            17 => Status::Permission,
             _ => return None,
         })
     }
@@ -97,6 +102,7 @@ impl Status {
             Status::BadSignal => "ERR_BAD_SIGNAL",
             Status::Device => "ERR_DEVICE",
             Status::Unsupported => "ERR_UNSUPPORTED",
+            Status::Permission => "ERR_PERMISSION",
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct RequestWriter {
     reply_end: u32,
     max_bytes: usize,
     limits: DecodeLimits,
+    reply_flag: u32,
 }
 
 impl RequestWriter {
@@ -53,6 +54,7 @@ impl RequestWriter {
             reply_end: 0,
             max_bytes: DEFAULT_MAX_REQUEST_BYTES as usize,
             limits: DecodeLimits::PROTOCOL,
+            reply_flag: 0,
         };
         w.set_reply_area(reply_area);
         w
@@ -73,6 +75,15 @@ impl RequestWriter {
     /// Checks requests against the device's limits too.
     pub fn with_limits(mut self, limits: DecodeLimits) -> RequestWriter {
         self.limits = limits;
+        self
+    }
+
+    /// ORs `flag` into every `reply_off` written ([`crate::svm::KERNEL_REPLY`]
+    /// for a guest kernel whose replies go into its kernel reply region);
+    /// tickets keep the plain offset in the area. The area must then end
+    /// below `flag`.
+    pub fn with_reply_flag(mut self, flag: u32) -> RequestWriter {
+        self.reply_flag = flag;
         self
     }
 
@@ -129,7 +140,8 @@ impl RequestWriter {
         };
         let seqno = self.next_seqno;
         let start = self.buf.len();
-        request.encode(seqno, reply_off.unwrap_or(NO_REPLY), &mut self.buf)?;
+        let wire_off = reply_off.map_or(NO_REPLY, |off| off | self.reply_flag);
+        request.encode(seqno, wire_off, &mut self.buf)?;
         if let Err(e) = self.check_appended(start) {
             self.buf.truncate(start);
             return Err(EncodeError::Invalid(e));

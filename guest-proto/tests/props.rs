@@ -23,8 +23,9 @@ use guest_proto::writer::RequestWriter;
 use guest_proto::*;
 use proptest::prelude::*;
 
-const CMDS: [u32; 11] = [
-    0x0001, 0x0002, 0x0003, 0x0010, 0x0011, 0x0020, 0x0021, 0x0022, 0x0030, 0x0040, 0x0099,
+const CMDS: [u32; 13] = [
+    0x0001, 0x0002, 0x0003, 0x0010, 0x0011, 0x0020, 0x0021, 0x0022, 0x0030, 0x0040, 0x0050, 0x0051,
+    0x0099,
 ];
 
 /// Consumes everything a decoded request offers, the way the device would.
@@ -155,6 +156,7 @@ fn structured_request() -> impl Strategy<Value = Vec<u8>> {
                 0x0020 | 0x0021 => 24,
                 0x0022 => 40 + kernel::args_len_of(kernel).unwrap_or(24) as u32,
                 0x0030 => 24 + 16 * n1,
+                0x0050 => 56,
                 _ => 16,
             };
             let mut b = vec![0u8; len as usize];
@@ -519,7 +521,7 @@ proptest! {
             prop_assert_eq!(s.encode(), slot);
         }
         let mut reply = reply;
-        let status = u32::from(reply[4]) % 17;
+        let status = u32::from(reply[4]) % 18;
         reply[4..8].copy_from_slice(&status.to_le_bytes());
         reply[8..12].copy_from_slice(&guest_proto::opcode::reply_len(reply_cmd).to_le_bytes());
         reply[12..16].copy_from_slice(&reply_cmd.to_le_bytes());

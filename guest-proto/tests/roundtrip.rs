@@ -278,6 +278,8 @@ fn error_replies_have_the_commands_length_and_a_zero_payload() {
         (0x0022, 16),
         (0x0030, 24),
         (0x0040, 16),
+        (0x0050, 24),
+        (0x0051, 16),
         (0x1234, 16),
     ] {
         let reply = Reply::error(7, cmd, Status::Malformed);
