@@ -64,6 +64,11 @@ struct Cli {
     #[arg(long, default_value_t = Capset::default().max_queue_depth)]
     max_queue_depth: u32,
 
+    /// Do not offer protocol 1.1's KERNEL_SVM (a guest kernel resolving the
+    /// faults): the device then behaves like a 1.0 device for it.
+    #[arg(long)]
+    no_kernel_svm: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -84,6 +89,7 @@ impl From<Cli> for DaemonConfig {
                 max_pending_faults: cli.max_pending_faults,
                 max_queue_depth: cli.max_queue_depth,
                 fault_timeout: Duration::from_millis(u64::from(cli.fault_timeout_ms)),
+                kernel_svm: !cli.no_kernel_svm,
                 ..ComputeConfig::default()
             },
             gpu_limits: GpuLimits {

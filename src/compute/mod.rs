@@ -12,11 +12,13 @@
 //! - [`ring`]: the fault ring's producer side.
 //! - [`resources`]: what a context may bind (isolation).
 //! - [`session`]: one session and the execution of its requests.
+//! - [`svm`]: protocol 1.1, the guest kernel owning a session's faults.
 
 pub mod region;
 pub mod resources;
 pub mod ring;
 pub mod session;
+pub mod svm;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -60,6 +62,8 @@ pub struct ComputeConfig {
     pub fault_timeout: Duration,
     /// Largest `SUBMIT_3D` payload.
     pub max_request_bytes: u32,
+    /// Offer protocol 1.1's `KERNEL_SVM` (`SVM_ATTACH`/`SVM_DETACH`).
+    pub kernel_svm: bool,
 }
 
 impl Default for ComputeConfig {
@@ -73,6 +77,7 @@ impl Default for ComputeConfig {
             max_queues: c.max_queues,
             fault_timeout: Duration::from_millis(u64::from(c.fault_timeout_ms)),
             max_request_bytes: c.max_request_bytes,
+            kernel_svm: true,
         }
     }
 }
@@ -94,6 +99,7 @@ struct Context {
     init: ContextInit,
     resources: Resources,
     session: Option<ComputeSession>,
+    svm: svm::ContextSvm,
 }
 
 /// The compute contexts of one connected guest.
@@ -178,6 +184,7 @@ impl ComputeBackend {
             return;
         };
         let header = framed.header;
+        let origin = svm::Origin::of(c.init.capset_id == Some(VGNC_CAPSET_ID), fence);
         let Some(session) = c.session.as_mut() else {
             if header.cmd == Command::SessionInit.as_u32() {
                 let started = self.start_session(ctx, framed);
@@ -187,13 +194,24 @@ impl ComputeBackend {
             }
             return;
         };
-        let slot = match header.reply_slot(session.reply_size()) {
-            Ok(slot) => slot,
-            Err(lost) => {
-                log::debug!("{ctx:?}: {lost}");
-                session.count_lost_reply();
+        if svm::is_svm_command(header.cmd) {
+            let Some(memory) = self.memory.as_ref() else {
                 return;
+            };
+            let env = svm::SvmEnv {
+                memory,
+                enabled: self.config.kernel_svm,
+                max_ring_records: self.capset.max_fault_ring_records,
+            };
+            let due = svm::handle(&env, &mut c.svm, session, framed, origin);
+            for fence in due {
+                self.completer.complete(fence);
             }
+            return;
+        }
+        let Some(target) = svm::reply_target(&header, session, origin) else {
+            session.count_lost_reply();
+            return;
         };
         let reply = match framed.decode() {
             Err(e) => Reply::error(header.seqno, header.cmd, e.status()),
@@ -203,34 +221,51 @@ impl ComputeBackend {
                     status: Status::Ok,
                     payload: ReplyPayload::SessionDestroy,
                 };
-                session.post_reply(slot, &reply);
-                let held = c.session.take().and_then(ComputeSession::destroy);
-                self.complete(held);
+                svm::post(session, target, &reply);
+                let held = c.session.take().map(ComputeSession::destroy);
+                for fence in held.into_iter().flatten() {
+                    self.completer.complete(fence);
+                }
                 return;
             }
             Ok(Request::EventArm) => {
-                self.event_arm(ctx, header.seqno, slot, fence, outcome);
+                self.event_arm(ctx, header.seqno, target, fence, origin, outcome);
                 return;
             }
-            Ok(request) => session.execute(header.seqno, &request, &c.resources),
+            Ok(request) => {
+                session.restricted = origin.restricted(&c.svm);
+                let reply = session.execute(header.seqno, &request, &c.resources);
+                session.restricted = false;
+                reply
+            }
         };
-        session.post_reply(slot, &reply);
+        svm::post(session, target, &reply);
     }
 
     fn event_arm(
         &mut self,
         ctx: CtxId,
         seqno: u32,
-        slot: ReplySlot,
+        target: svm::Target,
         fence: Option<FenceRef>,
+        origin: svm::Origin,
         outcome: &mut SubmitOutcome,
     ) {
         let Some(session) = self.contexts.get_mut(&ctx).and_then(|c| c.session.as_mut()) else {
             return;
         };
         let cmd = Command::EventArm.as_u32();
-        if let ReplySlot::At { .. } = slot {
-            session.post_reply(slot, &Reply::error(seqno, cmd, Status::InvalidArgument));
+        if !target.is_none() {
+            svm::post(
+                session,
+                target,
+                &Reply::error(seqno, cmd, Status::InvalidArgument),
+            );
+            return;
+        }
+        if let Some((previous, hold)) = svm::kernel_event_arm(session, origin, fence) {
+            outcome.hold = hold;
+            self.complete(previous);
             return;
         }
         let guest_proto::command::Profile::Native { event_ring } = session.profile() else {
@@ -308,8 +343,10 @@ impl ComputeBackend {
             .contexts
             .get_mut(&ctx)
             .and_then(|c| c.session.take())
-            .and_then(ComputeSession::destroy);
-        self.complete(held);
+            .map(ComputeSession::destroy);
+        for fence in held.into_iter().flatten() {
+            self.completer.complete(fence);
+        }
     }
 }
 
@@ -359,6 +396,11 @@ fn build_capset(device: &dyn Device, config: &ComputeConfig) -> Capset {
         fault_timeout_ms: u32::try_from(config.fault_timeout.as_millis()).unwrap_or(u32::MAX),
         ..Capset::default()
     };
+    if !config.kernel_svm {
+        capset.features = guest_proto::capset::Features::from_bits_retain(
+            capset.features.bits() & !guest_proto::capset::Features::KERNEL_SVM.bits(),
+        );
+    }
     if !info.recoverable_faults {
         capset.features = guest_proto::capset::Features::from_bits_retain(
             capset.features.bits() & !guest_proto::capset::Features::RECOVERABLE_FAULTS.bits(),
@@ -409,6 +451,7 @@ impl ContextBackend for ComputeBackend {
                 init,
                 resources: Resources::default(),
                 session: None,
+                svm: svm::ContextSvm::default(),
             },
         );
         Ok(())

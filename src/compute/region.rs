@@ -134,6 +134,19 @@ impl GuestRegion {
         self.size
     }
 
+    /// Whether a byte of the region lies in guest-physical `[start, end)`.
+    pub fn overlaps_gpa(&self, start: u64, end: u64) -> bool {
+        let (first, last) = (self.lead, self.lead.saturating_add(self.size));
+        self.pages.iter().enumerate().any(|(i, page)| {
+            let base = (i as u64).saturating_mul(PAGE_SIZE);
+            let from = first.max(base) - base;
+            let to = last
+                .min(base.saturating_add(PAGE_SIZE))
+                .saturating_sub(base);
+            from < to && page.0 + from < end && start < page.0 + to
+        })
+    }
+
     /// Whether `len` bytes at `off` lie inside the region.
     fn fits(&self, off: u64, len: usize) -> bool {
         off.checked_add(len as u64)
@@ -278,6 +291,26 @@ mod tests {
         assert!(region.store_u32_release(0x41, 7).is_err(), "misaligned");
         assert_eq!(region.load_u32_acquire(0x40), Some(7));
         assert_eq!(region.load_u32_acquire(0x41), None);
+    }
+
+    #[test]
+    fn overlaps_count_only_the_bytes_of_the_region() {
+        let mem = ram();
+        let b = backing(&[(0x5000, 0x1000), (0x2000, 0x2000)]);
+        // Bytes 0x5FC0..0x6000 and 0x2000..0x20C0.
+        let region = GuestRegion::new(mem, &b, 0xFC0, 0x100).unwrap();
+        assert!(region.overlaps_gpa(0x5FFF, 0x6000));
+        assert!(
+            !region.overlaps_gpa(0x5000, 0x5FC0),
+            "the page, not the region"
+        );
+        assert!(region.overlaps_gpa(0x20BF, 0x3000));
+        assert!(!region.overlaps_gpa(0x20C0, 0x4000));
+        assert!(
+            !region.overlaps_gpa(0x3000, 0x4000),
+            "a page the region does not reach"
+        );
+        assert!(region.overlaps_gpa(0, u64::MAX));
     }
 
     #[test]

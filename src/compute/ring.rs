@@ -36,6 +36,11 @@ impl FaultRingWriter {
         })
     }
 
+    /// The ring's memory.
+    pub fn region(&self) -> &GuestRegion {
+        &self.region
+    }
+
     /// The guest's consumer index.
     fn head(&self) -> Option<u32> {
         self.region.load_u32_acquire(FAULT_RING_HEAD_OFFSET)

@@ -30,6 +30,7 @@ use guest_proto::{GpuVa, PAGE_SIZE, Perms, Request, ResourceId, Status};
 use super::region::{GuestRegion, RegionError};
 use super::resources::Resources;
 use super::ring::FaultRingWriter;
+use super::svm::KernelAttachment;
 use crate::context_backend::FenceRef;
 
 /// Limits and settings every session of a guest shares.
@@ -73,6 +74,12 @@ pub struct ComputeSession {
     profile: Profile,
     reply: GuestRegion,
     ring: FaultRingWriter,
+    signals: GuestRegion,
+    /// 1.1: the guest kernel took the faults over (`SVM_ATTACH`).
+    pub(super) kernel: Option<KernelAttachment>,
+    /// 1.1: the request being executed is a user request of a mediated
+    /// native context: `MAP_PAGES` and `FAULT_REPLY` are refused.
+    pub(super) restricted: bool,
     signal_slots: u32,
     signals_va: GpuVa,
     region_resources: [ResourceId; 3],
@@ -117,7 +124,7 @@ impl ComputeSession {
         };
         let reply = region(&init.reply)?;
         let ring_region = region(&init.fault_ring)?;
-        let _signals = region(&init.signals)?;
+        let signals = region(&init.signals)?;
         let layout = init.fault_ring_layout().ok_or(Status::InvalidArgument)?;
         let signal_slots = init.signal_slots().ok_or(Status::InvalidArgument)?;
 
@@ -159,6 +166,9 @@ impl ComputeSession {
             profile: init.profile,
             reply,
             ring,
+            signals,
+            kernel: None,
+            restricted: false,
             signal_slots,
             signals_va,
             region_resources: [init.reply.resource, init.fault_ring.resource, sig.resource],
@@ -199,6 +209,29 @@ impl ComputeSession {
     /// The reply buffer's size.
     pub fn reply_size(&self) -> u64 {
         self.reply.size()
+    }
+
+    /// Whether a byte of the reply buffer, fault ring or signal area lies
+    /// in guest-physical `[start, end)`.
+    pub fn overlaps_regions(&self, start: u64, end: u64) -> bool {
+        self.reply.overlaps_gpa(start, end)
+            || self.ring.region().overlaps_gpa(start, end)
+            || self.signals.overlaps_gpa(start, end)
+    }
+
+    /// 1.1 `SVM_ATTACH`: from now on faults go to the kernel's ring,
+    /// starting with every pending one, oldest first.
+    pub(super) fn attach_kernel(&mut self, attachment: KernelAttachment) {
+        self.ctx.repost_faults();
+        self.kernel = Some(attachment);
+    }
+
+    /// 1.1 `SVM_DETACH`: pending faults end rejected and later ones go to
+    /// the session's own ring again; returns the attachment to end.
+    pub(super) fn detach_kernel(&mut self) -> Option<KernelAttachment> {
+        let attachment = self.kernel.take()?;
+        self.ctx.reject_faults();
+        Some(attachment)
     }
 
     /// A request was not executed because its reply had no place.
@@ -252,6 +285,7 @@ impl ComputeSession {
                 .map(|()| ReplyPayload::QueueDestroy)
                 .map_err(|e| e.status()),
             Request::Dispatch(d) => self.dispatch(d).map(|()| ReplyPayload::Dispatch),
+            Request::FaultReply(_) if self.restricted => Err(Status::Permission),
             Request::FaultReply(f) => {
                 let mut ack = FaultReplyAck::default();
                 for entry in f.entries() {
@@ -276,7 +310,10 @@ impl ComputeSession {
                     payload: ReplyPayload::FaultReply(ack),
                 };
             }
-            Request::SessionDestroy | Request::EventArm => Err(Status::InvalidArgument),
+            Request::SessionDestroy
+            | Request::EventArm
+            | Request::SvmAttach(_)
+            | Request::SvmDetach => Err(Status::InvalidArgument),
         };
         match result {
             Ok(payload) => Reply {
@@ -298,6 +335,9 @@ impl ComputeSession {
         let mut ops_done = 0u32;
         for op in bind.ops() {
             let result = match op {
+                Ok(guest_proto::bind::BindOp::MapPages { .. }) if self.restricted => {
+                    Err(Status::Permission)
+                }
                 Ok(op) => self.ctx.bind(&op, res).map_err(|e: ContextError| {
                     log::debug!("VM_BIND op {ops_done}: {e}");
                     e.status()
@@ -360,18 +400,32 @@ impl ComputeSession {
         self.ctx.unmap_resource(id);
     }
 
-    /// Moves device events into the fault ring; returns a held event fence
-    /// that is now due.
-    pub fn pump(&mut self, now: std::time::Instant) -> Option<FenceRef> {
-        self.ctx.pump(&mut self.ring, now);
-        let notified = self.ctx.take_notify();
-        if self.held_event.is_some() && (notified || self.ring.has_unread()) {
-            return self.held_event.take();
+    /// Moves device events into the fault ring (the kernel's while one is
+    /// attached); returns the held event fences that are now due.
+    pub fn pump(&mut self, now: std::time::Instant) -> Vec<FenceRef> {
+        let mut due = Vec::new();
+        match self.kernel.as_mut() {
+            Some(kernel) => {
+                self.ctx.pump(kernel.ring_mut(), now);
+                due.extend(kernel.due_event());
+            }
+            None => {
+                self.ctx.pump(&mut self.ring, now);
+            }
         }
-        if notified {
+        let notified = self.ctx.take_notify();
+        if self.held_event.is_some() && (notified || self.user_faults_unread()) {
+            due.extend(self.held_event.take());
+        } else if notified {
             self.pending_notify = true;
         }
-        None
+        due
+    }
+
+    /// Whether the session's own ring has records for the guest (never
+    /// while the kernel has the faults).
+    fn user_faults_unread(&self) -> bool {
+        self.kernel.is_none() && self.ring.has_unread()
     }
 
     /// `EVENT_ARM` with `fence`: returns the fences to complete now (a
@@ -379,7 +433,7 @@ impl ComputeSession {
     /// holds `fence` otherwise.
     pub fn arm_event(&mut self, fence: FenceRef) -> (Option<FenceRef>, bool) {
         let previous = self.held_event.take();
-        let due = std::mem::take(&mut self.pending_notify) || self.ring.has_unread();
+        let due = std::mem::take(&mut self.pending_notify) || self.user_faults_unread();
         if due {
             (previous, false)
         } else {
@@ -388,10 +442,13 @@ impl ComputeSession {
         }
     }
 
-    /// Ends the session: cancels all work and faults, unmaps everything.
-    /// Returns the held event fence, to be completed.
-    pub fn destroy(mut self) -> Option<FenceRef> {
+    /// Ends the session: cancels all work and faults, unmaps everything;
+    /// an attached kernel's ring becomes `DETACHED`. Returns the held event
+    /// fences, to be completed.
+    pub fn destroy(mut self) -> Vec<FenceRef> {
         self.ctx.shutdown();
-        self.held_event.take()
+        let mut held: Vec<FenceRef> = self.held_event.take().into_iter().collect();
+        held.extend(self.kernel.take().and_then(KernelAttachment::end));
+        held
     }
 }

@@ -56,6 +56,9 @@ struct PendingFault {
     granule: Granule,
     raised_at: Instant,
     written: bool,
+    /// Counted in `raised` already (a re-posted record is not counted
+    /// twice).
+    counted: bool,
 }
 
 /// A fault granule: its first byte and its size as a power of two.
@@ -195,6 +198,7 @@ impl FaultTracker {
                 granule,
                 raised_at: now,
                 written: false,
+                counted: false,
             },
         );
     }
@@ -213,7 +217,10 @@ impl FaultTracker {
             }
             pending.written = true;
             self.backlog.pop_front();
-            self.counters.raised += 1;
+            if !pending.counted {
+                pending.counted = true;
+                self.counters.raised += 1;
+            }
             written += 1;
         }
         written
@@ -244,6 +251,35 @@ impl FaultTracker {
             if let Some(p) = self.remove(id) {
                 self.counters.timed_out += 1;
                 device.extend(p.device_faults.into_iter().map(|d| (p.record.va, d)));
+            }
+        }
+        device
+    }
+
+    /// Makes every pending guest fault unwritten again, so that the next
+    /// [`FaultTracker::flush`] writes them all, oldest first, into a new
+    /// ring (a guest kernel took the faults over, protocol 1.1). Their
+    /// deadlines stay.
+    pub fn repost_all(&mut self) {
+        let mut ids: Vec<FaultId> = self.pending.keys().copied().collect();
+        ids.sort_unstable();
+        for id in &ids {
+            if let Some(p) = self.pending.get_mut(id) {
+                p.written = false;
+            }
+        }
+        self.backlog = ids.into();
+    }
+
+    /// Ends every pending guest fault as rejected (nobody is left to
+    /// answer them); returns their device faults.
+    pub fn reject_all(&mut self) -> Vec<FaultId> {
+        let ids: Vec<FaultId> = self.pending.keys().copied().collect();
+        let mut device = Vec::new();
+        for id in ids {
+            if let Some(p) = self.remove(id) {
+                self.counters.rejected += 1;
+                device.extend(p.device_faults);
             }
         }
         device
@@ -395,6 +431,45 @@ mod tests {
         assert_eq!(t.deferred(), 0);
         let c = t.counters();
         assert_eq!((c.timed_out, c.cancelled), (1, 1));
+    }
+
+    #[test]
+    fn reposting_writes_every_pending_fault_again_oldest_first() {
+        let now = Instant::now();
+        let mut t = FaultTracker::new(16, Duration::from_secs(1));
+        for i in 0..4u64 {
+            t.add_device_fault(&dev(i, 0x10_0000 + i * 0x1000, AccessFlags::READ), 12, now);
+        }
+        let mut ring = VecRing {
+            records: vec![],
+            capacity: 2,
+            dropped: 0,
+        };
+        assert_eq!(t.flush(&mut ring), 2);
+        let first = ring.records[0].fault_id;
+        assert_eq!(
+            t.answer(first, GuestAnswer::Resolved),
+            Some(vec![FaultId(0)])
+        );
+        t.repost_all();
+        let mut other = VecRing {
+            records: vec![],
+            capacity: 8,
+            dropped: 0,
+        };
+        assert_eq!(t.flush(&mut other), 3, "the written and the deferred ones");
+        let vas: Vec<u64> = other.records.iter().map(|r| r.va.raw()).collect();
+        assert_eq!(vas, vec![0x10_1000, 0x10_2000, 0x10_3000]);
+        assert_eq!(
+            t.counters().raised,
+            4,
+            "a re-posted record is not counted twice"
+        );
+        assert_eq!(t.flush(&mut other), 0);
+        let ends = t.reject_all();
+        assert_eq!(ends.len(), 3);
+        assert_eq!((t.pending(), t.deferred()), (0, 0));
+        assert_eq!(t.counters().rejected, 3);
     }
 
     #[test]

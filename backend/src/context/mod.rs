@@ -537,6 +537,24 @@ impl ComputeContext {
         true
     }
 
+    /// Writes every pending fault again, oldest first, at the next
+    /// [`ComputeContext::pump`] (into the ring given then): a guest kernel
+    /// took the context's faults over (protocol 1.1 `SVM_ATTACH`).
+    pub fn repost_faults(&mut self) {
+        self.faults.repost_all();
+    }
+
+    /// Ends every pending fault as rejected: their work fails with
+    /// `FAULT_REJECTED` (protocol 1.1 `SVM_DETACH`: nobody is left to
+    /// answer them).
+    pub fn reject_faults(&mut self) {
+        for fault in self.faults.reject_all() {
+            let _ = self
+                .device_vm
+                .reply_fault(fault, FaultAction::Cancel(DispatchStatus::FaultRejected));
+        }
+    }
+
     /// Moves events from the device into the context: classifies new
     /// faults (fatal ones end at once, the rest are forwarded), ends
     /// faults past their deadline, and writes deferred records into `ring`.

@@ -137,6 +137,20 @@ fn main() -> std::io::Result<()> {
             Request::FaultReply(FaultReply::new(&entries)),
         ),
         ("event_arm".into(), Request::EventArm),
+        (
+            "svm_attach".into(),
+            Request::SvmAttach(guest_proto::svm::SvmAttach {
+                fault_ring: guest_proto::svm::GpaRegion {
+                    gpa: guest_proto::GuestPhysAddr(0x10_0000),
+                    size: 128 + 32 * 64,
+                },
+                reply: guest_proto::svm::GpaRegion {
+                    gpa: guest_proto::GuestPhysAddr(0x20_0000),
+                    size: 4096,
+                },
+            }),
+        ),
+        ("svm_detach".into(), Request::SvmDetach),
     ];
     for (i, k) in kernels.iter().enumerate() {
         let d = Dispatch {

@@ -183,6 +183,7 @@ pub struct Client<C> {
     seq: u32,
     head: u32,
     faults_seen: u64,
+    reply_flag: u32,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> GuestError {
@@ -213,7 +214,16 @@ impl<C: Channel> Client<C> {
             seq: 1,
             head: 0,
             faults_seen: 0,
+            reply_flag: 0,
         }
+    }
+
+    /// ORs `flag` into every `reply_off` (a guest kernel's client sets
+    /// [`guest_proto::svm::KERNEL_REPLY`]: its reply buffer is the kernel
+    /// reply region). Replies are still read at their plain offset.
+    pub fn with_reply_flag(mut self, flag: u32) -> Self {
+        self.reply_flag = flag;
+        self
     }
 
     /// The channel.
@@ -268,7 +278,8 @@ impl<C: Channel> Client<C> {
             .map_err(|_| GuestError::Invalid("reply buffer size"))?;
         let mut w = RequestWriter::new(0..reply_end)
             .with_first_seqno(self.seq)
-            .with_limits(self.limits);
+            .with_limits(self.limits)
+            .with_reply_flag(self.reply_flag);
         let mut tickets = Vec::with_capacity(requests.len());
         for r in requests {
             let t = if no_reply {
