@@ -98,6 +98,17 @@ impl Default for SessionLayout {
 }
 
 impl SessionLayout {
+    /// A 16 KiB session buffer: 4 KiB of replies, a 64-record fault ring
+    /// and 64 signal slots (what the daemon's own tests use).
+    pub const COMPACT: SessionLayout = SessionLayout {
+        reply_off: 0,
+        reply_size: 4096,
+        ring_off: 4096,
+        ring_capacity: 64,
+        signals_off: 8192,
+        signal_slots: 64,
+    };
+
     /// The fault ring's layout.
     pub fn ring(&self) -> Result<FaultRingLayout> {
         FaultRingLayout::new(self.ring_capacity).ok_or(GuestError::Invalid("ring capacity"))
