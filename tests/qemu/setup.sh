@@ -6,7 +6,9 @@
 #   - QEMU 10.0 (qemu-system-x86) from backports, busybox-static, cpio, kmod,
 #   - the Rust musl target for the static guest program,
 #   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
-#     tests/qemu/work/kernel (vmlinuz + modules with modules.dep).
+#     tests/qemu/work/kernel (vmlinuz + modules with modules.dep),
+#   - Debian's ROCm 5.2.3 user space and the glibc guest root's libraries
+#     (rocm-setup.sh, cached outside the checkout).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work="$here/work"
@@ -118,4 +120,5 @@ install_kernel() {
 install_packages
 install_musl_target
 install_kernel
+log "ROCm user space in $("$here/rocm-setup.sh")"
 log "done"

@@ -59,6 +59,13 @@ pub fn pin_range(addr: u64, len: u64, writable: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Unlocks `[addr, addr + len)` (what [`pin`] locked); errors (a range
+/// no longer mapped) are ignored: there is nothing left to unlock then.
+pub fn unpin(addr: u64, len: u64) {
+    // SAFETY: munlock only changes page state of the caller's own mapping.
+    let _ = unsafe { libc::munlock(addr as *const libc::c_void, len as usize) };
+}
+
 /// Faults pages in by reading and writing back one byte of each (for
 /// kernels without `MADV_POPULATE_WRITE`). The range must be mapped
 /// writable by the caller.
