@@ -2,8 +2,10 @@
 # run-suite.sh [DAEMON_BIN] [GUEST_BIN]
 # The QEMU-driven end-to-end suite: boots a real Linux 6.12 guest under
 # QEMU 10.0 against the daemon, twice (the second boot is QEMU restarted
-# against the same running daemon), and prints one line per scenario and a
-# final "N passed, N failed" line. Exits 1 on any failure.
+# against the same running daemon), then a third time with the ROCm guest
+# root (Debian's unmodified ROCr and rocminfo over our libhsakmt.so.1),
+# and prints one line per scenario and a final "N passed, N failed" line.
+# Exits 1 on any failure. ROCM_SCENARIOS overrides the ROCm case list.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -24,6 +26,12 @@ fi
 out=$(mktemp -d)
 sock="$out/vhost-gpu-nc.sock"
 "$here/build-initramfs.sh" "$guest" "$out/initrd.gz"
+# The ROCm guest root: our thunk (exports checked against Debian's ROCr),
+# the HSA test program built against Debian's headers.
+rocm_root=$("$here/rocm-setup.sh")/root
+"$root/guest/hsakmt/build-lib.sh" "$out/thunk" "$rocm_root/usr/lib/x86_64-linux-gnu/libhsa-runtime64.so.1" >/dev/null
+"$root/guest/hsa-tests/build.sh" "$out/hsa-tests" "$out/thunk" >/dev/null
+"$here/build-rocm-initramfs.sh" "$out/thunk/libhsakmt.so.1" "$out/hsa-tests" "$out/rocm-initrd.gz"
 
 RUST_LOG=${RUST_LOG:-info} "$daemon" --socket-path "$sock" --fault-timeout-ms 5000 \
     >"$out/daemon.log" 2>&1 &
@@ -64,6 +72,19 @@ if kill -0 "$daemon_pid" 2>/dev/null; then
     report qemu-restart "$out/console2.log"
 else
     failed=$((failed + 1)); echo "FAIL qemu-restart: the daemon died"
+fi
+
+rocm=${ROCM_SCENARIOS:-rocminfo,agents,pools,signals,svm-attrs,copy,memory-lock,unified,aql-barrier,kernel-dispatch,fatal-fault}
+echo "== boot 3: ROCm guest root: $rocm"
+if kill -0 "$daemon_pid" 2>/dev/null; then
+    start=$(date +%s)
+    "$here/run-qemu.sh" "$sock" "$out/rocm-initrd.gz" "$rocm" "$out/console3.log" 900 || true
+    echo "   ($(( $(date +%s) - start )) s)"
+    grep -a -E '^rocminfo\|  (Name|Marketing Name|Compute Unit): |^rocminfo\|      Name: +amdgcn' "$out/console3.log" | sed 's/^/   /' || true
+    grep -a -E '^rocm/|^rocm:' "$out/console3.log" | sed 's/^/   /' || true
+    for s in ${rocm//,/ }; do report "rocm/$s" "$out/console3.log"; done
+else
+    failed=$((failed + 1)); echo "FAIL rocm: the daemon died"
 fi
 kill -0 "$daemon_pid" 2>/dev/null || { failed=$((failed + 1)); echo "FAIL daemon-alive: the daemon exited"; }
 

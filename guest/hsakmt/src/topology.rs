@@ -46,8 +46,8 @@ pub struct Host {
     pub cpus: u32,
     /// Bytes of RAM.
     pub ram: u64,
-    /// L1 data cache size, bytes.
-    pub l1d: u32,
+    /// L1 data cache size, KiB (`HsaCacheProperties::CacheSize` is in KiB).
+    pub l1d_kib: u32,
 }
 
 impl Host {
@@ -65,10 +65,10 @@ impl Host {
         Host {
             cpus: u32::try_from(cpus).unwrap_or(1).clamp(1, 256),
             ram: u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(4096),
-            l1d: u32::try_from(l1d)
+            l1d_kib: u32::try_from(l1d / 1024)
                 .ok()
                 .filter(|v| *v > 0)
-                .unwrap_or(32 * 1024),
+                .unwrap_or(32),
         }
     }
 }
@@ -114,11 +114,12 @@ fn ascii_name(s: &str) -> [u8; HSA_PUBLIC_NAME_SIZE] {
     out
 }
 
-fn cache(level: u32, size: u32, processor: u32, ty: u32, siblings: u32) -> HsaCacheProperties {
+/// A cache of `size_kib` KiB.
+fn cache(level: u32, size_kib: u32, processor: u32, ty: u32, siblings: u32) -> HsaCacheProperties {
     let mut c = HsaCacheProperties {
         ProcessorIdLow: processor,
         CacheLevel: level,
-        CacheSize: size,
+        CacheSize: size_kib,
         CacheLineSize: 64,
         CacheLinesPerTag: 1,
         CacheAssociativity: 8,
@@ -243,7 +244,7 @@ pub fn build(capset: &Capset, host: Host, render_minor: i32) -> Topology {
         caches: [
             vec![cache(
                 1,
-                host.l1d,
+                host.l1d_kib,
                 0,
                 cache_type::DATA | cache_type::CPU,
                 host.cpus,
@@ -251,14 +252,14 @@ pub fn build(capset: &Capset, host: Host, render_minor: i32) -> Topology {
             vec![
                 cache(
                     1,
-                    16 * 1024,
+                    16,
                     GPU_FCOMPUTE_ID_LO,
                     cache_type::DATA | cache_type::HSACU,
                     1,
                 ),
                 cache(
                     2,
-                    8 << 20,
+                    8 * 1024,
                     GPU_FCOMPUTE_ID_LO,
                     cache_type::DATA | cache_type::HSACU,
                     cus,
@@ -286,7 +287,7 @@ mod tests {
             Host {
                 cpus: 2,
                 ram: 1 << 30,
-                l1d: 48 * 1024,
+                l1d_kib: 48,
             },
             128,
         )
@@ -344,7 +345,7 @@ mod tests {
         assert_eq!({ c.NumCPUCores }, 2);
         assert_eq!({ c.NumFComputeCores }, 0);
         assert_eq!(t.caches[0].len(), 1, "ROCr aborts without a CPU cache");
-        assert_eq!(t.caches[0][0].CacheSize, 48 * 1024);
+        assert_eq!(t.caches[0][0].CacheSize, 48, "KiB");
         assert_eq!(t.caches[0][0].SiblingMap[..3], [1, 1, 0]);
         assert_eq!({ t.banks[0][0].SizeInBytes }, 1 << 30);
         assert_eq!(t.links[0][0].NodeTo, GPU_NODE);
