@@ -100,8 +100,9 @@ static double now_s(void)
 }
 
 /* The thunk's device counters: faults raised, resolved, rejected, timed
- * out, cancelled, bound bytes, fault records handled, interrupts. */
-struct counters { uint64_t v[8]; };
+ * out, cancelled, bound bytes, fault records handled, interrupts, and the
+ * transport profile (1 compat, 2 native). */
+struct counters { uint64_t v[9]; };
 
 static int counters(struct counters *c)
 {
@@ -114,7 +115,7 @@ static int counters(struct counters *c)
 		if (!query)
 			return -1;
 	}
-	return query(c->v, 8) == 0 ? 0 : -1;
+	return query(c->v, 9) == 0 ? 0 : -1;
 }
 
 static void fill_pattern(uint32_t *p, size_t words, uint32_t seed)
@@ -210,7 +211,11 @@ static int case_agents(char *detail, size_t n)
 	      have_sys_pool, have_kernarg_pool, have_gpu_pool);
 	HSA_OK(hsa_amd_memory_pool_get_info(gpu_pool, HSA_AMD_MEMORY_POOL_INFO_SIZE, &fb));
 	CHECK(fb >= COPY_BYTES, "GPU pool of %zu bytes", fb);
-	snprintf(detail, n, "%s, ISA %s, %u CUs, GPU pool %zu MiB, system+kernarg pools", name, isa_name, cus, fb >> 20);
+	struct counters c;
+
+	CHECK(counters(&c) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
+	snprintf(detail, n, "%s, ISA %s, %u CUs, GPU pool %zu MiB, system+kernarg pools, %s profile", name, isa_name,
+		 cus, fb >> 20, c.v[8] == 2 ? "native" : "compat");
 	return 0;
 }
 

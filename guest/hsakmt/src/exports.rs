@@ -704,7 +704,8 @@ pub extern "C" fn hsaKmtAllocQueueGWS(_queue: u64, _n: u32, _first: *mut u32) ->
 
 /// Counters for tests: `out[0..n]` gets faults raised, resolved, rejected,
 /// timed out, cancelled (the device's `DEVICE_QUERY`), bound bytes, fault
-/// records the thunk's interrupt thread handled, interrupts it saw.
+/// records the thunk's interrupt thread handled, interrupts it saw, the
+/// transport profile (1 compat, 2 native).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtStatus {
     run(|t| {
@@ -719,6 +720,10 @@ pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtSt
             q.bound_bytes,
             t.stats.faults_handled.load(Relaxed),
             t.stats.interrupts.load(Relaxed),
+            match t.profile {
+                guest_runtime::session::ProfileKind::Compat => 1,
+                guest_runtime::session::ProfileKind::Native => 2,
+            },
         ];
         // SAFETY: the caller's array of `n`.
         unsafe { put_array(out, n, &all) }
