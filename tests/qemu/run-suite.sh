@@ -58,7 +58,7 @@ report() { # name log
     esac
 }
 
-first="discovery,binds,unified,offset,isolation,bad-address,killed"
+first="discovery,binds,unified,offset,isolation,bad-address,killed,whole-process"
 echo "== boot 1: $first"
 start=$(date +%s)
 "$here/run-qemu.sh" "$sock" "$out/initrd.gz" "$first" "$out/console1.log" 900 || true
