@@ -213,7 +213,7 @@ pub fn deliver_stop(thunk: &Thunk, stop: &Stop) -> bool {
             } else {
                 AQL_ERROR_INVALID_PACKET
             };
-            raise_queue_error(thunk, stop.amd_queue, code)
+            raise_queue_error(&thunk.events, stop.amd_queue, code)
         }
         _ => false,
     }
@@ -221,7 +221,7 @@ pub fn deliver_stop(thunk: &Thunk, stop: &Stop) -> bool {
 
 /// What the CP does when an AQL queue hits an error: store the error code
 /// in the queue's `queue_inactive_signal` and raise that signal's event.
-fn raise_queue_error(thunk: &Thunk, amd_queue: u64, code: i64) -> bool {
+fn raise_queue_error(events: &crate::events::Events, amd_queue: u64, code: i64) -> bool {
     let Some(signal) = read_u64(amd_queue + amd_queue::QUEUE_INACTIVE_SIGNAL) else {
         return false;
     };
@@ -232,7 +232,7 @@ fn raise_queue_error(thunk: &Thunk, amd_queue: u64, code: i64) -> bool {
         return false;
     }
     let event_id = read_u64(signal + amd_signal::EVENT_ID).map_or(0, |v| v as u32);
-    thunk.events.lock().signal_id(event_id)
+    events.lock().signal_id(event_id)
 }
 
 /// Reads a `u64` of this process's memory that ROCr owns, after checking
@@ -433,6 +433,85 @@ mod tests {
             failure_bits(stop_status::FAULT_FATAL, 4),
             failure::NO_EXECUTE
         );
+    }
+
+    #[test]
+    fn a_stopped_status_block_is_delivered_once() {
+        let map = guest_runtime::mmap::Mmap::anonymous(4096).unwrap();
+        let page = SharedBuffer {
+            bo: guest_runtime::drm::Bo {
+                handle: 0,
+                res_id: 0,
+            },
+            map,
+        };
+        let mut t = QueueTable::default();
+        t.insert(UserQueue {
+            id: guest_proto::QueueId(3),
+            kind: Kind::Aql,
+            page,
+            doorbell: 0,
+            amd_queue: 0x1000,
+            stopped: false,
+        });
+        assert!(t.take_stopped().is_empty(), "running");
+        let q = t.queues.values().next().unwrap();
+        q.page
+            .map
+            .store_u32(page::STOP_STATUS, stop_status::UNSUPPORTED_PACKET);
+        q.page.map.store_u64(page::FAULT_VA, 0);
+        q.page.map.store_u32(page::STATE, 1);
+        let stops = t.take_stopped();
+        assert_eq!(
+            stops,
+            vec![Stop {
+                kind: Kind::Aql,
+                status: stop_status::UNSUPPORTED_PACKET,
+                fault_va: 0,
+                access: 0,
+                amd_queue: 0x1000,
+            }]
+        );
+        assert!(t.take_stopped().is_empty(), "delivered once");
+    }
+
+    #[test]
+    fn an_aql_error_sets_the_inactive_signal_and_raises_its_event() {
+        #[repr(C, align(64))]
+        struct Mem([u64; 64]);
+        let events = crate::events::Events::default();
+        let h = events
+            .lock()
+            .create(
+                &HsaEventDescriptor {
+                    EventType: HSA_EVENTTYPE_SIGNAL,
+                    NodeId: 0,
+                    SyncVar: HsaSyncVar::default(),
+                },
+                false,
+                false,
+                0,
+            )
+            .unwrap();
+        let id = events.lock().id_of(h).unwrap();
+        let mut queue = Box::new(Mem([0; 64]));
+        let mut signal = Box::new(Mem([0; 64]));
+        let signal_addr = signal.0.as_mut_ptr() as u64;
+        queue.0[(amd_queue::QUEUE_INACTIVE_SIGNAL / 8) as usize] = signal_addr;
+        signal.0[(amd_signal::EVENT_ID / 8) as usize] = u64::from(id);
+        let queue_addr = queue.0.as_mut_ptr() as u64;
+        assert!(raise_queue_error(
+            &events,
+            queue_addr,
+            AQL_ERROR_ILLEGAL_INSTRUCTION
+        ));
+        // SAFETY: reading our own box after the atomic store.
+        let value = unsafe { std::ptr::read_volatile(&signal.0[1]) };
+        assert_eq!(value, AQL_ERROR_ILLEGAL_INSTRUCTION as u64);
+        assert!(events.lock().try_consume(&[id], false), "event raised");
+        // A queue whose signal handle is garbage is left alone.
+        queue.0[(amd_queue::QUEUE_INACTIVE_SIGNAL / 8) as usize] = 0x10;
+        assert!(!raise_queue_error(&events, queue_addr, 1));
     }
 
     #[test]
