@@ -80,7 +80,7 @@ if kill -0 "$daemon_pid" 2>/dev/null; then
     start=$(date +%s)
     "$here/run-qemu.sh" "$sock" "$out/rocm-initrd.gz" "$rocm" "$out/console3.log" 900 || true
     echo "   ($(( $(date +%s) - start )) s)"
-    grep -a -E '^rocminfo\|  (Name|Marketing Name|Compute Unit): |^rocminfo\|      Name: +amdgcn' "$out/console3.log" | sed 's/^/   /' || true
+    grep -a -E '^rocminfo[|] +(Name|Marketing Name|Compute Unit):' "$out/console3.log" | sed 's/^/   /' || true
     grep -a -E '^rocm/|^rocm:' "$out/console3.log" | sed 's/^/   /' || true
     for s in ${rocm//,/ }; do report "rocm/$s" "$out/console3.log"; done
 else
