@@ -2,10 +2,13 @@
 # The whole test suite, from a fresh checkout:
 #   1. installs what the QEMU suite needs (QEMU 10.0, the Debian 6.12 guest
 #      kernel and its virtio-gpu modules, busybox-static, cpio, the musl
-#      target) - idempotent, fast when everything is there;
+#      target, the patched QEMU of the native profile - built once per QEMU
+#      version and patch set, cached outside the checkout) - idempotent, fast
+#      when everything is there;
 #   2. formatting, lints and every Rust test of the workspace (unit, codec,
 #      property, backend fault lifecycle, the vhost-user socket harness);
-#   3. the QEMU-driven end-to-end suite against the real daemon.
+#   3. the QEMU-driven end-to-end suite against the real daemon, in the
+#      compat (stock QEMU) and native (patched QEMU) profiles.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

@@ -17,6 +17,8 @@ pub mod region;
 pub mod resources;
 pub mod ring;
 pub mod session;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -201,9 +203,7 @@ impl ComputeBackend {
                     status: Status::Ok,
                     payload: ReplyPayload::SessionDestroy,
                 };
-                if let ReplySlot::At { offset, .. } = slot {
-                    session.write_reply(offset, &reply);
-                }
+                session.post_reply(slot, &reply);
                 let held = c.session.take().and_then(ComputeSession::destroy);
                 self.complete(held);
                 return;
@@ -214,9 +214,7 @@ impl ComputeBackend {
             }
             Ok(request) => session.execute(header.seqno, &request, &c.resources),
         };
-        if let ReplySlot::At { offset, .. } = slot {
-            session.write_reply(offset, &reply);
-        }
+        session.post_reply(slot, &reply);
     }
 
     fn event_arm(
@@ -231,8 +229,8 @@ impl ComputeBackend {
             return;
         };
         let cmd = Command::EventArm.as_u32();
-        if let ReplySlot::At { offset, .. } = slot {
-            session.write_reply(offset, &Reply::error(seqno, cmd, Status::InvalidArgument));
+        if let ReplySlot::At { .. } = slot {
+            session.post_reply(slot, &Reply::error(seqno, cmd, Status::InvalidArgument));
             return;
         }
         let guest_proto::command::Profile::Native { event_ring } = session.profile() else {
@@ -275,9 +273,10 @@ impl ComputeBackend {
             Err(e) => Err(e.status()),
         };
         match result {
-            Ok(session) => {
-                if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(session.reply_size()) {
-                    session.write_reply(offset, &session.init_reply(header.seqno));
+            Ok(mut session) => {
+                if let Ok(slot) = header.reply_slot(session.reply_size()) {
+                    let reply = session.init_reply(header.seqno);
+                    session.post_reply(slot, &reply);
                 }
                 c.session = Some(session);
                 true
@@ -337,10 +336,9 @@ fn write_init_error(memory: &GuestRam, res: &Resources, framed: &Framed<'_>, sta
         return;
     };
     if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(region.size) {
-        let reply = Reply::error(header.seqno, header.cmd, status).encode();
-        let off = u64::from(offset);
-        if reply_buf.write(off + 4, reply.after_seqno()) {
-            reply_buf.store_u32_release(off, reply.seqno());
+        let reply = Reply::error(header.seqno, header.cmd, status);
+        if let Err(e) = session::write_reply(&reply_buf, offset, &reply) {
+            log::debug!("SESSION_INIT error reply not written: {e}");
         }
     }
 }
@@ -506,11 +504,8 @@ impl ComputeBackend {
         let Some(header) = lost.header else {
             return;
         };
-        if let Ok(ReplySlot::At { offset, .. }) = header.reply_slot(session.reply_size()) {
-            session.write_reply(
-                offset,
-                &Reply::error(header.seqno, header.cmd, lost.status()),
-            );
+        if let Ok(slot) = header.reply_slot(session.reply_size()) {
+            session.post_reply(slot, &Reply::error(header.seqno, header.cmd, lost.status()));
         }
     }
 }

@@ -34,6 +34,20 @@ pub enum RegionError {
     /// A page is not guest RAM.
     #[error("guest page {0:#x} is not guest RAM")]
     NotGuestRam(u64),
+    /// An access does not fit in the region (or is misaligned for an
+    /// atomic).
+    #[error("access of {len} bytes at {off:#x} does not fit the region of {size:#x} bytes")]
+    Outside {
+        /// Offset in the region.
+        off: u64,
+        /// Bytes accessed.
+        len: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// Guest memory refused the access (the memory table changed).
+    #[error("guest memory at {0:#x} refused the access")]
+    Memory(u64),
 }
 
 /// The guest-physical pages of a resource's backing from byte `offset` on,
@@ -136,29 +150,34 @@ impl GuestRegion {
         Some(GuestAddress(page.0 + abs % PAGE_SIZE))
     }
 
-    /// Writes `bytes` at `off`; false if they do not fit or memory failed.
-    pub fn write(&self, off: u64, bytes: &[u8]) -> bool {
+    fn outside(&self, off: u64, len: usize) -> RegionError {
+        RegionError::Outside {
+            off,
+            len: len as u64,
+            size: self.size,
+        }
+    }
+
+    /// Writes `bytes` at `off`.
+    pub fn write(&self, off: u64, bytes: &[u8]) -> Result<(), RegionError> {
         if !self.fits(off, bytes.len()) {
-            return false;
+            return Err(self.outside(off, bytes.len()));
         }
         let mem = self.memory.memory();
         let mut done = 0usize;
         while done < bytes.len() {
             let at = off.saturating_add(done as u64);
-            let Some(addr) = self.addr(at) else {
-                return false;
-            };
+            let addr = self.addr(at).ok_or(self.outside(off, bytes.len()))?;
             let in_page = (PAGE_SIZE - (self.lead + at) % PAGE_SIZE) as usize;
             let n = in_page.min(bytes.len() - done);
-            let Some(chunk) = bytes.get(done..done + n) else {
-                return false;
-            };
-            if mem.write_slice(chunk, addr).is_err() {
-                return false;
-            }
+            let chunk = bytes
+                .get(done..done + n)
+                .ok_or(self.outside(off, bytes.len()))?;
+            mem.write_slice(chunk, addr)
+                .map_err(|_| RegionError::Memory(addr.0))?;
             done += n;
         }
-        true
+        Ok(())
     }
 
     /// Fills `buf` from `off`; false if it does not fit.
@@ -188,13 +207,12 @@ impl GuestRegion {
     }
 
     /// Stores a `u32` at a 4-aligned `off` with release ordering.
-    pub fn store_u32_release(&self, off: u64, value: u32) -> bool {
-        self.aligned(off, 4).is_some_and(|addr| {
-            self.memory
-                .memory()
-                .store(value, addr, Ordering::Release)
-                .is_ok()
-        })
+    pub fn store_u32_release(&self, off: u64, value: u32) -> Result<(), RegionError> {
+        let addr = self.aligned(off, 4).ok_or(self.outside(off, 4))?;
+        self.memory
+            .memory()
+            .store(value, addr, Ordering::Release)
+            .map_err(|_| RegionError::Memory(addr.0))
     }
 
     /// Loads a `u32` at a 4-aligned `off` with acquire ordering.
@@ -236,7 +254,7 @@ mod tests {
         let b = backing(&[(0x5000, 0x1000), (0x2000, 0x2000)]);
         let region = GuestRegion::new(mem.clone(), &b, 0xFC0, 0x100).unwrap();
         let data: Vec<u8> = (0..0x80u8).collect();
-        assert!(region.write(0, &data));
+        region.write(0, &data).unwrap();
         let m = mem.memory();
         let mut first = [0u8; 0x40];
         m.read_slice(&mut first, GuestAddress(0x5FC0)).unwrap();
@@ -247,8 +265,17 @@ mod tests {
         let mut back = vec![0u8; 0x80];
         assert!(region.read(0, &mut back));
         assert_eq!(back, data);
-        assert!(!region.write(0xF0, &[0u8; 0x20]), "past the region end");
-        assert!(region.store_u32_release(0x40, 7));
+        assert_eq!(
+            region.write(0xF0, &[0u8; 0x20]),
+            Err(RegionError::Outside {
+                off: 0xF0,
+                len: 0x20,
+                size: 0x100
+            }),
+            "past the region end"
+        );
+        region.store_u32_release(0x40, 7).unwrap();
+        assert!(region.store_u32_release(0x41, 7).is_err(), "misaligned");
         assert_eq!(region.load_u32_acquire(0x40), Some(7));
         assert_eq!(region.load_u32_acquire(0x41), None);
     }

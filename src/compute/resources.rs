@@ -63,13 +63,14 @@ impl ResourceMemory for Resources {
         let mut addrs = Vec::with_capacity(count);
         backing_pages(&backing, offset, count, &mut addrs).map_err(|e| match e {
             RegionError::Unaligned(_) => ContextError::UnalignedBacking(id),
-            RegionError::OutOfRange { .. } | RegionError::NotGuestRam(_) => {
-                ContextError::BeyondResource {
-                    id,
-                    offset,
-                    len: (count as u64).saturating_mul(guest_proto::PAGE_SIZE),
-                }
-            }
+            RegionError::OutOfRange { .. }
+            | RegionError::NotGuestRam(_)
+            | RegionError::Outside { .. }
+            | RegionError::Memory(_) => ContextError::BeyondResource {
+                id,
+                offset,
+                len: (count as u64).saturating_mul(guest_proto::PAGE_SIZE),
+            },
         })?;
         out.extend(addrs.into_iter().map(|a| GuestPhysAddr(a.0)));
         Ok(())

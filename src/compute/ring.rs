@@ -27,7 +27,8 @@ impl FaultRingWriter {
     /// dropped = 0).
     pub fn init(region: GuestRegion, layout: FaultRingLayout) -> Option<FaultRingWriter> {
         let header = FaultRingHeader::initial(layout).encode();
-        region.write(0, &header).then_some(FaultRingWriter {
+        region.write(0, &header).ok()?;
+        Some(FaultRingWriter {
             region,
             layout,
             tail: 0,
@@ -53,16 +54,29 @@ impl FaultRing for FaultRingWriter {
             .map_or(0, |head| self.layout.free_records(self.tail, head));
         if free == 0 {
             self.dropped = self.dropped.wrapping_add(1);
-            self.region
-                .store_u32_release(FAULT_RING_DROPPED_OFFSET, self.dropped);
+            if let Err(e) = self
+                .region
+                .store_u32_release(FAULT_RING_DROPPED_OFFSET, self.dropped)
+            {
+                log::debug!("fault ring: dropped count not written: {e}");
+            }
             return false;
         }
         let at = self.layout.record_offset(self.tail);
-        if !self.region.write(at, &record.encode()) {
+        if let Err(e) = self.region.write(at, &record.encode()) {
+            log::debug!("fault ring: record not written: {e}");
             return false;
         }
         self.tail = self.tail.wrapping_add(1);
-        self.region
+        match self
+            .region
             .store_u32_release(FAULT_RING_TAIL_OFFSET, self.tail)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("fault ring: tail not published: {e}");
+                false
+            }
+        }
     }
 }

@@ -19,6 +19,7 @@ use gpu_backend::gpuvm::{AttrUpdate, VaLayout};
 use gpu_backend::{Completion, Device, GuestRam};
 use guest_proto::command::{Dispatch, Profile, SessionInit};
 use guest_proto::fault::FaultOutcome;
+use guest_proto::header::ReplySlot;
 use guest_proto::reply::{
     DeviceQueryReply, FaultReplyAck, QueueCreateReply, Reply, ReplyPayload, SessionInitReply,
     VmBindReply,
@@ -84,9 +85,21 @@ pub struct ComputeSession {
 
 fn region_status(e: RegionError) -> Status {
     match e {
-        RegionError::OutOfRange { .. } | RegionError::NotGuestRam(_) => Status::OutOfRange,
+        RegionError::OutOfRange { .. }
+        | RegionError::NotGuestRam(_)
+        | RegionError::Outside { .. }
+        | RegionError::Memory(_) => Status::OutOfRange,
         RegionError::Unaligned(_) => Status::Misaligned,
     }
+}
+
+/// Writes `reply` at `offset` of `buffer`: the payload and header after
+/// `seqno` first, then `seqno` with release ordering (4.2).
+pub fn write_reply(buffer: &GuestRegion, offset: u32, reply: &Reply) -> Result<(), RegionError> {
+    let encoded = reply.encode();
+    let off = u64::from(offset);
+    buffer.write(off + 4, encoded.after_seqno())?;
+    buffer.store_u32_release(off, encoded.seqno())
 }
 
 impl ComputeSession {
@@ -193,13 +206,18 @@ impl ComputeSession {
         self.lost_replies = self.lost_replies.saturating_add(1);
     }
 
-    /// Writes `reply` at `offset` in the reply buffer: everything after the
-    /// `seqno` first, then the `seqno` with release ordering.
-    pub fn write_reply(&self, offset: u32, reply: &Reply) -> bool {
-        let encoded = reply.encode();
-        let off = u64::from(offset);
-        self.reply.write(off + 4, encoded.after_seqno())
-            && self.reply.store_u32_release(off, encoded.seqno())
+    /// Writes `reply` into its slot of the reply buffer: everything after
+    /// the `seqno` first, then the `seqno` with release ordering. A reply
+    /// that cannot be written (guest RAM changed under the session) counts
+    /// as lost, like a reply without a place (4.2).
+    pub fn post_reply(&mut self, slot: ReplySlot, reply: &Reply) {
+        let ReplySlot::At { offset, .. } = slot else {
+            return;
+        };
+        if let Err(e) = write_reply(&self.reply, offset, reply) {
+            log::debug!("reply {} not written: {e}", reply.seqno);
+            self.count_lost_reply();
+        }
     }
 
     /// Runs one decoded request (not `SESSION_INIT`/`SESSION_DESTROY`/

@@ -23,13 +23,13 @@ use guest_proto::{
     Status,
 };
 use guest_runtime::client::{self as runtime, Channel, SessionLayout};
-use parking_lot::Mutex;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 
+use super::testing::TestGuest;
 use super::{ComputeBackend, ComputeConfig};
 use crate::context_backend::{
-    ContextBackend, ContextBackendError, ContextInit, CtxId, FenceCompleter, FenceDisposition,
-    FenceRef, GuestBacking, ResourceKind, ResourceView,
+    ContextBackend, ContextBackendError, ContextInit, CtxId, FenceDisposition, FenceRef,
+    GuestBacking, ResourceKind, ResourceView,
 };
 
 const RAM: u64 = 64 << 20;
@@ -42,17 +42,6 @@ const LAYOUT: SessionLayout = SessionLayout {
     signals_off: 8192,
     signal_slots: 64,
 };
-
-#[derive(Default)]
-struct Fences(Mutex<Vec<FenceRef>>);
-
-impl FenceCompleter for Fences {
-    fn complete(&self, fence: FenceRef) {
-        self.0.lock().push(fence);
-    }
-
-    fn wake(&self) {}
-}
 
 type Backend = Rc<RefCell<ComputeBackend>>;
 
@@ -126,13 +115,7 @@ impl Channel for InProcess {
     }
 }
 
-/// A guest: RAM, a page allocator, and the backend its contexts use.
-struct Guest {
-    mem: GuestRam,
-    next_free: u64,
-    fences: Arc<Fences>,
-    nc: Backend,
-}
+type Guest = TestGuest;
 
 /// One context with a session.
 struct Client {
@@ -142,61 +125,13 @@ struct Client {
     proto: runtime::Client<InProcess>,
 }
 
-impl Guest {
-    fn new(config: ComputeConfig) -> Guest {
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-        let mem = GuestMemoryAtomic::new(mmap);
+impl TestGuest {
+    fn with(config: ComputeConfig) -> TestGuest {
         let device = SimGpu::new(SimConfig {
             compute_units: 2,
             ..SimConfig::default()
         });
-        let fences = Arc::new(Fences::default());
-        let mut nc = ComputeBackend::new(device, config, fences.clone());
-        nc.set_memory(mem.clone());
-        Guest {
-            mem,
-            next_free: 0x10_0000,
-            fences,
-            nc: Rc::new(RefCell::new(nc)),
-        }
-    }
-
-    fn nc(&self) -> std::cell::RefMut<'_, ComputeBackend> {
-        self.nc.borrow_mut()
-    }
-
-    fn alloc(&mut self, bytes: u64) -> u64 {
-        let gpa = self.next_free;
-        self.next_free += bytes.next_multiple_of(4096);
-        assert!(self.next_free <= RAM);
-        gpa
-    }
-
-    fn resource(&mut self, ctx: CtxId, id: u32, bytes: u64) -> u64 {
-        let gpa = self.alloc(bytes);
-        let view = ResourceView {
-            id: ResourceId(id),
-            kind: ResourceKind::Buffer3d,
-            size: bytes,
-            backing: Some(Arc::new(GuestBacking {
-                entries: vec![(GuestAddress(gpa), bytes as u32)],
-            })),
-        };
-        self.nc().attach_resource(ctx, &view).unwrap();
-        gpa
-    }
-
-    fn read<const N: usize>(&self, gpa: u64) -> [u8; N] {
-        let mut b = [0u8; N];
-        self.mem
-            .memory()
-            .read_slice(&mut b, GuestAddress(gpa))
-            .unwrap();
-        b
-    }
-
-    fn u32_at(&self, gpa: u64) -> u32 {
-        u32::from_le_bytes(self.read::<4>(gpa))
+        TestGuest::new(device, config, RAM)
     }
 
     /// A context of `ctx` with its session buffer (not started).
@@ -206,7 +141,7 @@ impl Guest {
         let session_res = ResourceId(ctx.0 * 100);
         let session_gpa = self.resource(ctx, session_res.0, SESSION_BYTES);
         let channel = InProcess {
-            nc: self.nc.clone(),
+            nc: self.backend.clone(),
             mem: self.mem.clone(),
             ctx,
             base: session_gpa,
@@ -299,7 +234,7 @@ fn compat() -> ContextInit {
 
 #[test]
 fn bind_and_dispatch_write_guest_memory() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let data = g.resource(c.ctx, 2, 1 << 20);
     let r = g.bind(
@@ -332,7 +267,7 @@ fn bind_and_dispatch_write_guest_memory() {
 
 #[test]
 fn forwarded_faults_are_resolved_by_binding_pages() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     let va = 0x2000_0000u64;
@@ -380,7 +315,7 @@ fn forwarded_faults_are_resolved_by_binding_pages() {
 
 #[test]
 fn rejected_and_fatal_faults_fail_the_work() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 2, 5), Status::Ok);
@@ -411,7 +346,7 @@ fn rejected_and_fatal_faults_fail_the_work() {
 
 #[test]
 fn contexts_cannot_reach_each_other() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut a = g.open(1, compat(), Profile::Compat);
     let mut b = g.open(2, compat(), Profile::Compat);
     g.resource(a.ctx, 7, 1 << 16);
@@ -447,7 +382,7 @@ fn contexts_cannot_reach_each_other() {
 
 #[test]
 fn native_event_fence_is_held_until_a_fault_is_pending() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let init = ContextInit {
         capset_id: Some(guest_proto::capset::VGNC_CAPSET_ID),
     };
@@ -489,7 +424,7 @@ fn native_event_fence_is_held_until_a_fault_is_pending() {
 
 #[test]
 fn compat_sessions_are_refused_the_native_profile_and_events() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     g.nc().create_context(CtxId(5), compat(), "x").unwrap();
     let gpa = g.resource(CtxId(5), 9, SESSION_BYTES);
     let init = LAYOUT
@@ -507,7 +442,7 @@ fn compat_sessions_are_refused_the_native_profile_and_events() {
 
 #[test]
 fn malformed_streams_get_errors_and_the_session_survives() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     // Unknown command, well framed: an error reply, processing goes on.
     let mut raw = Vec::new();
@@ -539,7 +474,7 @@ fn malformed_streams_get_errors_and_the_session_survives() {
 
 #[test]
 fn destroying_a_context_with_pending_faults_cancels_its_work() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x5000_0000, 4096, 6, 3), Status::Ok);
@@ -562,7 +497,7 @@ fn bound_bytes_are_a_per_guest_quota() {
         max_bound_bytes: 8192,
         ..ComputeConfig::default()
     };
-    let mut g = Guest::new(config);
+    let mut g = Guest::with(config);
     let mut a = g.open(1, compat(), Profile::Compat);
     let mut b = g.open(2, compat(), Profile::Compat);
     let page = g.alloc(8192);
@@ -607,7 +542,7 @@ fn unanswered_faults_time_out_and_late_answers_are_unknown() {
         fault_timeout: Duration::from_millis(50),
         ..ComputeConfig::default()
     };
-    let mut g = Guest::new(config);
+    let mut g = Guest::with(config);
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 1, 4), Status::Ok);
@@ -630,7 +565,7 @@ fn unanswered_faults_time_out_and_late_answers_are_unknown() {
 fn range_attributes_make_faults_fatal_or_prefetch_granules() {
     use guest_proto::FaultPolicy;
     use guest_proto::attr::{RangeAttr, RangeAttrs};
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     let attr = |va: u64, size: u64, attrs: RangeAttrs| {
@@ -713,7 +648,7 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
 
 #[test]
 fn detaching_session_memory_ends_the_session_and_it_can_start_again() {
-    let mut g = Guest::new(ComputeConfig::default());
+    let mut g = Guest::with(ComputeConfig::default());
     let mut c = g.open(1, compat(), Profile::Compat);
     let q = g.create_queue(&mut c);
     assert_eq!(g.fill(&mut c, q, 0x3000_0000, 16, 5, 8), Status::Ok);
@@ -772,7 +707,7 @@ mod hostile {
 
         #[test]
         fn arbitrary_submit_streams(streams in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..512), 1..8)) {
-            let mut g = Guest::new(ComputeConfig::default());
+            let mut g = Guest::with(ComputeConfig::default());
             let mut c = g.open(1, compat(), Profile::Compat);
             for s in &streams {
                 let _ = g.nc().submit(c.ctx, s, None);
@@ -803,8 +738,8 @@ mod hostile {
                 0x10c, 0x10d, 0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, 0x208, 0x209,
                 0x300, 0x301, 0x0, 0xffff_ffff, 0x1100, 0x1205,
             ];
-            let g = Guest::new(ComputeConfig::default());
-            let Ok(nc) = Rc::try_unwrap(g.nc) else { panic!("no clients") };
+            let g = Guest::with(ComputeConfig::default());
+            let Ok(nc) = Rc::try_unwrap(g.backend) else { panic!("no clients") };
             let nc = nc.into_inner();
             let mut dev = GpuDevice::new(Box::new(nc), GpuLimits::default());
             dev.set_memory(g.mem.clone());
@@ -823,4 +758,25 @@ mod hostile {
             dev.teardown();
         }
     }
+}
+
+#[test]
+fn a_reply_guest_memory_no_longer_takes_counts_as_lost() {
+    let mut g = Guest::with(ComputeConfig::default());
+    let mut c = g.open(1, compat(), Profile::Compat);
+    let full = g.mem.memory().clone();
+    // The frontend replaces guest RAM by a smaller table: the session
+    // buffer is no longer guest RAM, so the reply has nowhere to go.
+    let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    g.mem.lock().unwrap().replace(small);
+    let (bytes, _) = c.proto.encode(&[Request::DeviceQuery]).unwrap();
+    assert_eq!(
+        g.nc().submit(c.ctx, &bytes, None),
+        Ok(FenceDisposition::SignalNow)
+    );
+    g.mem.lock().unwrap().replace((*full).clone());
+    let ReplyPayload::DeviceQuery(stats) = g.call(&mut c, &Request::DeviceQuery).payload else {
+        panic!()
+    };
+    assert_eq!(stats.lost_replies, 1);
 }

@@ -3,7 +3,8 @@
 # A busybox initramfs with the virtio-gpu modules of the guest kernel
 # (unpacked by setup.sh) and the guest test program as /nc-guest. Its /init
 # runs the scenarios named on the kernel command line (nc.scenarios=a,b,...)
-# and powers off.
+# with NC_EXPECT_PROFILE set from nc.profile=compat|native (the transport
+# profile this boot must come up with), and powers off.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 guest_bin=${1:?usage: build-initramfs.sh GUEST_BIN OUT}
@@ -40,6 +41,12 @@ modprobe virtio-gpu || echo "NC-ERROR modprobe virtio-gpu failed"
 i=0
 while [ ! -e /dev/dri/renderD128 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/dri/renderD128 ] || echo "NC-ERROR no render node"
+dmesg | grep -a "\[drm\] features:" | sed 's/^/NC-DMESG /'
+profile=$(sed -n 's/.*nc\.profile=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$profile" ]; then
+    export NC_EXPECT_PROFILE="$profile"
+fi
+echo "NC-PROFILE expected=${profile:-any}"
 scenarios=$(sed -n 's/.*nc\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline)
 for s in $(echo "$scenarios" | tr , ' '); do
     echo "NC-SCENARIO $s"

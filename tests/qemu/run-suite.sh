@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # run-suite.sh [DAEMON_BIN] [GUEST_BIN]
 # The QEMU-driven end-to-end suite: boots a real Linux 6.12 guest under
-# QEMU 10.0 against the daemon, twice (the second boot is QEMU restarted
-# against the same running daemon), then a third time with the ROCm guest
-# root (Debian's unmodified ROCr and rocminfo over our libhsakmt.so.1),
-# and prints one line per scenario and a final "N passed, N failed" line.
-# Exits 1 on any failure. ROCM_SCENARIOS overrides the ROCm case list.
+# QEMU 10.0 against one running daemon, in both transport profiles:
+#   compat  the installed Debian QEMU (CONTEXT_INIT and RESOURCE_BLOB masked),
+#   native  the patched QEMU of build-qemu.sh (both features passed through;
+#           $NC_NATIVE_QEMU overrides the cached build).
+# Each profile gets two boots: the scenarios, then QEMU restarted against the
+# same daemon. The guest is told the profile it must find (nc.profile=) and
+# fails discovery otherwise. Prints one line per scenario per profile
+# ("PASS native/discovery: ...") and a final "N passed, N failed" line for
+# the whole suite. Exits 1 on any failure.
+# Then, per profile, a third boot of the ROCm guest root (Debian's
+# unmodified ROCr 5.2.3 and rocminfo over our libhsakmt.so.1, and the HSA
+# test program): "PASS compat/rocm/rocminfo: ...". ROCM_SCENARIOS
+# overrides its case list.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -23,11 +31,16 @@ if [ -z "$guest" ]; then
     guest="$root/target/x86_64-unknown-linux-musl/release/nc-guest"
 fi
 
+NC_NATIVE_QEMU=${NC_NATIVE_QEMU:-$("$here/build-qemu.sh" --cached)}
+export NC_NATIVE_QEMU
+echo "compat QEMU: $(command -v qemu-system-x86_64) ($(qemu-system-x86_64 --version | head -n1))"
+echo "native QEMU: $NC_NATIVE_QEMU"
+
 out=$(mktemp -d)
 sock="$out/vhost-gpu-nc.sock"
 "$here/build-initramfs.sh" "$guest" "$out/initrd.gz"
-# The ROCm guest root: our thunk (exports checked against Debian's ROCr),
-# the HSA test program built against Debian's headers.
+# The ROCm guest root: our thunk (its exports checked against Debian's
+# ROCr), the HSA test program built against Debian's headers.
 rocm_root=$("$here/rocm-setup.sh")/root
 "$root/guest/hsakmt/build-lib.sh" "$out/thunk" "$rocm_root/usr/lib/x86_64-linux-gnu/libhsa-runtime64.so.1" >/dev/null
 "$root/guest/hsa-tests/build.sh" "$out/hsa-tests" "$out/thunk" >/dev/null
@@ -47,50 +60,61 @@ sleep 0.2 # the socket file appears at bind(), just before listen()
 
 passed=0
 failed=0
-report() { # name log
-    local name=$1 log=$2 line
-    line=$(grep -a "^RESULT $name " "$log" | tail -n1 || true)
+report() { # profile name log [result-name]
+    local profile=$1 name=$2 log=$3 rname=${4:-$2} line
+    line=$(grep -a "^RESULT $rname " "$log" | tail -n1 || true)
     case "$line" in
-        "RESULT $name PASS"*) passed=$((passed + 1)); echo "PASS $name: ${line#RESULT $name PASS }" ;;
-        "RESULT $name FAIL"*) failed=$((failed + 1)); echo "FAIL $name: ${line#RESULT $name FAIL }" ;;
-        *) failed=$((failed + 1)); echo "FAIL $name: no result (console tail below)"
+        "RESULT $rname PASS"*) passed=$((passed + 1))
+            echo "PASS $profile/$name: ${line#RESULT $rname PASS }" ;;
+        "RESULT $rname FAIL"*) failed=$((failed + 1))
+            echo "FAIL $profile/$name: ${line#RESULT $rname FAIL }" ;;
+        *) failed=$((failed + 1)); echo "FAIL $profile/$name: no result (console tail below)"
            tail -n 15 "$log" | sed 's/^/    | /' ;;
     esac
 }
-
-first="discovery,binds,unified,offset,isolation,bad-address,killed,whole-process"
-echo "== boot 1: $first"
-start=$(date +%s)
-"$here/run-qemu.sh" "$sock" "$out/initrd.gz" "$first" "$out/console1.log" 900 || true
-echo "   ($(( $(date +%s) - start )) s)"
-for s in ${first//,/ }; do report "$s" "$out/console1.log"; done
-
-echo "== boot 2: QEMU restarted against the same daemon"
-if kill -0 "$daemon_pid" 2>/dev/null; then
-    "$here/run-qemu.sh" "$sock" "$out/initrd.gz" smoke "$out/console2.log" 300 || true
-    sed -i 's/^RESULT smoke /RESULT qemu-restart /' "$out/console2.log"
-    report qemu-restart "$out/console2.log"
-else
-    failed=$((failed + 1)); echo "FAIL qemu-restart: the daemon died"
-fi
-
-rocm=${ROCM_SCENARIOS:-rocminfo,agents,pools,signals,svm-attrs,copy,memory-lock,unified,aql-barrier,kernel-dispatch,fatal-fault}
-echo "== boot 3: ROCm guest root: $rocm"
-if kill -0 "$daemon_pid" 2>/dev/null; then
+boot() { # profile scenarios log timeout [initramfs]
+    local start
     start=$(date +%s)
-    "$here/run-qemu.sh" "$sock" "$out/rocm-initrd.gz" "$rocm" "$out/console3.log" 900 || true
+    "$here/run-qemu.sh" "$1" "$sock" "${5:-$out/initrd.gz}" "$2" "$3" "$4" || true
     echo "   ($(( $(date +%s) - start )) s)"
-    grep -a -E '^rocminfo[|] +(Name|Marketing Name|Compute Unit):' "$out/console3.log" | sed 's/^/   /' || true
-    grep -a -E '^rocm/|^rocm:' "$out/console3.log" | sed 's/^/   /' || true
-    for s in ${rocm//,/ }; do report "rocm/$s" "$out/console3.log"; done
-else
-    failed=$((failed + 1)); echo "FAIL rocm: the daemon died"
-fi
+}
+
+common="discovery,binds,unified,offset,isolation,bad-address,killed,whole-process"
+# Only the native profile has the event ring and guest-memory blobs.
+native_only="event-poll,rings,blob-memory"
+for profile in compat native; do
+    first=$common
+    [ "$profile" = native ] && first="$common,$native_only"
+    echo "== $profile boot 1: $first"
+    boot "$profile" "$first" "$out/$profile-1.log" 900
+    for s in ${first//,/ }; do report "$profile" "$s" "$out/$profile-1.log"; done
+
+    echo "== $profile boot 2: QEMU restarted against the same daemon"
+    if kill -0 "$daemon_pid" 2>/dev/null; then
+        boot "$profile" smoke "$out/$profile-2.log" 300
+        report "$profile" qemu-restart "$out/$profile-2.log" smoke
+    else
+        failed=$((failed + 1)); echo "FAIL $profile/qemu-restart: the daemon died"
+    fi
+
+    rocm=${ROCM_SCENARIOS:-rocminfo,agents,pools,signals,svm-attrs,copy,memory-lock,unified,aql-barrier,kernel-dispatch,fatal-fault}
+    echo "== $profile boot 3: ROCm guest root: $rocm"
+    if kill -0 "$daemon_pid" 2>/dev/null; then
+        log="$out/$profile-rocm.log"
+        boot "$profile" "$rocm" "$log" 900 "$out/rocm-initrd.gz"
+        grep -a -E '^rocminfo[|] +(Name|Marketing Name|Compute Unit):' "$log" | sed 's/^/   /' || true
+        grep -a -E '^rocm/|^rocm:' "$log" | sed 's/^/   /' || true
+        for s in ${rocm//,/ }; do report "$profile" "rocm/$s" "$log"; done
+    else
+        failed=$((failed + 1)); echo "FAIL $profile/rocm: the daemon died"
+    fi
+done
 kill -0 "$daemon_pid" 2>/dev/null || { failed=$((failed + 1)); echo "FAIL daemon-alive: the daemon exited"; }
 
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then
     echo "--- daemon log (tail)"; tail -n 40 "$out/daemon.log"
+    echo "--- logs kept in $out"
     exit 1
 fi
 rm -rf "$out"

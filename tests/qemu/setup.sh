@@ -7,6 +7,8 @@
 #   - the Rust musl target for the static guest program,
 #   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
 #     tests/qemu/work/kernel (vmlinuz + modules with modules.dep),
+#   - the patched QEMU of the native profile (build-qemu.sh: built once per
+#     QEMU version and patch set, cached under ~/.cache/vhost-gpu-nc/qemu),
 #   - Debian's ROCm 5.2.3 user space and the glibc guest root's libraries
 #     (rocm-setup.sh, cached outside the checkout).
 set -euo pipefail
@@ -15,31 +17,16 @@ work="$here/work"
 kdir="$work/kernel"
 mkdir -p "$work"
 
-sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# shellcheck source=apt-lib.sh
+. "$here/apt-lib.sh"
 log() { echo "setup: $*"; }
 
-debian_uri() {
-    local uri=""
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-        uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
-    fi
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1 == "deb" && $3 ~ /^bookworm/ {print $2; exit}' /etc/apt/sources.list)
-    fi
-    [ -n "$uri" ] || { echo "setup: cannot find the Debian mirror in the apt sources" >&2; exit 1; }
-    echo "$uri"
-}
-
 add_backports() {
-    if grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if apt-cache policy | grep ' bookworm-backports/main amd64 Packages' >/dev/null; then
         return
     fi
-    local uri
-    uri=$(debian_uri)
-    log "adding bookworm-backports from $uri"
-    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
-        | sudo_ tee /etc/apt/sources.list.d/backports.sources >/dev/null
-    sudo_ apt-get update -q
+    log "adding bookworm-backports from $(debian_uri)"
+    add_apt_source backports.sources deb bookworm-backports
 }
 
 qemu_ok() {
@@ -47,7 +34,7 @@ qemu_ok() {
     local v
     v=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1)
     [ "${v:-0}" -ge 10 ] || return 1
-    qemu-system-x86_64 -device help 2>/dev/null | grep -q vhost-user-gpu-pci
+    qemu-system-x86_64 -device help 2>/dev/null | grep vhost-user-gpu-pci >/dev/null
 }
 
 install_packages() {
@@ -120,5 +107,7 @@ install_kernel() {
 install_packages
 install_musl_target
 install_kernel
+native_qemu=$("$here/build-qemu.sh")
+log "patched QEMU (native profile): $native_qemu"
 log "ROCm user space in $("$here/rocm-setup.sh")"
 log "done"

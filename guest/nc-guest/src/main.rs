@@ -4,6 +4,9 @@
 //! prints progress lines and exactly one `RESULT <scenario> PASS <detail>`
 //! or `RESULT <scenario> FAIL <reason>` line; the exit status is 0 only on
 //! a pass. `nc-guest all` runs every scenario.
+//!
+//! `NC_EXPECT_PROFILE=compat|native` makes `discovery` and `smoke` fail
+//! unless the device and the session come up in that transport profile.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,7 +16,9 @@ use guest_proto::capset::Features;
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
 use guest_runtime::mmap::Mmap;
-use guest_runtime::session::{OwnedRange, RenderNode, ResolvePolicy, Session, dispatch_ok};
+use guest_runtime::session::{
+    OwnedRange, ProfileKind, RenderNode, ResolvePolicy, Session, dispatch_ok,
+};
 
 type Outcome = Result<String, String>;
 
@@ -30,6 +35,9 @@ const SCENARIOS: &[Scenario] = &[
     ("killed", killed),
     ("whole-process", whole_process),
     ("smoke", smoke),
+    ("event-poll", event_poll),
+    ("rings", rings),
+    ("blob-memory", blob_memory),
 ];
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -113,6 +121,7 @@ fn discovery() -> Outcome {
         c.max_queues
     );
     ensure(d.virgl, || "VIRGL not offered".into())?;
+    expect_profile(d.profile())?;
     ensure(c.va_bits == 48, || format!("va_bits {}", c.va_bits))?;
     ensure(c.kernels & ALL_KERNELS_MASK == ALL_KERNELS_MASK, || {
         "kernels missing".into()
@@ -128,11 +137,28 @@ fn discovery() -> Outcome {
     ensure(q.queues == 0 && q.bound_bytes == 0, || {
         "fresh session not empty".into()
     })?;
+    expect_profile(s.profile())?;
     Ok(format!(
         "profile={:?} cus={}",
         s.profile(),
         s.node().capset.compute_units
     ))
+}
+
+/// The suite says which profile this boot must come up with
+/// (`NC_EXPECT_PROFILE=compat|native`); unset means no check.
+fn expect_profile(got: ProfileKind) -> Result<(), String> {
+    let Ok(want) = std::env::var("NC_EXPECT_PROFILE") else {
+        return Ok(());
+    };
+    let want_kind = match want.as_str() {
+        "compat" => ProfileKind::Compat,
+        "native" => ProfileKind::Native,
+        other => return Err(format!("NC_EXPECT_PROFILE={other}: not compat or native")),
+    };
+    ensure(got == want_kind, || {
+        format!("profile {got:?}, but this boot expects {want}")
+    })
 }
 
 fn read_u32s(buf: &guest_runtime::session::SharedBuffer, n: usize) -> Vec<u32> {
@@ -669,6 +695,8 @@ fn whole_process() -> Outcome {
 /// Discovery, one bind and a fill (after a QEMU restart, for example).
 fn smoke() -> Outcome {
     let mut s = open()?;
+    expect_profile(s.profile())?;
+    let profile = s.profile();
     let buf = s.alloc(64 * 1024).step("alloc")?;
     s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
     let q = s.create_queue().step("queue")?;
@@ -689,5 +717,158 @@ fn smoke() -> Outcome {
         || "fill data wrong".into(),
     )?;
     s.destroy().step("SESSION_DESTROY")?;
-    Ok("bind + fill ok".into())
+    Ok(format!("bind + fill ok, profile={profile:?}"))
+}
+
+fn require_native(s: &Session) -> Result<(), String> {
+    ensure(s.profile() == ProfileKind::Native, || {
+        format!("needs the native profile, got {:?}", s.profile())
+    })
+}
+
+/// CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid out-pointer for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Native profile: the held EVENT_ARM fence wakes a guest thread blocked in
+/// `poll()` on the DRM file when a fault arrives, and the thread slept
+/// meanwhile (its CPU time stays a small part of the time it waited).
+fn event_poll() -> Outcome {
+    let mut s = open()?;
+    require_native(&s)?;
+    let q = s.create_queue().step("queue")?;
+    let _event = s.arm_event().step("EVENT_ARM")?;
+    let waiter = s.event_waiter();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let (t0, cpu0) = (Instant::now(), thread_cpu());
+        let woke = waiter.wait(Duration::from_secs(60));
+        let _ = tx.send((
+            woke.map_err(|e| e.to_string()),
+            t0.elapsed(),
+            thread_cpu() - cpu0,
+        ));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    ensure(rx.try_recv().is_err(), || {
+        "the waiter woke with no event pending".into()
+    })?;
+    let raised = Instant::now();
+    let fill = Kernel::Fill {
+        dst: GpuVa(0x7000_0000),
+        count: 16,
+        value: 1,
+    };
+    s.dispatch(q, fill, 0, 1).step("dispatch")?;
+    let (woke, waited, cpu) = rx
+        .recv_timeout(WAIT)
+        .map_err(|_| "the event fence never woke the waiter".to_string())?;
+    let latency = raised.elapsed();
+    let _ = thread.join();
+    ensure(woke == Ok(true), || format!("poll() returned {woke:?}"))?;
+    ensure(cpu * 10 < waited, || {
+        format!("the waiter used {cpu:?} of CPU in {waited:?}: it spun")
+    })?;
+    // Nobody owns 0x7000_0000: the resolver rejects it and the fill fails.
+    s.set_policy(ResolvePolicy::RejectAll);
+    let st = s.wait_signal(0, 1, WAIT).step("signal")?;
+    ensure(st.status == DispatchStatus::FaultRejected, || {
+        format!("fill ended {:?}", st.status)
+    })?;
+    Ok(format!(
+        "poll() slept {} ms ({} us CPU), woke {} ms after the faulting dispatch",
+        waited.as_millis(),
+        cpu.as_micros(),
+        latency.as_millis()
+    ))
+}
+
+/// Native profile: two rings, independent fences. A held EVENT_ARM fence
+/// on ring 1 does not hold back ring 0: its submissions' fences signal one
+/// after another, and the event fence signals only when a NOTIFY dispatch
+/// ends.
+fn rings() -> Outcome {
+    let mut s = open()?;
+    require_native(&s)?;
+    let buf = s.alloc(64 * 1024).step("alloc")?;
+    s.map_buffer(&buf, buf.map.addr(), Perms::RW).step("bind")?;
+    let q = s.create_queue().step("queue")?;
+    let event = s.arm_event().step("EVENT_ARM")?;
+    let fd = |f: &std::os::fd::OwnedFd| std::os::fd::AsRawFd::as_raw_fd(f);
+    let mut ring0 = 0;
+    for _ in 0..32 {
+        let f = s
+            .submit_fenced(&[guest_proto::Request::DeviceQuery])
+            .step("ring 0 submit")?;
+        let done = guest_runtime::drm::poll_readable(fd(&f), 10_000).step("poll ring 0 fence")?;
+        ensure(done, || "a ring 0 fence did not signal".into())?;
+        ring0 += 1;
+    }
+    let held = !guest_runtime::drm::poll_readable(fd(&event), 0).step("poll event fence")?;
+    ensure(held, || {
+        "the event fence signalled with no event pending".into()
+    })?;
+    // A NOTIFY dispatch (the runtime sets NOTIFY in the native profile)
+    // makes an event pending when it ends.
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(buf.map.addr()),
+                count: 16 * 1024,
+                value: 0xBEEF,
+            },
+            WAIT,
+        )
+        .step("fill")?;
+    dispatch_ok(&st).step("fill")?;
+    let signalled =
+        guest_runtime::drm::poll_readable(fd(&event), 10_000).step("poll event fence")?;
+    ensure(signalled, || {
+        "the event fence did not signal after the NOTIFY dispatch".into()
+    })?;
+    Ok(format!(
+        "{ring0} ring 0 fences signalled while the ring 1 fence was held; it signalled after the NOTIFY dispatch"
+    ))
+}
+
+/// Native profile: shared buffers are guest-memory blobs
+/// (RESOURCE_CREATE_BLOB, BLOB_MEM_GUEST): what the CPU writes in one the
+/// GPU copies into another, and the CPU reads it back.
+fn blob_memory() -> Outcome {
+    let mut s = open()?;
+    require_native(&s)?;
+    const N: usize = 256 * 1024;
+    let mut a = s.alloc((N * 4) as u64).step("blob a")?;
+    let b = s.alloc((N * 4) as u64).step("blob b")?;
+    write_u32s(&mut a, |i| (i as u32).wrapping_mul(0x9E37_79B9));
+    s.map_buffer(&a, a.map.addr(), Perms::READ).step("bind a")?;
+    s.map_buffer(&b, b.map.addr(), Perms::RW).step("bind b")?;
+    let q = s.create_queue().step("queue")?;
+    let k = Kernel::Copy {
+        dst: GpuVa(b.map.addr()),
+        src: GpuVa(a.map.addr()),
+        size: (N * 4) as u64,
+    };
+    dispatch_ok(&s.run(q, k, WAIT).step("copy")?).step("copy")?;
+    let got = read_u32s(&b, N);
+    let bad = got
+        .iter()
+        .enumerate()
+        .find(|(i, v)| **v != (*i as u32).wrapping_mul(0x9E37_79B9));
+    ensure(bad.is_none(), || format!("copy wrong at {bad:?}"))?;
+    Ok(format!(
+        "{} KiB copied blob to blob, data verified",
+        N * 4 / 1024
+    ))
 }

@@ -148,6 +148,8 @@ const IOCTL_RESOURCE_CREATE_BLOB: u64 = iowr(COMMAND_BASE + 0x0a, size_of::<Reso
 const IOCTL_CONTEXT_INIT: u64 = iowr(COMMAND_BASE + 0x0b, size_of::<ContextInit>());
 const IOCTL_GEM_CLOSE: u64 = iow(0x09, size_of::<GemClose>());
 
+/// `VIRTGPU_EXECBUF_FENCE_FD_OUT`.
+const EXECBUF_FENCE_FD_OUT: u32 = 0x02;
 /// `VIRTGPU_EXECBUF_RING_IDX`.
 const EXECBUF_RING_IDX: u32 = 0x04;
 /// `VIRTGPU_CONTEXT_PARAM_*`.
@@ -157,6 +159,26 @@ const CTX_PARAM_POLL_RINGS_MASK: u64 = 3;
 /// `VIRTGPU_BLOB_MEM_GUEST`, `VIRTGPU_BLOB_FLAG_USE_MAPPABLE`.
 const BLOB_MEM_GUEST: u32 = 1;
 const BLOB_FLAG_USE_MAPPABLE: u32 = 1;
+
+/// Waits up to `timeout_ms` (-1: forever) for `fd` to become readable.
+pub fn poll_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc >= 0 {
+            return Ok(rc > 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
 
 /// A shared buffer object: its GEM handle and virtio-gpu resource id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,31 +329,43 @@ impl Drm {
     /// `EXECBUFFER` of `commands`, on `ring` (native) or the default
     /// timeline (compat).
     pub fn execbuffer(&self, commands: &[u8], ring: Option<u32>) -> io::Result<()> {
+        self.submit(commands, ring, 0).map(|_| ())
+    }
+
+    /// `EXECBUFFER` like [`Drm::execbuffer`], returning the submission's
+    /// out-fence as a sync_file (readable once the fence signals).
+    pub fn execbuffer_fenced(
+        &self,
+        commands: &[u8],
+        ring: Option<u32>,
+    ) -> io::Result<std::os::fd::OwnedFd> {
+        let fd = self.submit(commands, ring, EXECBUF_FENCE_FD_OUT)?;
+        if fd < 0 {
+            return Err(io::Error::other("EXECBUFFER returned no fence fd"));
+        }
+        // SAFETY: with FENCE_FD_OUT the kernel installed a new fd for the
+        // sync_file and gave it to us; nothing else owns it.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    fn submit(&self, commands: &[u8], ring: Option<u32>, flags: u32) -> io::Result<i32> {
+        let ring_flag = if ring.is_some() { EXECBUF_RING_IDX } else { 0 };
         let mut eb = ExecBuffer {
-            flags: if ring.is_some() { EXECBUF_RING_IDX } else { 0 },
+            flags: ring_flag | flags,
             size: u32::try_from(commands.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
             command: commands.as_ptr() as u64,
             fence_fd: -1,
             ring_idx: ring.unwrap_or(0),
             ..ExecBuffer::default()
         };
-        ioctl(&self.file, IOCTL_EXECBUFFER, &mut eb)
+        ioctl(&self.file, IOCTL_EXECBUFFER, &mut eb)?;
+        Ok(eb.fence_fd)
     }
 
     /// Waits up to `timeout_ms` for the file to become readable (a fence
     /// of a polled ring signalled), then drains the pending DRM events.
     pub fn wait_event(&self, timeout_ms: i32) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if rc == 0 {
+        if !poll_readable(self.fd(), timeout_ms)? {
             return Ok(false);
         }
         let mut buf = [0u8; 256];

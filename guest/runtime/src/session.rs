@@ -441,6 +441,61 @@ impl Session {
     pub fn destroy(mut self) -> Result<()> {
         self.client.destroy()
     }
+
+    /// Native profile: submits `EVENT_ARM` on the event ring (ring 1). The
+    /// device holds its fence until an event is pending (protocol 9); the
+    /// DRM file becomes readable when it signals. Returns the submission's
+    /// out-fence.
+    pub fn arm_event(&mut self) -> Result<std::os::fd::OwnedFd> {
+        if self.profile != ProfileKind::Native {
+            return Err(GuestError::Invalid("EVENT_ARM needs the native profile"));
+        }
+        let arm = self.client.encode_no_reply(&[Request::EventArm])?;
+        self.node
+            .drm
+            .execbuffer_fenced(&arm, Some(EVENT_RING))
+            .map_err(|e| GuestError::io("EXECBUFFER (event ring)", e))
+    }
+
+    /// Native profile: a handle another thread can block on until the
+    /// event fence signals (`poll()` on the DRM file).
+    pub fn event_waiter(&self) -> EventWaiter {
+        EventWaiter {
+            drm: self.node.drm.clone(),
+        }
+    }
+
+    /// Sends requests on ring 0 and returns the submission's out-fence
+    /// without waiting for replies (native profile).
+    pub fn submit_fenced(&mut self, requests: &[Request<'_>]) -> Result<std::os::fd::OwnedFd> {
+        let (bytes, _) = self.client.encode(requests)?;
+        let ring = (self.profile == ProfileKind::Native).then_some(0);
+        self.node
+            .drm
+            .execbuffer_fenced(&bytes, ring)
+            .map_err(|e| GuestError::io("EXECBUFFER", e))
+    }
+}
+
+/// The event ring of the native profile.
+const EVENT_RING: u32 = 1;
+
+/// Blocks on the DRM file until a polled ring's fence signals (the event
+/// fence of [`Session::arm_event`]).
+#[derive(Debug, Clone)]
+pub struct EventWaiter {
+    drm: Arc<Drm>,
+}
+
+impl EventWaiter {
+    /// Waits up to `timeout`; true if the event fence signalled (its DRM
+    /// event is consumed).
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        self.drm
+            .wait_event(ms)
+            .map_err(|e| GuestError::io("poll DRM file", e))
+    }
 }
 
 /// The user-space resolver: reads the fault ring and answers every record
