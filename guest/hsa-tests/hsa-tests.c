@@ -213,9 +213,15 @@ static int case_agents(char *detail, size_t n)
 	CHECK(fb >= COPY_BYTES, "GPU pool of %zu bytes", fb);
 	struct counters c;
 
+	const char *want = getenv("NC_PROFILE");
+	const char *profile;
+
 	CHECK(counters(&c) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
+	profile = c.v[8] == 2 ? "native" : "compat";
+	CHECK(!want || !*want || strcmp(want, profile) == 0, "the thunk uses the %s profile, the suite booted %s",
+	      profile, want);
 	snprintf(detail, n, "%s, ISA %s, %u CUs, GPU pool %zu MiB, system+kernarg pools, %s profile", name, isa_name,
-		 cus, fb >> 20, c.v[8] == 2 ? "native" : "compat");
+		 cus, fb >> 20, profile);
 	return 0;
 }
 

@@ -98,6 +98,8 @@ i=0
 while [ ! -e /dev/dri/renderD128 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/dri/renderD128 ] || echo "NC-ERROR no render node"
 scenarios=$(sed -n 's/.*nc\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline)
+# The profile the suite booted for (hsa-tests' agents case checks it).
+export NC_PROFILE=$(sed -n 's/.*nc\.profile=\([^ ]*\).*/\1/p' /proc/cmdline)
 for s in $(echo "$scenarios" | tr , ' '); do
     case "$s" in
         rocminfo)
