@@ -100,9 +100,9 @@ static double now_s(void)
 }
 
 /* The thunk's device counters: faults raised, resolved, rejected, timed
- * out, cancelled, bound bytes, fault records handled, interrupts, and the
- * transport profile (1 compat, 2 native). */
-struct counters { uint64_t v[9]; };
+ * out, cancelled, bound bytes, fault records handled, interrupts, the
+ * transport profile (1 compat, 2 native), user queues offered (1/0). */
+struct counters { uint64_t v[10]; };
 
 static int counters(struct counters *c)
 {
@@ -115,7 +115,7 @@ static int counters(struct counters *c)
 		if (!query)
 			return -1;
 	}
-	return query(c->v, 9) == 0 ? 0 : -1;
+	return query(c->v, 10) == 0 ? 0 : -1;
 }
 
 static void fill_pattern(uint32_t *p, size_t words, uint32_t seed)
@@ -613,19 +613,22 @@ static int case_kernel_dispatch(char *detail, size_t n)
 
 /* --- driver ---------------------------------------------------------------------- */
 
-struct test { const char *name; int (*fn)(char *, size_t); };
+/* needs_queues: the case needs the device's user-mode queues (protocol
+ * 1.1 USER_QUEUES); on a device without them it is reported SKIP, with
+ * the reason, never PASS. */
+struct test { const char *name; int (*fn)(char *, size_t); bool needs_queues; };
 
 static const struct test tests[] = {
-	{ "agents", case_agents },
-	{ "pools", case_pools },
-	{ "signals", case_signals },
-	{ "svm-attrs", case_svm_attrs },
-	{ "copy", case_copy },
-	{ "memory-lock", case_memory_lock },
-	{ "unified", case_unified },
-	{ "aql-barrier", case_aql_barrier },
-	{ "kernel-dispatch", case_kernel_dispatch },
-	{ "fatal-fault", case_fatal_fault },
+	{ "agents", case_agents, false },
+	{ "pools", case_pools, false },
+	{ "signals", case_signals, false },
+	{ "svm-attrs", case_svm_attrs, false },
+	{ "copy", case_copy, true },
+	{ "memory-lock", case_memory_lock, true },
+	{ "unified", case_unified, true },
+	{ "aql-barrier", case_aql_barrier, true },
+	{ "kernel-dispatch", case_kernel_dispatch, true },
+	{ "fatal-fault", case_fatal_fault, true },
 };
 
 static bool wanted(const char *list, const char *name)
@@ -646,6 +649,7 @@ int main(int argc, char **argv)
 	int failed = 0, ran = 0;
 	hsa_status_t s;
 	struct counters c;
+	bool queues;
 
 	self_path = argv[0];
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -657,6 +661,7 @@ int main(int argc, char **argv)
 	hsa_iterate_agents(agent_cb, NULL);
 	if (strcmp(list, "--child-fatal-fault") == 0)
 		return child_fatal_fault();
+	queues = counters(&c) == 0 && c.v[9] == 1;
 	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
 		char detail[512] = { 0 };
 		double t0 = now_s();
@@ -665,6 +670,11 @@ int main(int argc, char **argv)
 			continue;
 		ran++;
 		fail_msg[0] = 0;
+		if (tests[i].needs_queues && !queues) {
+			printf("RESULT rocm/%s SKIP the device offers no user-mode queues (protocol 1.1 USER_QUEUES)\n",
+			       tests[i].name);
+			continue;
+		}
 		if (!gpu_agent.handle && strcmp(tests[i].name, "agents") != 0) {
 			printf("RESULT rocm/%s FAIL no GPU agent\n", tests[i].name);
 			failed++;

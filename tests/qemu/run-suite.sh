@@ -13,7 +13,9 @@
 # Then, per profile, a third boot of the ROCm guest root (Debian's
 # unmodified ROCr 5.2.3 and rocminfo over our libhsakmt.so.1, and the HSA
 # test program): "PASS compat/rocm/rocminfo: ...". ROCM_SCENARIOS
-# overrides its case list.
+# overrides its case list. Cases that need the device's user-mode queues
+# (protocol 1.1) report SKIP, with the reason, on a device without them;
+# the final line then reads "N passed, N failed, N skipped".
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -60,6 +62,7 @@ sleep 0.2 # the socket file appears at bind(), just before listen()
 
 passed=0
 failed=0
+skipped=0
 report() { # profile name log [result-name]
     local profile=$1 name=$2 log=$3 rname=${4:-$2} line
     line=$(grep -a "^RESULT $rname " "$log" | tail -n1 || true)
@@ -68,6 +71,8 @@ report() { # profile name log [result-name]
             echo "PASS $profile/$name: ${line#RESULT $rname PASS }" ;;
         "RESULT $rname FAIL"*) failed=$((failed + 1))
             echo "FAIL $profile/$name: ${line#RESULT $rname FAIL }" ;;
+        "RESULT $rname SKIP"*) skipped=$((skipped + 1))
+            echo "SKIP $profile/$name: ${line#RESULT $rname SKIP }" ;;
         *) failed=$((failed + 1)); echo "FAIL $profile/$name: no result (console tail below)"
            tail -n 15 "$log" | sed 's/^/    | /' ;;
     esac
@@ -111,7 +116,7 @@ for profile in compat native; do
 done
 kill -0 "$daemon_pid" 2>/dev/null || { failed=$((failed + 1)); echo "FAIL daemon-alive: the daemon exited"; }
 
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 if [ "$failed" -gt 0 ]; then
     echo "--- daemon log (tail)"; tail -n 40 "$out/daemon.log"
     echo "--- logs kept in $out"

@@ -705,7 +705,8 @@ pub extern "C" fn hsaKmtAllocQueueGWS(_queue: u64, _n: u32, _first: *mut u32) ->
 /// Counters for tests: `out[0..n]` gets faults raised, resolved, rejected,
 /// timed out, cancelled (the device's `DEVICE_QUERY`), bound bytes, fault
 /// records the thunk's interrupt thread handled, interrupts it saw, the
-/// transport profile (1 compat, 2 native).
+/// transport profile (1 compat, 2 native), whether the device offers user
+/// queues (protocol 1.1 `USER_QUEUES`: 1, else 0).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtStatus {
     run(|t| {
@@ -724,6 +725,7 @@ pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtSt
                 guest_runtime::session::ProfileKind::Compat => 1,
                 guest_runtime::session::ProfileKind::Native => 2,
             },
+            u64::from(t.user_queues),
         ];
         // SAFETY: the caller's array of `n`.
         unsafe { put_array(out, n, &all) }
