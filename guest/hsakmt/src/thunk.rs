@@ -523,10 +523,9 @@ impl Thunk {
         if dev.allocs.contains_key(&addr) {
             return Err(HSAKMT_STATUS_MEMORY_ALREADY_REGISTERED);
         }
-        // It must be this process's memory, readable at least.
-        match guest_runtime::procmaps::lookup(addr) {
-            Ok(Some(m)) if m.read && m.end >= end.min(m.end) => {}
-            _ => return Err(HSAKMT_STATUS_INVALID_PARAMETER),
+        // It must be this process's memory, readable, all of it.
+        if !readable_range(start, end) {
+            return Err(HSAKMT_STATUS_INVALID_PARAMETER);
         }
         dev.allocs.insert(
             addr,
@@ -643,6 +642,34 @@ impl Thunk {
     }
 }
 
+/// Whether `[start, end)` is covered, without holes, by readable mappings
+/// of this process.
+fn readable_range(start: u64, end: u64) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    covered(&guest_runtime::procmaps::parse(&text), start, end)
+}
+
+/// Whether `maps` (sorted, as the kernel lists them) cover `[start, end)`
+/// with readable mappings.
+pub fn covered(maps: &[guest_runtime::procmaps::MapEntry], start: u64, end: u64) -> bool {
+    let mut at = start;
+    for m in maps {
+        if m.end <= at {
+            continue;
+        }
+        if m.start > at || !m.read {
+            return false;
+        }
+        at = m.end;
+        if at >= end {
+            return true;
+        }
+    }
+    at >= end
+}
+
 fn svm_range(start: u64, size: u64) -> Result<u64, HsakmtStatus> {
     if start % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
@@ -725,4 +752,57 @@ pub fn set_xnack(t: &Thunk, on: bool) -> Result<(), HsakmtStatus> {
             },
         )
         .or_status("RANGE_ATTR fault policy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_runtime::procmaps::parse;
+
+    #[test]
+    fn registrations_must_be_covered_by_readable_mappings() {
+        let maps = parse(
+            "10000-20000 rw-p 0 00:00 0\n20000-30000 r--p 0 00:00 0\n\
+             30000-40000 ---p 0 00:00 0\n50000-60000 rw-p 0 00:00 0\n",
+        );
+        assert!(
+            covered(&maps, 0x10000, 0x30000),
+            "two adjacent readable mappings"
+        );
+        assert!(covered(&maps, 0x18000, 0x19000));
+        assert!(!covered(&maps, 0x10000, 0x31000), "runs into PROT_NONE");
+        assert!(!covered(&maps, 0x50000, 0x61000), "runs past the end");
+        assert!(!covered(&maps, 0x40000, 0x41000), "a hole");
+        assert!(!covered(&maps, 0x8000, 0x11000), "starts in a hole");
+    }
+
+    #[test]
+    fn lookup_finds_the_allocation_containing_a_pointer() {
+        let mut allocs = BTreeMap::new();
+        for (addr, size) in [(0x10000u64, 0x3000u64), (0x20000, 0x1000)] {
+            allocs.insert(
+                addr,
+                Alloc {
+                    addr,
+                    size,
+                    bind_start: addr,
+                    bind_len: size,
+                    node: 0,
+                    flags: HsaMemFlags::default(),
+                    backing: Backing::User,
+                    mapped: false,
+                    user_data: 0,
+                },
+            );
+        }
+        assert_eq!(lookup(&allocs, 0x10000).map(|a| a.addr), Some(0x10000));
+        assert_eq!(lookup(&allocs, 0x12fff).map(|a| a.addr), Some(0x10000));
+        assert_eq!(
+            lookup(&allocs, 0x13000).map(|a| a.addr),
+            None,
+            "one past the end"
+        );
+        assert_eq!(lookup(&allocs, 0x20800).map(|a| a.addr), Some(0x20000));
+        assert_eq!(lookup(&allocs, 0xffff).map(|a| a.addr), None);
+    }
 }
