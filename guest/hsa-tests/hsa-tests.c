@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -90,6 +91,15 @@ static int fail(const char *fmt, ...)
 		return fail("%s: %#x %s", #call, s_, m_ ? m_ : "");          \
 	}                                                                     \
 } while (0)
+
+/* CPU seconds this process used so far (all threads: ROCr's, the thunk's). */
+static double cpu_s(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
 
 static double now_s(void)
 {
@@ -300,9 +310,25 @@ static int case_signals(char *detail, size_t n)
 	pthread_join(t, NULL);
 	CHECK(v == 0, "woken wait saw %ld", (long)v);
 	CHECK(waited < 5.0, "woken wait took %.3f s", waited);
+	/* The cost of sleeping: a 500 ms blocked wait nobody ends, in CPU
+	 * time of the whole process (ROCr spins ~200 us, then sleeps in the
+	 * thunk; the thunk's interrupt thread keeps polling the device). */
+	double c0 = cpu_s(), idle, busy;
+
+	t0 = now_s();
+	hsa_signal_wait_scacquire(sig, HSA_SIGNAL_CONDITION_EQ, 99, 500ull * 1000 * 1000, HSA_WAIT_STATE_BLOCKED);
+	idle = (cpu_s() - c0) / (now_s() - t0) * 100;
+	/* Baseline, same run: the same wait spinning (HSA_WAIT_STATE_ACTIVE). */
+	c0 = cpu_s();
+	t0 = now_s();
+	hsa_signal_wait_scacquire(sig, HSA_SIGNAL_CONDITION_EQ, 99, 200ull * 1000 * 1000, HSA_WAIT_STATE_ACTIVE);
+	busy = (cpu_s() - c0) / (now_s() - t0) * 100;
+	printf("rocm/signals: a 500 ms blocked wait cost %.1f%% of one CPU; the same wait spinning: %.1f%%\n", idle,
+	       busy);
+	CHECK(idle < busy, "blocked wait (%.1f%%) no cheaper than spinning (%.1f%%)", idle, busy);
 	HSA_OK(hsa_signal_destroy(sig));
-	snprintf(detail, n, "load/store/add/cas/exchange, timed wait %.0f ms, cross-thread wake after %.0f ms",
-		 100.0, waited * 1000);
+	snprintf(detail, n, "load/store/add/cas/exchange, timed wait %.0f ms, cross-thread wake after %.0f ms, "
+		 "idle wait %.1f%% CPU", 100.0, waited * 1000, idle);
 	return 0;
 }
 

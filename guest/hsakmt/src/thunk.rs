@@ -287,7 +287,10 @@ impl Thunk {
                     if !armed {
                         armed = self.arm();
                     }
-                    match self.drm.wait_event(5) {
+                    // The held EVENT_ARM completes on faults and
+                    // interrupts; the timeout only bounds how late a
+                    // stop request is noticed.
+                    match self.drm.wait_event(if armed { 50 } else { 5 }) {
                         Ok(true) => armed = false,
                         Ok(false) => {}
                         Err(_) => std::thread::sleep(Duration::from_millis(1)),
