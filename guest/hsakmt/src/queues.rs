@@ -330,6 +330,7 @@ pub fn create(
         doorbell,
         status: base + page::STATUS as u64,
     };
+    crate::debug(|| format!("USER_QUEUE_CREATE {spec:x?}"));
     let created = dev
         .session
         .map_buffer(&page_buf, base, guest_proto::Perms::RW)
