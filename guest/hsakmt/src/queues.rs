@@ -357,6 +357,10 @@ pub fn create(
         amd_queue,
         stopped: false,
     });
+    thunk
+        .stats
+        .user_queues
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     res.QueueId = handle;
     res.QueueDoorBell = doorbell;
     res.QueueRptrValue = rptr;
@@ -371,6 +375,10 @@ pub fn destroy(thunk: &Thunk, handle: u64) -> Result<(), HsakmtStatus> {
         .queues
         .remove(handle)
         .ok_or(HSAKMT_STATUS_INVALID_PARAMETER)?;
+    thunk
+        .stats
+        .user_queues
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let r = crate::protocol_ext::user_queue_destroy(&mut dev.session, q.id);
     let base = q.page.map.addr();
     let _ = dev.session.unbind(base, 4096);

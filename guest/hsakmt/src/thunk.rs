@@ -102,6 +102,8 @@ pub struct Stats {
     pub faults_handled: AtomicU64,
     /// Interrupts seen (changes of the ring's counter, summed).
     pub interrupts: AtomicU64,
+    /// User queues alive.
+    pub user_queues: std::sync::atomic::AtomicUsize,
 }
 
 /// The open thunk.
@@ -262,6 +264,11 @@ impl Thunk {
         self.dev().session.query().or_status("DEVICE_QUERY")
     }
 
+    /// User queues alive (without taking the device lock).
+    pub fn user_queue_count(&self) -> usize {
+        self.stats.user_queues.load(Ordering::Relaxed)
+    }
+
     /// Tells the device to look at the doorbells now (before a waiter
     /// blocks), when it has user queues.
     pub fn kick(&self) {
@@ -298,8 +305,13 @@ impl Thunk {
                 }
                 ProfileKind::Compat => {
                     // Memory polling with back-off (3.1), never longer
-                    // than 2 ms between looks.
-                    let pause = backoff.next_pause();
+                    // than 2 ms between looks while user queues exist.
+                    // Without them the device only raises prefetch
+                    // records for this process: 20 ms is soon enough.
+                    let mut pause = backoff.next_pause();
+                    if pause >= Duration::from_millis(2) && self.user_queue_count() == 0 {
+                        pause = Duration::from_millis(20);
+                    }
                     if pause.is_zero() {
                         std::thread::yield_now();
                     } else {
