@@ -637,7 +637,10 @@ impl Thunk {
             ..crate::svm::Attrs::default()
         };
         let device = change.device_attrs(&after);
-        if device.count() > 0 {
+        // A device without RANGE_ATTRS keeps the attributes in the thunk
+        // only (the real thunk on a GPU without SVM fails the call, but
+        // then ROCr would not report the SVM capability we do).
+        if device.count() > 0 && self.capset.features.contains(Features::RANGE_ATTRS) {
             dev.session
                 .set_attrs(start, end - start, device)
                 .or_status("RANGE_ATTR")?;
