@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gpu_backend::sim::{SimConfig, SimGpu};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DaemonConfig, DeviceModel};
 use crate::context_backend::ContextBackendFactory;
@@ -83,11 +85,66 @@ pub fn start_backend(config: DaemonConfig) -> Result<(), StartError> {
             source,
         })?;
     log::info!("listening on {}", config.socket_path.display());
+    let mut backoff = Backoff::default();
     loop {
-        if let Err(e) = serve_one(&config, &factory, &mut listener) {
-            log::error!("connection ended with an error: {e}");
+        match serve_one(&config, &factory, &mut listener) {
+            Ok(()) => {
+                backoff.succeeded();
+                log::info!("frontend disconnected; waiting for the next connection");
+            }
+            Err(e @ ConnectionError::Serve(_)) => {
+                backoff.succeeded();
+                log::error!("connection ended with an error: {e}");
+            }
+            Err(e) => backoff.failed(&e),
         }
-        log::info!("frontend disconnected; waiting for the next connection");
+    }
+}
+
+/// `n` fds held open, to check that many are available.
+fn reserve_fds(n: usize) -> std::io::Result<Vec<EventFd>> {
+    (0..n).map(|_| EventFd::new(libc::EFD_CLOEXEC)).collect()
+}
+
+/// Waiting between failed attempts to set up a connection (out of fds or
+/// threads, say): retrying at once would spin and flood the log without
+/// ever getting what is missing.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Failed attempts in a row.
+    failures: u32,
+}
+
+impl Backoff {
+    /// The first wait.
+    const FIRST: Duration = Duration::from_millis(10);
+    /// The longest wait: a frontend that connects once resources free up
+    /// is served within this.
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// Setting up failed: logs the 1st, 2nd, 4th, 8th... failure in a row
+    /// and waits twice as long as last time (at most [`Backoff::MAX`]).
+    fn failed(&mut self, e: &ConnectionError) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = Backoff::FIRST
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+            .min(Backoff::MAX);
+        if self.failures.is_power_of_two() {
+            log::error!(
+                "cannot serve a connection ({} failed attempts in a row): {e}; retrying in {} ms",
+                self.failures,
+                delay.as_millis()
+            );
+        }
+        std::thread::sleep(delay);
+    }
+
+    /// A connection was served.
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            log::info!("serving again after {} failed attempts", self.failures);
+        }
+        self.failures = 0;
     }
 }
 
@@ -116,6 +173,10 @@ fn serve_one(
             .register_listener(fd, EventSet::IN, u64::from(event))
             .map_err(|source| ConnectionError::Register { event, source })?;
     }
+    // Accepting takes one fd and starting the connection a second one: if
+    // they are not there, fail (and back off) before taking a frontend's
+    // connection only to drop it.
+    drop(reserve_fds(2).map_err(ConnectionError::Device)?);
     daemon.start(listener).map_err(ConnectionError::Accept)?;
     let result = daemon.wait();
     // Stop this connection's vring worker threads, then forget its state.

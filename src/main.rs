@@ -47,6 +47,11 @@ struct Cli {
     #[arg(long, default_value_t = GpuLimits::default().max_resources)]
     max_resources: u32,
 
+    /// Host memory for resource backing entry lists per guest (16 bytes per
+    /// entry after adjacent entries are merged).
+    #[arg(long, default_value_t = GpuLimits::default().max_backing_bytes)]
+    max_backing_bytes: u64,
+
     /// Bytes bound into GPU VMs per guest, over all its contexts.
     #[arg(long, default_value_t = Capset::default().max_bound_bytes)]
     max_bound_bytes: u64,
@@ -83,6 +88,7 @@ impl From<Cli> for DaemonConfig {
             },
             gpu_limits: GpuLimits {
                 max_resources: cli.max_resources,
+                max_backing_bytes: cli.max_backing_bytes,
                 ..GpuLimits::default()
             },
         }

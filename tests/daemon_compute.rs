@@ -19,7 +19,10 @@ use guest_proto::{
     DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId, Request, ResourceId, SignalIndex,
 };
 use guest_runtime::client::{self as runtime, Channel, SessionLayout};
-use harness::{Daemon, F_BLOB, F_CONTEXT_INIT, F_VIRGL, Vmm, cmd, entries, req};
+use harness::{Daemon, F_BLOB, F_CONTEXT_INIT, F_VIRGL, Vmm, entries, req};
+use vhost_gpu_nc::virtio_gpu::protocol::{
+    VIRTIO_GPU_CMD_CTX_DESTROY, VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, VIRTIO_GPU_RESP_OK_NODATA,
+};
 
 const SESSION_BYTES: u32 = 16384;
 const LAYOUT: SessionLayout = SessionLayout {
@@ -54,7 +57,7 @@ impl Harness {
 impl Channel for Harness {
     fn submit(&mut self, stream: &[u8], _ring: Option<u32>) -> std::io::Result<()> {
         match self.vmm.borrow_mut().submit(self.ctx, stream) {
-            cmd::OK_NODATA => Ok(()),
+            VIRTIO_GPU_RESP_OK_NODATA => Ok(()),
             other => Err(std::io::Error::other(format!("SUBMIT_3D: {other:#x}"))),
         }
     }
@@ -97,19 +100,19 @@ fn open(vmm: &Shared, ctx: u32, res: u32, native: bool) -> Client {
     let session = {
         let mut vmm = vmm.borrow_mut();
         let session = if native {
-            assert_eq!(vmm.ctx_create(ctx, 24), cmd::OK_NODATA);
+            assert_eq!(vmm.ctx_create(ctx, 24), VIRTIO_GPU_RESP_OK_NODATA);
             let gpa = vmm.alloc(u64::from(SESSION_BYTES));
-            let mut r = req(cmd::RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
+            let mut r = req(VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, ctx, &[res, 1, 1, 1]);
             r.extend_from_slice(&0u64.to_le_bytes());
             r.extend_from_slice(&u64::from(SESSION_BYTES).to_le_bytes());
             r.extend(entries(&[(gpa, SESSION_BYTES)]));
-            assert_eq!(vmm.ctrl_type(&r), cmd::OK_NODATA);
+            assert_eq!(vmm.ctrl_type(&r), VIRTIO_GPU_RESP_OK_NODATA);
             gpa
         } else {
-            assert_eq!(vmm.ctx_create(ctx, 0), cmd::OK_NODATA);
+            assert_eq!(vmm.ctx_create(ctx, 0), VIRTIO_GPU_RESP_OK_NODATA);
             vmm.buffer_3d(res, SESSION_BYTES)
         };
-        assert_eq!(vmm.ctx_attach(ctx, res), cmd::OK_NODATA);
+        assert_eq!(vmm.ctx_attach(ctx, res), VIRTIO_GPU_RESP_OK_NODATA);
         session
     };
     let channel = Harness {
@@ -182,7 +185,10 @@ fn compat_bind_dispatch_and_forwarded_faults() {
     let mut c = open(&vmm, 1, 10, false);
     // Bound buffer.
     let data = vmm.borrow_mut().buffer_3d(11, 64 * 1024);
-    assert_eq!(vmm.borrow_mut().ctx_attach(1, 11), cmd::OK_NODATA);
+    assert_eq!(
+        vmm.borrow_mut().ctx_attach(1, 11),
+        VIRTIO_GPU_RESP_OK_NODATA
+    );
     let op = [BindOp::MapResource {
         va: GpuVa(0x1000_0000),
         size: 64 * 1024,
@@ -296,7 +302,10 @@ fn two_contexts_are_isolated() {
         guest_proto::Status::UnknownQueue
     );
     // Attaching A's resource to B through virtio is the only way to share.
-    assert_eq!(vmm.borrow_mut().ctx_attach(2, 10), cmd::OK_NODATA);
+    assert_eq!(
+        vmm.borrow_mut().ctx_attach(2, 10),
+        VIRTIO_GPU_RESP_OK_NODATA
+    );
     assert_eq!(
         call(&mut b, &Request::VmBind(VmBind::new(&op))).status,
         guest_proto::Status::Ok
@@ -388,8 +397,9 @@ fn a_destroyed_context_with_pending_faults_frees_everything() {
     );
     wait_for(|| !faults(&mut c).is_empty(), "a fault");
     assert_eq!(
-        vmm.borrow_mut().ctrl_type(&req(cmd::CTX_DESTROY, 1, &[])),
-        cmd::OK_NODATA
+        vmm.borrow_mut()
+            .ctrl_type(&req(VIRTIO_GPU_CMD_CTX_DESTROY, 1, &[])),
+        VIRTIO_GPU_RESP_OK_NODATA
     );
     let s = signal(&c, 0);
     assert_eq!((s.value, s.status), (1, DispatchStatus::Cancelled));

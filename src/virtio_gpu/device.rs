@@ -1,10 +1,12 @@
 //! The virtio-gpu device model: one control command in, one response out.
 //!
 //! This is the part of the device that knows virtio-gpu and nothing about
-//! virtqueues: it takes the bytes of a request and returns the bytes of its
-//! response (plus, for a `SUBMIT_3D`, whether the compute layer holds its
-//! fence). Every id, size, rectangle and memory entry is checked here; what
-//! a context does with its submissions is the compute layer's business.
+//! virtqueues: a request is decoded once into a [`GpuCommand`], executed by
+//! a handler that returns `Result<GpuResponse, GpuError>`, and the result is
+//! encoded once (plus, for a `SUBMIT_3D`, whether the compute layer holds
+//! its fence). Every id, size, rectangle and memory entry is checked here;
+//! what a context does with its submissions is the compute layer's
+//! business.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,29 +14,20 @@ use std::sync::Arc;
 use gpu_backend::GuestRam;
 
 use super::display::Display;
-use super::resources::{Resource, parse_entries, read_backing};
-use super::wire::{CtrlHdr, Cursor, FLAG_FENCE, FLAG_INFO_RING_IDX, HDR_SIZE, Rect, cmd, resp};
+use super::error::GpuError;
+use super::protocol::{
+    self, CtrlHdr, CtxCreate, DisplayOne, FORMATS_32BPP, GetCapset, GetCapsetInfo, GpuCommand,
+    GpuResponse, MemEntries, PIPE_BUFFER, Rect, ResourceCreate2d, ResourceCreate3d,
+    ResourceCreateBlob, SetScanout, SetScanoutBlob, TransferToHost2d, UpdateCursor,
+    VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK, VIRTIO_GPU_F_CONTEXT_INIT,
+    VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_FLAG_FENCE, VIRTIO_GPU_FLAG_INFO_RING_IDX,
+};
+use super::resources::{Resource, backing_cost, backing_from, read_backing};
 use crate::context_backend::{
-    ContextBackend, ContextBackendError, ContextInit, CtxId, FenceDisposition, FenceRef,
-    ResourceId, ResourceKind,
+    ContextBackend, ContextInit, CtxId, FenceDisposition, FenceRef, GuestBacking, ResourceId,
+    ResourceKind,
 };
 
-/// `VIRTIO_GPU_F_*` bits the device offers.
-pub mod feature {
-    /// 3D (Linux needs it for EXECBUFFER and context creation).
-    pub const VIRGL: u64 = 1 << 0;
-    /// EDID.
-    pub const EDID: u64 = 1 << 1;
-    /// Blob resources.
-    pub const RESOURCE_BLOB: u64 = 1 << 3;
-    /// Contexts created with a capset id.
-    pub const CONTEXT_INIT: u64 = 1 << 4;
-}
-
-/// `PIPE_BUFFER`.
-const PIPE_BUFFER: u32 = 0;
-/// `VIRTIO_GPU_BLOB_MEM_GUEST`.
-const BLOB_MEM_GUEST: u32 = 1;
 /// Largest 2D image the host copies (bytes).
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
@@ -55,6 +48,11 @@ pub struct GpuLimits {
     pub max_backing_entries: u32,
     /// Host memory for copies of 2D images (scanout sources), in total.
     pub max_image_bytes: u64,
+    /// Host memory for the entry lists of resource backings, in total (16
+    /// bytes per stored entry, after adjacent entries are merged). The
+    /// default, 64 MiB, describes 16 GiB of guest memory scattered in
+    /// 4 KiB pages.
+    pub max_backing_bytes: u64,
 }
 
 impl Default for GpuLimits {
@@ -63,19 +61,26 @@ impl Default for GpuLimits {
             max_resources: 16384,
             max_backing_entries: 1 << 18,
             max_image_bytes: 256 << 20,
+            max_backing_bytes: 64 << 20,
         }
     }
 }
 
-/// What the queue worker does with a processed command.
+/// What the queue worker does with a processed control command.
 #[derive(Debug)]
-pub struct Response {
+pub struct Processed {
     /// The response bytes.
     pub bytes: Vec<u8>,
     /// The request's fence, if it had one.
     pub fence: Option<FenceRef>,
     /// Whether the compute layer holds the fence.
     pub held: bool,
+}
+
+/// What is on scanout 0.
+#[derive(Clone, Copy, Debug)]
+struct Scanout {
+    resource: ResourceId,
 }
 
 /// The device state of one connection.
@@ -86,8 +91,12 @@ pub struct GpuDevice {
     resources: BTreeMap<ResourceId, Resource>,
     /// Host bytes reserved for 2D image copies.
     image_bytes: u64,
+    /// Host bytes of backing entry lists.
+    backing_bytes: u64,
+    /// The backing budget was hit (logged once until usage drops).
+    backing_budget_hit: bool,
     contexts: BTreeMap<CtxId, ContextInit>,
-    scanout: Option<(ResourceId, Rect)>,
+    scanout: Option<Scanout>,
     display: Display,
     compute: Box<dyn ContextBackend>,
 }
@@ -102,21 +111,8 @@ impl std::fmt::Debug for GpuDevice {
     }
 }
 
-type Handled = Result<Vec<u8>, u32>;
-
-fn nodata(hdr: &CtrlHdr) -> Handled {
-    let mut out = Vec::with_capacity(HDR_SIZE);
-    hdr.response(resp::OK_NODATA).write(&mut out);
-    Ok(out)
-}
-
-fn compute_error(e: ContextBackendError) -> u32 {
-    match e {
-        ContextBackendError::InvalidContext => resp::ERR_INVALID_CONTEXT_ID,
-        ContextBackendError::InvalidParameter => resp::ERR_INVALID_PARAMETER,
-        ContextBackendError::OutOfMemory => resp::ERR_OUT_OF_MEMORY,
-    }
-}
+/// A handler's result.
+type Handled = Result<GpuResponse, GpuError>;
 
 impl GpuDevice {
     /// A device with no resources or contexts.
@@ -127,6 +123,8 @@ impl GpuDevice {
             limits,
             resources: BTreeMap::new(),
             image_bytes: 0,
+            backing_bytes: 0,
+            backing_budget_hit: false,
             contexts: BTreeMap::new(),
             scanout: None,
             display: Display::default(),
@@ -137,6 +135,10 @@ impl GpuDevice {
     /// Features the guest acked.
     pub fn set_features(&mut self, features: u64) {
         self.features = features;
+    }
+
+    fn acked(&self, feature: u32) -> bool {
+        self.features & (1 << feature) != 0
     }
 
     /// Guest RAM changed.
@@ -169,224 +171,294 @@ impl GpuDevice {
         self.contexts.clear();
         self.resources.clear();
         self.image_bytes = 0;
+        self.backing_bytes = 0;
+        self.backing_budget_hit = false;
+        self.scanout = None;
+    }
+
+    /// Device reset (`VHOST_USER_RESET_DEVICE`): everything of the guest
+    /// goes, as on a disconnect; the memory table and the GPU socket are
+    /// the transport's and stay.
+    pub fn reset(&mut self) {
+        self.teardown();
+        self.features = 0;
     }
 
     /// Processes one control-queue request.
-    pub fn process(&mut self, request: &[u8]) -> Response {
-        let mut r = Cursor::new(request);
-        let Some(hdr) = CtrlHdr::parse(&mut r) else {
-            let mut bytes = Vec::new();
-            CtrlHdr::default()
-                .response(resp::ERR_UNSPEC)
-                .write(&mut bytes);
-            return Response {
-                bytes,
-                fence: None,
-                held: false,
-            };
+    pub fn process(&mut self, request: &[u8]) -> Processed {
+        let (hdr, body) = match CtrlHdr::decode(request) {
+            Ok(split) => split,
+            Err(e) => {
+                log::debug!("control request: {e}");
+                let bytes = protocol::encode(&CtrlHdr::default(), &Err(e));
+                return Processed {
+                    bytes,
+                    fence: None,
+                    held: false,
+                };
+            }
         };
-        let fence = (hdr.flags & FLAG_FENCE != 0).then_some(FenceRef {
-            ctx: CtxId(hdr.ctx_id),
-            fence_id: hdr.fence_id,
-            ring_idx: (hdr.flags & FLAG_INFO_RING_IDX != 0).then_some(hdr.ring_idx),
+        let fence = hdr.has(VIRTIO_GPU_FLAG_FENCE).then_some(FenceRef {
+            ctx: CtxId(hdr.ctx_id.to_native()),
+            fence_id: hdr.fence_id.to_native(),
+            ring_idx: hdr
+                .has(VIRTIO_GPU_FLAG_INFO_RING_IDX)
+                .then_some(hdr.ring_idx),
         });
         let mut held = false;
-        let result = self.dispatch(&hdr, &mut r, fence, &mut held);
-        let bytes = result.unwrap_or_else(|err| {
-            log::debug!("command {:#x} failed: {err:#x}", hdr.type_);
-            let mut out = Vec::with_capacity(HDR_SIZE);
-            hdr.response(err).write(&mut out);
-            out
-        });
-        Response { bytes, fence, held }
+        let result = GpuCommand::decode(hdr.type_(), body)
+            .and_then(|command| self.execute(&hdr, command, fence, &mut held));
+        if let Err(e) = &result {
+            log::debug!("{}: {e}", protocol::type_name(hdr.type_()));
+        }
+        Processed {
+            bytes: protocol::encode(&hdr, &result),
+            fence,
+            held,
+        }
     }
 
-    fn dispatch(
+    fn execute(
         &mut self,
         hdr: &CtrlHdr,
-        r: &mut Cursor<'_>,
+        command: GpuCommand<'_>,
         fence: Option<FenceRef>,
         held: &mut bool,
     ) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        match hdr.type_ {
-            cmd::GET_DISPLAY_INFO => Ok(self.display_info(hdr)),
-            cmd::GET_EDID => self.get_edid(hdr, r),
-            cmd::RESOURCE_CREATE_2D => self.create_2d(hdr, r),
-            cmd::RESOURCE_UNREF => {
-                let id = ResourceId(r.u32().ok_or(bad)?);
-                self.unref(id)?;
-                nodata(hdr)
+        let ctx = CtxId(hdr.ctx_id.to_native());
+        match command {
+            GpuCommand::GetDisplayInfo => Ok(self.display_info()),
+            GpuCommand::GetEdid(e) => self.edid(e.scanout.to_native()),
+            GpuCommand::ResourceCreate2d(c) => self.create_2d(&c),
+            GpuCommand::ResourceCreate3d(c) => self.create_3d(&c),
+            GpuCommand::ResourceCreateBlob(c, entries) => self.create_blob(&c, entries),
+            GpuCommand::ResourceUnref(r) => self.unref(ResourceId(r.resource_id.to_native())),
+            GpuCommand::SetScanout(s) => self.set_scanout(&s),
+            GpuCommand::SetScanoutBlob(s) => self.set_scanout_blob(&s),
+            GpuCommand::ResourceFlush(f) => self.flush(ResourceId(f.resource_id.to_native()), f.r),
+            GpuCommand::TransferToHost2d(t) => self.transfer_2d(&t),
+            GpuCommand::ResourceAttachBacking(a, entries) => {
+                self.attach_backing(ResourceId(a.resource_id.to_native()), entries)
             }
-            cmd::SET_SCANOUT => self.set_scanout(hdr, r),
-            cmd::SET_SCANOUT_BLOB => self.set_scanout_blob(hdr, r),
-            cmd::RESOURCE_FLUSH => self.flush(hdr, r),
-            cmd::TRANSFER_TO_HOST_2D => self.transfer_2d(hdr, r),
-            cmd::RESOURCE_ATTACH_BACKING => self.attach_backing(hdr, r),
-            cmd::RESOURCE_DETACH_BACKING => {
-                let id = ResourceId(r.u32().ok_or(bad)?);
-                self.detach_backing(id)?;
-                nodata(hdr)
+            GpuCommand::ResourceDetachBacking(r) => {
+                self.detach_backing(ResourceId(r.resource_id.to_native()))
             }
-            cmd::GET_CAPSET_INFO => self.capset_info(hdr, r),
-            cmd::GET_CAPSET => self.capset(hdr, r),
-            cmd::CTX_CREATE => self.ctx_create(hdr, r),
-            cmd::CTX_DESTROY => {
-                self.ctx_destroy(CtxId(hdr.ctx_id))?;
-                nodata(hdr)
+            GpuCommand::GetCapsetInfo(i) => self.capset_info(&i),
+            GpuCommand::GetCapset(c) => self.capset(&c),
+            GpuCommand::CtxCreate(c) => self.ctx_create(ctx, &c),
+            GpuCommand::CtxDestroy => self.ctx_destroy(ctx),
+            GpuCommand::CtxAttachResource(r) => {
+                self.ctx_attach(ctx, ResourceId(r.resource_id.to_native()))
             }
-            cmd::CTX_ATTACH_RESOURCE => self.ctx_attach(hdr, r),
-            cmd::CTX_DETACH_RESOURCE => self.ctx_detach(hdr, r),
-            cmd::RESOURCE_CREATE_3D => self.create_3d(hdr, r),
-            cmd::TRANSFER_TO_HOST_3D | cmd::TRANSFER_FROM_HOST_3D => self.transfer_3d(hdr, r),
-            cmd::RESOURCE_CREATE_BLOB => self.create_blob(hdr, r),
-            cmd::SUBMIT_3D => self.submit(hdr, r, fence, held),
-            cmd::RESOURCE_MAP_BLOB | cmd::RESOURCE_UNMAP_BLOB => Err(resp::ERR_UNSPEC),
-            _ => Err(resp::ERR_UNSPEC),
+            GpuCommand::CtxDetachResource(r) => {
+                self.ctx_detach(ctx, ResourceId(r.resource_id.to_native()))
+            }
+            GpuCommand::TransferToHost3d(t) | GpuCommand::TransferFromHost3d(t) => {
+                self.transfer_3d(ResourceId(t.resource_id.to_native()))
+            }
+            GpuCommand::Submit3d(_, commands) => {
+                let (response, hold) = self.submit(ctx, commands, fence)?;
+                *held = hold;
+                Ok(response)
+            }
+            GpuCommand::ResourceMapBlob(_) | GpuCommand::ResourceUnmapBlob(_) => {
+                Err(GpuError::Unsupported {
+                    cmd: protocol::type_name(hdr.type_()),
+                })
+            }
+            // Cursor commands belong on the cursor queue.
+            GpuCommand::UpdateCursor(_) | GpuCommand::MoveCursor(_) => {
+                Err(GpuError::UnknownCommand(hdr.type_()))
+            }
         }
     }
 
-    fn memory(&self) -> Result<&GuestRam, u32> {
-        self.memory.as_ref().ok_or(resp::ERR_UNSPEC)
+    fn memory(&self) -> Result<&GuestRam, GpuError> {
+        self.memory.as_ref().ok_or(GpuError::NoMemory)
     }
 
-    fn display_info(&self, hdr: &CtrlHdr) -> Vec<u8> {
+    fn resource(&self, id: ResourceId) -> Result<&Resource, GpuError> {
+        self.resources
+            .get(&id)
+            .ok_or(GpuError::UnknownResource(id.0))
+    }
+
+    fn resource_mut(&mut self, id: ResourceId) -> Result<&mut Resource, GpuError> {
+        self.resources
+            .get_mut(&id)
+            .ok_or(GpuError::UnknownResource(id.0))
+    }
+
+    fn context(&self, ctx: CtxId) -> Result<(), GpuError> {
+        if self.contexts.contains_key(&ctx) {
+            Ok(())
+        } else {
+            Err(GpuError::UnknownContext(ctx.0))
+        }
+    }
+
+    fn check_scanout(scanout: u32) -> Result<(), GpuError> {
+        if scanout == 0 {
+            Ok(())
+        } else {
+            Err(GpuError::InvalidScanout(scanout))
+        }
+    }
+
+    fn display_info(&self) -> GpuResponse {
         let (w, h, enabled) = self.display.mode();
-        let mut out = Vec::with_capacity(HDR_SIZE + 16 * 24);
-        hdr.response(resp::OK_DISPLAY_INFO).write(&mut out);
-        for scanout in 0..16 {
-            let (rect, en) = if scanout == 0 {
-                (
-                    Rect {
-                        x: 0,
-                        y: 0,
-                        width: w,
-                        height: h,
-                    },
-                    u32::from(enabled),
-                )
-            } else {
-                (Rect::default(), 0)
-            };
-            rect.write(&mut out);
-            out.extend_from_slice(&en.to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
-        }
-        out
+        GpuResponse::OkDisplayInfo(vec![DisplayOne {
+            r: Rect::new(0, 0, w, h),
+            enabled: u32::from(enabled).into(),
+            flags: 0.into(),
+        }])
     }
 
-    fn get_edid(&self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let scanout = r.u32().ok_or(resp::ERR_INVALID_PARAMETER)?;
-        if scanout != 0 {
-            return Err(resp::ERR_INVALID_SCANOUT_ID);
-        }
-        let edid = self.display.edid();
-        let mut out = Vec::with_capacity(HDR_SIZE + 8 + 1024);
-        hdr.response(resp::OK_EDID).write(&mut out);
-        out.extend_from_slice(&(edid.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        let mut block = [0u8; 1024];
-        let n = edid.len().min(1024);
-        block[..n].copy_from_slice(&edid[..n]);
-        out.extend_from_slice(&block);
-        Ok(out)
+    fn edid(&self, scanout: u32) -> Handled {
+        Self::check_scanout(scanout)?;
+        Ok(GpuResponse::OkEdid(self.display.edid()))
     }
 
-    fn new_resource(&mut self, res: Resource) -> Result<(), u32> {
-        if res.id.0 == 0 || self.resources.contains_key(&res.id) {
-            return Err(resp::ERR_INVALID_RESOURCE_ID);
+    /// Checks a new resource's id and the resource count.
+    fn check_new_resource(&self, id: ResourceId) -> Result<(), GpuError> {
+        if id.0 == 0 || self.resources.contains_key(&id) {
+            return Err(GpuError::ResourceIdTaken(id.0));
         }
         if self.resources.len() >= self.limits.max_resources as usize {
-            return Err(resp::ERR_OUT_OF_MEMORY);
+            return Err(GpuError::TooManyResources {
+                max: self.limits.max_resources,
+            });
         }
-        self.resources.insert(res.id, res);
         Ok(())
     }
 
-    fn create_2d(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let (id, _format, width, height) = (
-            r.u32().ok_or(bad)?,
-            r.u32().ok_or(bad)?,
-            r.u32().ok_or(bad)?,
-            r.u32().ok_or(bad)?,
-        );
+    fn create_2d(&mut self, c: &ResourceCreate2d) -> Handled {
+        let id = ResourceId(c.resource_id.to_native());
+        let (width, height) = (c.width.to_native(), c.height.to_native());
         let size = image_bytes(width, height);
         if width == 0 || height == 0 || size > MAX_IMAGE_BYTES {
-            return Err(bad);
+            return Err(GpuError::ImageSize {
+                width,
+                height,
+                max: MAX_IMAGE_BYTES,
+            });
         }
+        self.check_new_resource(id)?;
         // The host copy is allocated on the first transfer; its bytes are
         // reserved now, against the guest's total.
         let total = self.image_bytes.saturating_add(size);
         if total > self.limits.max_image_bytes {
-            return Err(resp::ERR_OUT_OF_MEMORY);
+            return Err(GpuError::ImageQuota {
+                requested: size,
+                used: self.image_bytes,
+                max: self.limits.max_image_bytes,
+            });
         }
-        let res = Resource::new(ResourceId(id), ResourceKind::Image2d, width, height, size);
-        self.new_resource(res)?;
+        let res = Resource::new(id, ResourceKind::Image2d, width, height, size);
+        self.resources.insert(id, res);
         self.image_bytes = total;
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn create_3d(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let id = r.u32().ok_or(bad)?;
-        let target = r.u32().ok_or(bad)?;
-        let _format = r.u32().ok_or(bad)?;
-        let _bind = r.u32().ok_or(bad)?;
-        let width = r.u32().ok_or(bad)?;
-        let height = r.u32().ok_or(bad)?;
-        let (kind, size) = if target == PIPE_BUFFER {
+    fn create_3d(&mut self, c: &ResourceCreate3d) -> Handled {
+        let id = ResourceId(c.resource_id.to_native());
+        let (width, height) = (c.width.to_native(), c.height.to_native());
+        let (kind, size) = if c.target.to_native() == PIPE_BUFFER {
             if width == 0 {
-                return Err(bad);
+                return Err(GpuError::InvalidField {
+                    cmd: "RESOURCE_CREATE_3D",
+                    field: "width",
+                    value: 0,
+                });
             }
             (ResourceKind::Buffer3d, u64::from(width))
         } else {
             (ResourceKind::Other3d, 0)
         };
-        let res = Resource::new(ResourceId(id), kind, width, height, size);
-        self.new_resource(res)?;
-        nodata(hdr)
+        self.check_new_resource(id)?;
+        self.resources
+            .insert(id, Resource::new(id, kind, width, height, size));
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn create_blob(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        if self.features & feature::RESOURCE_BLOB == 0 {
-            return Err(resp::ERR_UNSPEC);
+    fn create_blob(&mut self, c: &ResourceCreateBlob, entries: MemEntries<'_>) -> Handled {
+        if !self.acked(VIRTIO_GPU_F_RESOURCE_BLOB) {
+            return Err(GpuError::FeatureNotAcked {
+                cmd: "RESOURCE_CREATE_BLOB",
+                feature: "VIRTIO_GPU_F_RESOURCE_BLOB",
+            });
         }
-        let id = r.u32().ok_or(bad)?;
-        let blob_mem = r.u32().ok_or(bad)?;
-        let _blob_flags = r.u32().ok_or(bad)?;
-        let nr_entries = r.u32().ok_or(bad)?;
-        let _blob_id = r.u64().ok_or(bad)?;
-        let size = r.u64().ok_or(bad)?;
-        if blob_mem != BLOB_MEM_GUEST || size == 0 {
-            return Err(bad);
+        let id = ResourceId(c.resource_id.to_native());
+        let (blob_mem, size) = (c.blob_mem.to_native(), c.size.to_native());
+        let invalid = |field, value| GpuError::InvalidField {
+            cmd: "RESOURCE_CREATE_BLOB",
+            field,
+            value,
+        };
+        if blob_mem != VIRTIO_GPU_BLOB_MEM_GUEST {
+            return Err(invalid("blob_mem", u64::from(blob_mem)));
         }
-        let backing = parse_entries(
-            r,
-            nr_entries,
-            self.limits.max_backing_entries,
-            self.memory()?,
-        )
-        .map_err(|_| bad)?;
+        if size == 0 {
+            return Err(invalid("size", 0));
+        }
+        self.check_new_resource(id)?;
+        let backing = self.backing(id, entries)?;
         if backing.len() < size {
-            return Err(bad);
+            return Err(GpuError::BackingTooSmall {
+                id: id.0,
+                need: size,
+                have: backing.len(),
+            });
         }
-        let mut res = Resource::new(ResourceId(id), ResourceKind::BlobGuest, 0, 0, size);
+        self.charge_backing(id, &backing)?;
+        let mut res = Resource::new(id, ResourceKind::BlobGuest, 0, 0, size);
         res.backing = Some(Arc::new(backing));
-        self.new_resource(res)?;
-        nodata(hdr)
+        self.resources.insert(id, res);
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn unref(&mut self, id: ResourceId) -> Result<(), u32> {
-        let res = self
-            .resources
-            .get(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        for ctx in res.contexts.clone() {
+    /// Checks memory entries against guest RAM and the entry limit.
+    fn backing(&self, id: ResourceId, entries: MemEntries<'_>) -> Result<GuestBacking, GpuError> {
+        backing_from(entries, self.limits.max_backing_entries, self.memory()?)
+            .map_err(|source| GpuError::Backing { id: id.0, source })
+    }
+
+    /// Reserves `backing`'s host bytes against the guest's budget.
+    fn charge_backing(&mut self, id: ResourceId, backing: &GuestBacking) -> Result<(), GpuError> {
+        let bytes = backing_cost(backing);
+        let budget = self.limits.max_backing_bytes;
+        let total = self.backing_bytes.saturating_add(bytes);
+        if total > budget {
+            let e = GpuError::BackingBudget {
+                id: id.0,
+                entries: backing.entries.len(),
+                bytes,
+                used: self.backing_bytes,
+                budget,
+            };
+            if !std::mem::replace(&mut self.backing_budget_hit, true) {
+                log::warn!("{e}: out of memory");
+            }
+            return Err(e);
+        }
+        self.backing_bytes = total;
+        Ok(())
+    }
+
+    /// Gives a backing's host bytes back to the budget.
+    fn refund_backing(&mut self, backing: Option<&Arc<GuestBacking>>) {
+        if let Some(b) = backing {
+            self.backing_bytes = self.backing_bytes.saturating_sub(backing_cost(b));
+            self.backing_budget_hit = false;
+        }
+    }
+
+    fn unref(&mut self, id: ResourceId) -> Handled {
+        let contexts = self.resource(id)?.contexts.clone();
+        for ctx in contexts {
             self.compute.detach_resource(ctx, id);
         }
-        if self.scanout.is_some_and(|(s, _)| s == id) {
+        if self.scanout.is_some_and(|s| s.resource == id) {
             self.scanout = None;
             self.display.set_scanout(0, 0);
         }
@@ -394,150 +466,206 @@ impl GpuDevice {
             if res.kind == ResourceKind::Image2d {
                 self.image_bytes = self.image_bytes.saturating_sub(res.size);
             }
+            self.refund_backing(res.backing.as_ref());
         }
-        Ok(())
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn set_scanout(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let rect = Rect::parse(r).ok_or(bad)?;
-        let scanout = r.u32().ok_or(bad)?;
-        let id = ResourceId(r.u32().ok_or(bad)?);
-        self.scan_out(scanout, id, rect)?;
-        nodata(hdr)
-    }
-
-    fn set_scanout_blob(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let rect = Rect::parse(r).ok_or(bad)?;
-        let scanout = r.u32().ok_or(bad)?;
-        let id = ResourceId(r.u32().ok_or(bad)?);
-        let width = r.u32().ok_or(bad)?;
-        let height = r.u32().ok_or(bad)?;
-        if let Some(res) = self.resources.get_mut(&id) {
-            if res.kind == ResourceKind::BlobGuest {
-                let needed = image_bytes(width, height);
-                if needed > res.size || needed > MAX_IMAGE_BYTES {
-                    return Err(bad);
-                }
-                res.width = width;
-                res.height = height;
+    fn set_scanout(&mut self, s: &SetScanout) -> Handled {
+        let id = ResourceId(s.resource_id.to_native());
+        Self::check_scanout(s.scanout_id.to_native())?;
+        if id.0 != 0 {
+            let res = self.resource(id)?;
+            if !matches!(res.kind, ResourceKind::Image2d | ResourceKind::BlobGuest) {
+                return Err(GpuError::WrongKind {
+                    cmd: "SET_SCANOUT",
+                    id: id.0,
+                    kind: res.kind,
+                });
             }
         }
-        self.scan_out(scanout, id, rect)?;
-        nodata(hdr)
+        self.scan_out(id, s.r)
     }
 
-    fn scan_out(&mut self, scanout: u32, id: ResourceId, rect: Rect) -> Result<(), u32> {
-        if scanout != 0 {
-            return Err(resp::ERR_INVALID_SCANOUT_ID);
+    fn set_scanout_blob(&mut self, s: &SetScanoutBlob) -> Handled {
+        let id = ResourceId(s.resource_id.to_native());
+        Self::check_scanout(s.scanout_id.to_native())?;
+        if id.0 != 0 {
+            let (width, height) = (s.width.to_native(), s.height.to_native());
+            let (format, stride, offset) = (
+                s.format.to_native(),
+                s.strides[0].to_native(),
+                s.offsets[0].to_native(),
+            );
+            let invalid = |field, value: u32| GpuError::InvalidField {
+                cmd: "SET_SCANOUT_BLOB",
+                field,
+                value: u64::from(value),
+            };
+            let res = self.resource_mut(id)?;
+            if res.kind != ResourceKind::BlobGuest {
+                return Err(GpuError::WrongKind {
+                    cmd: "SET_SCANOUT_BLOB",
+                    id: id.0,
+                    kind: res.kind,
+                });
+            }
+            if !FORMATS_32BPP.contains(&format) {
+                return Err(invalid("format", format));
+            }
+            if width == 0 || height == 0 || image_bytes(width, height) > MAX_IMAGE_BYTES {
+                return Err(GpuError::ImageSize {
+                    width,
+                    height,
+                    max: MAX_IMAGE_BYTES,
+                });
+            }
+            // One plane of 4-byte pixels inside the blob.
+            let row = u64::from(width) * 4;
+            if u64::from(stride) < row {
+                return Err(invalid("strides[0]", stride));
+            }
+            let end = u64::from(offset) + u64::from(height - 1) * u64::from(stride) + row;
+            if end > res.size {
+                return Err(invalid("offsets[0]", offset));
+            }
+            res.width = width;
+            res.height = height;
+            res.stride = u64::from(stride);
+            res.offset = u64::from(offset);
         }
+        self.scan_out(id, s.r)
+    }
+
+    /// Shows `rect` of resource `id` (0: nothing) on scanout 0.
+    fn scan_out(&mut self, id: ResourceId, rect: Rect) -> Handled {
         if id.0 == 0 {
             self.scanout = None;
             self.display.set_scanout(0, 0);
+            return Ok(GpuResponse::OkNoData);
+        }
+        let res = self.resource(id)?;
+        Self::check_rect(res, rect)?;
+        self.scanout = Some(Scanout { resource: id });
+        self.display
+            .set_scanout(rect.width.to_native(), rect.height.to_native());
+        Ok(GpuResponse::OkNoData)
+    }
+
+    fn check_rect(res: &Resource, rect: Rect) -> Result<(), GpuError> {
+        if rect.inside(res.width, res.height) {
             return Ok(());
         }
-        let res = self
-            .resources
-            .get(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if !matches!(res.kind, ResourceKind::Image2d | ResourceKind::BlobGuest)
-            || !rect.inside(res.width, res.height)
-        {
-            return Err(resp::ERR_INVALID_PARAMETER);
-        }
-        self.scanout = Some((id, rect));
-        self.display.set_scanout(rect.width, rect.height);
-        Ok(())
+        let (x, y, w, h) = rect.get();
+        Err(GpuError::RectOutside {
+            id: res.id.0,
+            x,
+            y,
+            w,
+            h,
+            width: res.width,
+            height: res.height,
+        })
     }
 
-    fn transfer_2d(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let rect = Rect::parse(r).ok_or(bad)?;
-        let offset = r.u64().ok_or(bad)?;
-        let id = ResourceId(r.u32().ok_or(bad)?);
+    fn transfer_2d(&mut self, t: &TransferToHost2d) -> Handled {
+        let id = ResourceId(t.resource_id.to_native());
+        let offset = t.offset.to_native();
         let mem = self.memory()?.clone();
-        let res = self
-            .resources
-            .get_mut(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if res.kind != ResourceKind::Image2d || !rect.inside(res.width, res.height) {
-            return Err(bad);
+        let res = self.resource_mut(id)?;
+        if res.kind != ResourceKind::Image2d {
+            return Err(GpuError::WrongKind {
+                cmd: "TRANSFER_TO_HOST_2D",
+                id: id.0,
+                kind: res.kind,
+            });
         }
-        let backing = res.backing.clone().ok_or(resp::ERR_UNSPEC)?;
+        Self::check_rect(res, t.r)?;
+        let backing = res.backing.clone().ok_or(GpuError::NoBacking(id.0))?;
+        let (x, y, w, h) = t.r.get();
+        // Fits in memory: the image is at most MAX_IMAGE_BYTES.
         let stride = u64::from(res.width) * 4;
-        let image = res
-            .image
-            .get_or_insert_with(|| vec![0; (stride * u64::from(res.height)) as usize]);
-        let row_len = (u64::from(rect.width) * 4) as usize;
-        for row in 0..u64::from(rect.height) {
-            let src = offset.checked_add(row * stride).ok_or(bad)?;
-            let dst = ((u64::from(rect.y) + row) * stride + u64::from(rect.x) * 4) as usize;
-            let Some(line) = image.get_mut(dst..dst + row_len) else {
-                return Err(bad);
-            };
-            if !read_backing(&mem, &backing, src, line) {
-                return Err(bad);
-            }
+        let image_len = usize::try_from(stride * u64::from(res.height)).unwrap_or(0);
+        let image = res.image.get_or_insert_with(|| vec![0; image_len]);
+        let row_len = u64::from(w) * 4;
+        for row in 0..u64::from(h) {
+            let src = offset.saturating_add(row * stride);
+            let dst = (u64::from(y) + row) * stride + u64::from(x) * 4;
+            let line = usize::try_from(dst)
+                .ok()
+                .zip(usize::try_from(dst + row_len).ok())
+                .and_then(|(a, b)| image.get_mut(a..b))
+                .ok_or(GpuError::InvalidField {
+                    cmd: "TRANSFER_TO_HOST_2D",
+                    field: "r",
+                    value: dst,
+                })?;
+            read_backing(&mem, &backing, src, line)
+                .map_err(|source| GpuError::Backing { id: id.0, source })?;
         }
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn flush(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let rect = Rect::parse(r).ok_or(bad)?;
-        let id = ResourceId(r.u32().ok_or(bad)?);
-        let res = self
-            .resources
-            .get(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if !rect.inside(res.width, res.height) {
-            return Err(bad);
-        }
-        if self.scanout.is_some_and(|(s, _)| s == id) {
-            if let Some(pixels) = self.pixels(res, rect) {
-                self.display.update(rect, &pixels);
+    fn flush(&mut self, id: ResourceId, rect: Rect) -> Handled {
+        let res = self.resource(id)?;
+        Self::check_rect(res, rect)?;
+        if self.scanout.is_some_and(|s| s.resource == id) {
+            match self.pixels(res, rect) {
+                Ok(pixels) => {
+                    let (x, y, w, h) = rect.get();
+                    self.display.update(x, y, w, h, pixels);
+                }
+                Err(e) => log::debug!("RESOURCE_FLUSH of {id:?}: {e}"),
             }
         }
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
     /// The pixels of `rect`, from the host copy (2D) or the guest memory
     /// (blob scanout).
-    fn pixels(&self, res: &Resource, rect: Rect) -> Option<Vec<u8>> {
-        let stride = u64::from(res.width) * 4;
-        let row_len = (u64::from(rect.width) * 4) as usize;
-        let mut out = vec![0u8; row_len * rect.height as usize];
+    fn pixels(&self, res: &Resource, rect: Rect) -> Result<Vec<u8>, GpuError> {
+        let (x, y, w, h) = rect.get();
+        let row_len = usize::try_from(w).unwrap_or(0).saturating_mul(4);
+        let mut out = vec![0u8; row_len.saturating_mul(h as usize)];
+        let unreadable = |offset| GpuError::Backing {
+            id: res.id.0,
+            source: super::resources::BackingError::Read {
+                offset,
+                len: row_len as u64,
+            },
+        };
         for (row, line) in out.chunks_exact_mut(row_len.max(1)).enumerate() {
-            let at = (u64::from(rect.y) + row as u64) * stride + u64::from(rect.x) * 4;
+            let at = res.offset + (u64::from(y) + row as u64) * res.stride + u64::from(x) * 4;
             match (&res.image, &res.backing) {
                 (Some(image), _) => {
-                    line.copy_from_slice(image.get(at as usize..at as usize + row_len)?)
+                    let src = usize::try_from(at)
+                        .ok()
+                        .and_then(|a| image.get(a..a.checked_add(row_len)?))
+                        .ok_or(unreadable(at))?;
+                    line.copy_from_slice(src);
                 }
                 (None, Some(b)) if res.kind == ResourceKind::BlobGuest => {
-                    if !read_backing(self.memory.as_ref()?, b, at, line) {
-                        return None;
-                    }
+                    read_backing(self.memory()?, b, at, line).map_err(|source| {
+                        GpuError::Backing {
+                            id: res.id.0,
+                            source,
+                        }
+                    })?;
                 }
-                _ => return None,
+                _ => return Err(GpuError::NoBacking(res.id.0)),
             }
         }
-        Some(out)
+        Ok(out)
     }
 
-    fn attach_backing(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let id = ResourceId(r.u32().ok_or(bad)?);
-        let nr = r.u32().ok_or(bad)?;
-        let max = self.limits.max_backing_entries;
-        let backing = parse_entries(r, nr, max, self.memory()?).map_err(|_| bad)?;
-        let res = self
-            .resources
-            .get_mut(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+    fn attach_backing(&mut self, id: ResourceId, entries: MemEntries<'_>) -> Handled {
+        let res = self.resource(id)?;
         if res.backing.is_some() {
-            return Err(resp::ERR_UNSPEC);
+            return Err(GpuError::BackingAttached(id.0));
         }
+        let backing = self.backing(id, entries)?;
+        self.charge_backing(id, &backing)?;
+        let res = self.resource_mut(id)?;
         res.backing = Some(Arc::new(backing));
         let view = res.view();
         for ctx in res.contexts.clone() {
@@ -545,208 +673,171 @@ impl GpuDevice {
                 log::debug!("{ctx:?}: attaching backing of {id:?}: {e}");
             }
         }
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn detach_backing(&mut self, id: ResourceId) -> Result<(), u32> {
-        let res = self
-            .resources
-            .get_mut(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if res.kind == ResourceKind::BlobGuest || res.backing.is_none() {
-            return Err(resp::ERR_UNSPEC);
+    fn detach_backing(&mut self, id: ResourceId) -> Handled {
+        let res = self.resource_mut(id)?;
+        if res.kind == ResourceKind::BlobGuest {
+            return Err(GpuError::BlobBacking(id.0));
         }
-        let contexts = res.contexts.clone();
-        res.backing = None;
+        let backing = res.backing.take().ok_or(GpuError::NoBacking(id.0))?;
         res.image = None;
+        let contexts = res.contexts.clone();
+        self.refund_backing(Some(&backing));
         for ctx in contexts {
             // The context stops using the pages before the guest gets them
             // back; it sees the resource again on the next attach.
             self.compute.detach_resource(ctx, id);
         }
-        Ok(())
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn capset_info(&self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let index = r.u32().ok_or(resp::ERR_INVALID_PARAMETER)?;
-        let info = self
-            .compute
-            .capsets()
-            .get(index as usize)
-            .copied()
-            .ok_or(resp::ERR_INVALID_PARAMETER)?;
-        let mut out = Vec::with_capacity(40);
-        hdr.response(resp::OK_CAPSET_INFO).write(&mut out);
-        for v in [info.id, info.max_version, info.max_size, 0] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        Ok(out)
+    fn capset_info(&self, i: &GetCapsetInfo) -> Handled {
+        let index = i.capset_index.to_native();
+        let info = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.compute.capsets().get(i).copied())
+            .ok_or(GpuError::CapsetIndex(index))?;
+        Ok(GpuResponse::OkCapsetInfo {
+            id: info.id,
+            max_version: info.max_version,
+            max_size: info.max_size,
+        })
     }
 
-    fn capset(&self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let id = r.u32().ok_or(bad)?;
-        let version = r.u32().ok_or(bad)?;
-        let data = self.compute.capset(id, version).ok_or(bad)?;
-        let mut out = Vec::with_capacity(HDR_SIZE + data.len());
-        hdr.response(resp::OK_CAPSET).write(&mut out);
-        out.extend_from_slice(&data);
-        Ok(out)
+    fn capset(&self, c: &GetCapset) -> Handled {
+        let (id, version) = (c.capset_id.to_native(), c.capset_version.to_native());
+        self.compute
+            .capset(id, version)
+            .map(GpuResponse::OkCapset)
+            .ok_or(GpuError::Capset { id, version })
     }
 
-    fn ctx_create(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let nlen = r.u32().ok_or(bad)?;
-        let context_init = r.u32().ok_or(bad)?;
-        let name = r.take(64).ok_or(bad)?;
-        let ctx = CtxId(hdr.ctx_id);
+    fn ctx_create(&mut self, ctx: CtxId, c: &CtxCreate) -> Handled {
         if ctx.0 == 0 || self.contexts.contains_key(&ctx) {
-            return Err(resp::ERR_INVALID_CONTEXT_ID);
+            return Err(GpuError::ContextIdTaken(ctx.0));
         }
-        let capset = if self.features & feature::CONTEXT_INIT != 0 {
-            context_init & 0xFF
+        let capset = if self.acked(VIRTIO_GPU_F_CONTEXT_INIT) {
+            c.context_init.to_native() & VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK
         } else {
             0
         };
         let init = ContextInit {
             capset_id: (capset != 0).then_some(capset),
         };
-        let name = name.get(..(nlen as usize).min(64)).unwrap_or_default();
-        let name = String::from_utf8_lossy(name);
+        let name = String::from_utf8_lossy(c.name());
         self.compute
             .create_context(ctx, init, &name)
-            .map_err(compute_error)?;
+            .map_err(|source| GpuError::Context { ctx: ctx.0, source })?;
         self.contexts.insert(ctx, init);
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
     /// Destroys a context: the compute layer frees everything of it.
-    pub fn ctx_destroy(&mut self, ctx: CtxId) -> Result<(), u32> {
-        if self.contexts.remove(&ctx).is_none() {
-            return Err(resp::ERR_INVALID_CONTEXT_ID);
-        }
+    fn ctx_destroy(&mut self, ctx: CtxId) -> Handled {
+        self.context(ctx)?;
+        self.contexts.remove(&ctx);
         self.compute.destroy_context(ctx);
         for res in self.resources.values_mut() {
             res.contexts.remove(&ctx);
         }
-        Ok(())
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn ctx_attach(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let id = ResourceId(r.u32().ok_or(resp::ERR_INVALID_PARAMETER)?);
-        let ctx = CtxId(hdr.ctx_id);
-        if !self.contexts.contains_key(&ctx) {
-            return Err(resp::ERR_INVALID_CONTEXT_ID);
-        }
-        let res = self
-            .resources
-            .get_mut(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+    fn ctx_attach(&mut self, ctx: CtxId, id: ResourceId) -> Handled {
+        self.context(ctx)?;
+        let view = self.resource(id)?.view();
         self.compute
-            .attach_resource(ctx, &res.view())
-            .map_err(compute_error)?;
-        res.contexts.insert(ctx);
-        nodata(hdr)
+            .attach_resource(ctx, &view)
+            .map_err(|source| GpuError::Context { ctx: ctx.0, source })?;
+        self.resource_mut(id)?.contexts.insert(ctx);
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn ctx_detach(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let id = ResourceId(r.u32().ok_or(resp::ERR_INVALID_PARAMETER)?);
-        let ctx = CtxId(hdr.ctx_id);
-        if !self.contexts.contains_key(&ctx) {
-            return Err(resp::ERR_INVALID_CONTEXT_ID);
-        }
-        let res = self
-            .resources
-            .get_mut(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if res.contexts.remove(&ctx) {
+    fn ctx_detach(&mut self, ctx: CtxId, id: ResourceId) -> Handled {
+        self.context(ctx)?;
+        if self.resource_mut(id)?.contexts.remove(&ctx) {
             self.compute.detach_resource(ctx, id);
         }
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
-    fn transfer_3d(&mut self, hdr: &CtrlHdr, r: &mut Cursor<'_>) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        r.skip(24 + 8).ok_or(bad)?; // box, offset
-        let id = ResourceId(r.u32().ok_or(bad)?);
-        let res = self
-            .resources
-            .get(&id)
-            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
-        if res.backing.is_none() {
-            return Err(resp::ERR_UNSPEC);
+    fn transfer_3d(&mut self, id: ResourceId) -> Handled {
+        if self.resource(id)?.backing.is_none() {
+            return Err(GpuError::NoBacking(id.0));
         }
         // The guest backing is the only copy of a buffer: nothing to move.
-        nodata(hdr)
+        Ok(GpuResponse::OkNoData)
     }
 
+    /// `SUBMIT_3D`; also says whether the compute layer holds the fence.
     fn submit(
         &mut self,
-        hdr: &CtrlHdr,
-        r: &mut Cursor<'_>,
+        ctx: CtxId,
+        commands: &[u8],
         fence: Option<FenceRef>,
-        held: &mut bool,
-    ) -> Handled {
-        let bad = resp::ERR_INVALID_PARAMETER;
-        let size = r.u32().ok_or(bad)? as usize;
-        let in_fences = r.u32().ok_or(bad)? as usize;
-        let ctx = CtxId(hdr.ctx_id);
-        if !self.contexts.contains_key(&ctx) {
-            return Err(resp::ERR_INVALID_CONTEXT_ID);
-        }
-        r.skip(in_fences.checked_mul(8).ok_or(bad)?).ok_or(bad)?;
-        let commands = r.take(size).ok_or(bad)?;
-        match self
+    ) -> Result<(GpuResponse, bool), GpuError> {
+        self.context(ctx)?;
+        let disposition = self
             .compute
             .submit(ctx, commands, fence)
-            .map_err(compute_error)?
-        {
-            FenceDisposition::SignalNow => {}
-            FenceDisposition::Hold => *held = fence.is_some(),
-        }
-        nodata(hdr)
+            .map_err(|source| GpuError::Context { ctx: ctx.0, source })?;
+        let held = disposition == FenceDisposition::Hold && fence.is_some();
+        Ok((GpuResponse::OkNoData, held))
     }
 }
 
 impl GpuDevice {
     /// Processes one cursor-queue request (`UPDATE_CURSOR`, `MOVE_CURSOR`).
+    /// A request too short for a header gets no response.
     pub fn process_cursor(&mut self, request: &[u8]) -> Vec<u8> {
-        let mut r = Cursor::new(request);
-        let Some(hdr) = CtrlHdr::parse(&mut r) else {
+        let Ok((hdr, body)) = CtrlHdr::decode(request) else {
             return Vec::new();
         };
-        let parsed = (|| {
-            let _scanout = r.u32()?;
-            let x = r.u32()?;
-            let y = r.u32()?;
-            let _pad = r.u32()?;
-            let id = r.u32()?;
-            let hot_x = r.u32()?;
-            let hot_y = r.u32()?;
-            Some((x, y, ResourceId(id), hot_x, hot_y))
-        })();
-        let status = match (hdr.type_, parsed) {
-            (cmd::MOVE_CURSOR, Some((x, y, ..))) => {
-                self.display.cursor_move(x, y);
-                resp::OK_NODATA
+        let result = match GpuCommand::decode(hdr.type_(), body) {
+            Ok(GpuCommand::MoveCursor(c)) => {
+                self.display
+                    .cursor_move(c.pos.x.to_native(), c.pos.y.to_native());
+                Ok(GpuResponse::OkNoData)
             }
-            (cmd::UPDATE_CURSOR, Some((x, y, id, hot_x, hot_y))) => {
-                let image = self
-                    .resources
-                    .get(&id)
-                    .filter(|res| res.width == 64 && res.height == 64)
-                    .and_then(|res| res.image.as_ref())
-                    .and_then(|img| <&[u8; 16384]>::try_from(img.as_slice()).ok());
-                match image {
-                    Some(img) => self.display.cursor_update(x, y, hot_x, hot_y, img),
-                    None => self.display.cursor_move(x, y),
-                }
-                resp::OK_NODATA
+            Ok(GpuCommand::UpdateCursor(c)) => {
+                self.update_cursor(&c);
+                Ok(GpuResponse::OkNoData)
             }
-            _ => resp::ERR_INVALID_PARAMETER,
+            Ok(_) => Err(GpuError::InvalidField {
+                cmd: "cursor queue",
+                field: "type",
+                value: u64::from(hdr.type_()),
+            }),
+            // Anything else on the cursor queue is a bad parameter, as before.
+            Err(GpuError::UnknownCommand(t)) => Err(GpuError::InvalidField {
+                cmd: "cursor queue",
+                field: "type",
+                value: u64::from(t),
+            }),
+            Err(e) => Err(e),
         };
-        let mut out = Vec::with_capacity(HDR_SIZE);
-        hdr.response(status).write(&mut out);
-        out
+        if let Err(e) = &result {
+            log::debug!("{}: {e}", protocol::type_name(hdr.type_()));
+        }
+        protocol::encode(&hdr, &result)
+    }
+
+    fn update_cursor(&mut self, c: &UpdateCursor) {
+        let (x, y) = (c.pos.x.to_native(), c.pos.y.to_native());
+        let image = self
+            .resources
+            .get(&ResourceId(c.resource_id.to_native()))
+            .filter(|res| res.width == 64 && res.height == 64)
+            .and_then(|res| res.image.as_ref())
+            .and_then(|img| <&[u8; 16384]>::try_from(img.as_slice()).ok());
+        match image {
+            Some(img) => {
+                self.display
+                    .cursor_update(x, y, c.hot_x.to_native(), c.hot_y.to_native(), img)
+            }
+            None => self.display.cursor_move(x, y),
+        }
     }
 }

@@ -4,30 +4,198 @@
 //! sends scanout and update messages over the GPU socket QEMU hands it
 //! (`VHOST_USER_GPU_SET_SOCKET`), and QEMU shows them. Without a socket
 //! (crosvm, tests) the scanout is still tracked and answered.
+//!
+//! The socket's peer is not trusted to answer, or to read: every exchange
+//! runs on a thread of its own (one per socket), and the vring worker waits
+//! at most [`PEER_TIMEOUT`] for an answer. A peer that does not answer in
+//! time gets the defaults and no more questions until it has caught up;
+//! messages without an answer are dropped while it lags (bounded in count
+//! and pixel bytes); a peer that closes the socket or breaks the protocol
+//! is dropped. The vhost crate's `GpuBackend` gives no access to its fd, so
+//! a thread stuck on a silent peer stays blocked until that peer closes its
+//! end; at most [`MAX_LINKS`] such threads exist in the process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
 
 use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::gpu_message::{
     VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuEdidRequest, VhostUserGpuScanout,
-    VhostUserGpuUpdate,
+    VhostUserGpuUpdate, VirtioGpuRespDisplayInfo, VirtioGpuRespGetEdid,
 };
-
-use super::wire::Rect;
 
 /// The default mode when the frontend does not say.
 pub const DEFAULT_WIDTH: u32 = 1024;
 /// The default mode when the frontend does not say.
 pub const DEFAULT_HEIGHT: u32 = 768;
+/// How long the vring worker waits for the GPU socket's peer to answer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// GPU socket threads alive in the process at most (stuck ones included).
+pub const MAX_LINKS: usize = 8;
+/// Messages queued for the peer at most.
+const MAX_QUEUED: usize = 64;
+/// Pixel bytes queued for the peer at most.
+const MAX_QUEUED_PIXELS: usize = 64 << 20;
+
+/// GPU socket threads alive.
+static LINKS: AtomicUsize = AtomicUsize::new(0);
+
+/// What the link thread does for the vring worker.
+enum Job {
+    DisplayInfo(SyncSender<std::io::Result<VirtioGpuRespDisplayInfo>>),
+    Edid(SyncSender<std::io::Result<VirtioGpuRespGetEdid>>),
+    Scanout(VhostUserGpuScanout),
+    Update(VhostUserGpuUpdate, Vec<u8>),
+    CursorPos(VhostUserGpuCursorPos),
+    CursorUpdate(VhostUserGpuCursorUpdate, Box<[u8; 16384]>),
+}
+
+/// State shared with the link thread.
+#[derive(Debug, Default)]
+struct LinkState {
+    /// A question went unanswered past the timeout and the thread has not
+    /// finished it yet.
+    stalled: AtomicBool,
+    /// The socket failed; the thread is gone.
+    dead: AtomicBool,
+    /// Pixel bytes queued.
+    pixels: AtomicUsize,
+}
+
+/// One GPU socket and its thread.
+struct Link {
+    jobs: SyncSender<Job>,
+    state: Arc<LinkState>,
+}
+
+impl Link {
+    fn start(socket: GpuBackend) -> std::io::Result<Link> {
+        if LINKS.fetch_add(1, Ordering::AcqRel) >= MAX_LINKS {
+            LINKS.fetch_sub(1, Ordering::AcqRel);
+            return Err(std::io::Error::other(format!(
+                "{MAX_LINKS} GPU socket threads are alive (peers that never answered)"
+            )));
+        }
+        let (jobs, rx) = sync_channel(MAX_QUEUED);
+        let state = Arc::new(LinkState::default());
+        let shared = state.clone();
+        let spawned = std::thread::Builder::new()
+            .name("gpu-socket".into())
+            .spawn(move || {
+                run_link(&socket, &rx, &shared);
+                LINKS.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            LINKS.fetch_sub(1, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(Link { jobs, state })
+    }
+
+    /// Whether questions may be asked.
+    fn usable(&self) -> bool {
+        !self.state.dead.load(Ordering::Acquire) && !self.state.stalled.load(Ordering::Acquire)
+    }
+
+    /// Asks the peer and waits at most [`PEER_TIMEOUT`].
+    fn ask<T>(&self, job: impl FnOnce(SyncSender<std::io::Result<T>>) -> Job) -> Option<T> {
+        if !self.usable() {
+            return None;
+        }
+        let (tx, rx) = sync_channel(1);
+        self.jobs.try_send(job(tx)).ok()?;
+        match rx.recv_timeout(PEER_TIMEOUT) {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                if !self.state.stalled.swap(true, Ordering::AcqRel) {
+                    log::warn!(
+                        "GPU socket: the frontend did not answer in {} ms; using defaults until \
+                         it does",
+                        PEER_TIMEOUT.as_millis()
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Queues a message without an answer; dropped if the peer lags.
+    fn tell(&self, job: Job) {
+        if self.state.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let pixels = match &job {
+            Job::Update(_, px) => px.len(),
+            _ => 0,
+        };
+        if pixels > 0 {
+            let queued = self.state.pixels.fetch_add(pixels, Ordering::AcqRel);
+            if queued.saturating_add(pixels) > MAX_QUEUED_PIXELS {
+                self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
+                log::debug!("GPU socket: the frontend lags; update dropped");
+                return;
+            }
+        }
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
+                log::debug!("GPU socket: the frontend lags; message dropped");
+            }
+        }
+    }
+}
+
+/// The link thread: one exchange at a time; the first failure ends it.
+fn run_link(socket: &GpuBackend, jobs: &Receiver<Job>, state: &LinkState) {
+    for job in jobs {
+        let result = match job {
+            Job::DisplayInfo(reply) => {
+                let r = socket.get_display_info();
+                let failed = r.as_ref().err().map(ToString::to_string);
+                let _ = reply.try_send(r);
+                failed
+            }
+            Job::Edid(reply) => {
+                let r = socket.get_edid(&VhostUserGpuEdidRequest { scanout_id: 0 });
+                let failed = r.as_ref().err().map(ToString::to_string);
+                let _ = reply.try_send(r);
+                failed
+            }
+            Job::Scanout(m) => socket.set_scanout(&m).err().map(|e| e.to_string()),
+            Job::Update(u, px) => {
+                let r = socket.update_scanout(&u, &px);
+                state.pixels.fetch_sub(px.len(), Ordering::AcqRel);
+                r.err().map(|e| e.to_string())
+            }
+            Job::CursorPos(p) => socket.cursor_pos(&p).err().map(|e| e.to_string()),
+            Job::CursorUpdate(u, img) => socket
+                .cursor_update(&u, img.as_ref())
+                .err()
+                .map(|e| e.to_string()),
+        };
+        state.stalled.store(false, Ordering::Release);
+        if let Some(e) = result {
+            log::warn!("GPU socket: {e}; the frontend's display is no longer updated");
+            state.dead.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
 
 /// The display side of the device.
 #[derive(Default)]
 pub struct Display {
-    socket: Option<GpuBackend>,
+    link: Option<Link>,
 }
 
 impl std::fmt::Debug for Display {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Display")
-            .field("socket", &self.socket.is_some())
+            .field("socket", &self.link.is_some())
             .finish()
     }
 }
@@ -35,20 +203,19 @@ impl std::fmt::Debug for Display {
 impl Display {
     /// QEMU gave us its GPU socket.
     pub fn set_socket(&mut self, socket: GpuBackend) {
-        self.socket = Some(socket);
+        match Link::start(socket) {
+            Ok(link) => self.link = Some(link),
+            Err(e) => log::warn!("GPU socket ignored: {e}"),
+        }
     }
 
     /// The mode of scanout 0: asked from the frontend when it has a socket.
     pub fn mode(&self) -> (u32, u32, bool) {
-        if let Some(s) = &self.socket {
-            match s.get_display_info() {
-                Ok(info) => {
-                    let one = info.pmodes[0];
-                    if one.r.width > 0 && one.r.height > 0 {
-                        return (one.r.width, one.r.height, one.enabled != 0);
-                    }
-                }
-                Err(e) => log::debug!("GPU socket display info: {e}"),
+        let info = self.link.as_ref().and_then(|l| l.ask(Job::DisplayInfo));
+        if let Some(info) = info {
+            let one = info.pmodes[0];
+            if one.r.width > 0 && one.r.height > 0 {
+                return (one.r.width, one.r.height, one.enabled != 0);
             }
         }
         (DEFAULT_WIDTH, DEFAULT_HEIGHT, true)
@@ -56,12 +223,10 @@ impl Display {
 
     /// The EDID of scanout 0: the frontend's, else one we build.
     pub fn edid(&self) -> Vec<u8> {
-        if let Some(s) = &self.socket {
-            if let Ok(r) = s.get_edid(&VhostUserGpuEdidRequest { scanout_id: 0 }) {
-                let n = (r.size as usize).min(r.edid.len());
-                if n >= 128 {
-                    return r.edid[..n].to_vec();
-                }
+        if let Some(r) = self.link.as_ref().and_then(|l| l.ask(Job::Edid)) {
+            let n = (r.size as usize).min(r.edid.len());
+            if n >= 128 {
+                return r.edid[..n].to_vec();
             }
         }
         let (w, h, _) = self.mode();
@@ -70,48 +235,44 @@ impl Display {
 
     /// A resource of `width` x `height` now shows on scanout 0 (or nothing).
     pub fn set_scanout(&self, width: u32, height: u32) {
-        if let Some(s) = &self.socket {
-            let m = VhostUserGpuScanout {
+        if let Some(l) = &self.link {
+            l.tell(Job::Scanout(VhostUserGpuScanout {
                 scanout_id: 0,
                 width,
                 height,
-            };
-            if let Err(e) = s.set_scanout(&m) {
-                log::debug!("GPU socket scanout: {e}");
-            }
+            }));
         }
     }
 
-    /// New pixels (4 bytes each, rows of `rect.width`) for `rect`.
-    pub fn update(&self, rect: Rect, pixels: &[u8]) {
-        if let Some(s) = &self.socket {
+    /// New pixels (4 bytes each, rows of `width`) for the rectangle at
+    /// `x`, `y`.
+    pub fn update(&self, x: u32, y: u32, width: u32, height: u32, pixels: Vec<u8>) {
+        if let Some(l) = &self.link {
             let u = VhostUserGpuUpdate {
                 scanout_id: 0,
-                x: rect.x,
-                y: rect.y,
-                width: rect.width,
-                height: rect.height,
+                x,
+                y,
+                width,
+                height,
             };
-            if let Err(e) = s.update_scanout(&u, pixels) {
-                log::debug!("GPU socket update: {e}");
-            }
+            l.tell(Job::Update(u, pixels));
         }
     }
 
     /// Moves the cursor.
     pub fn cursor_move(&self, x: u32, y: u32) {
-        if let Some(s) = &self.socket {
-            let _ = s.cursor_pos(&VhostUserGpuCursorPos {
+        if let Some(l) = &self.link {
+            l.tell(Job::CursorPos(VhostUserGpuCursorPos {
                 scanout_id: 0,
                 x,
                 y,
-            });
+            }));
         }
     }
 
     /// A new 64x64 cursor image.
     pub fn cursor_update(&self, x: u32, y: u32, hot_x: u32, hot_y: u32, image: &[u8; 16384]) {
-        if let Some(s) = &self.socket {
+        if let Some(l) = &self.link {
             let u = VhostUserGpuCursorUpdate {
                 pos: VhostUserGpuCursorPos {
                     scanout_id: 0,
@@ -121,7 +282,7 @@ impl Display {
                 hot_x,
                 hot_y,
             };
-            let _ = s.cursor_update(&u, image);
+            l.tell(Job::CursorUpdate(u, Box::new(*image)));
         }
     }
 }

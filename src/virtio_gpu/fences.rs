@@ -71,6 +71,11 @@ impl RingQueues {
         }
         out
     }
+
+    /// Every deferred response, held or not, ring by ring in order.
+    pub fn drain(self) -> Vec<Deferred> {
+        self.rings.into_values().flatten().collect()
+    }
 }
 
 /// Completions from the compute layer, from any thread, waking the queue

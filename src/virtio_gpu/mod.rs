@@ -1,10 +1,17 @@
 //! The virtio-gpu device as a vhost-user backend.
 //!
-//! - [`wire`]: control messages on the wire, parsed with bounds checks.
+//! - [`protocol`]: the wire: `#[repr(C)]` structures, the numbers from
+//!   `virtio_bindings`, requests decoded once into a [`protocol::GpuCommand`]
+//!   and responses encoded once.
+//! - [`error`]: [`error::GpuError`], why a command failed, and the
+//!   `VIRTIO_GPU_RESP_ERR_*` it answers with.
+//! - [`device`]: the command handlers (typed command in, typed response
+//!   out).
 //! - [`resources`]: resources and their guest backing.
 //! - [`display`]: scanout, EDID and QEMU's GPU socket.
-//! - [`device`]: the command handlers (bytes in, bytes out).
 //! - [`fences`]: held fences and per-ring ordering.
+//! - [`memory`]: the memory table, checked against its files.
+//! - [`vring`]: the vring type, with the frontend's error eventfd.
 //!
 //! This module connects them to vhost-user-backend: two virtqueues
 //! (control, cursor), the config space, a 1 ms timer that drives the compute
@@ -13,25 +20,30 @@
 
 pub mod device;
 pub mod display;
+pub mod error;
 pub mod fences;
+pub mod memory;
+pub mod protocol;
 pub mod resources;
-pub mod wire;
+pub mod vring;
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{
+    ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -39,8 +51,13 @@ use vmm_sys_util::event::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::context_backend::ContextBackendFactory;
-use device::{GpuDevice, GpuLimits, feature};
+use device::{GpuDevice, GpuLimits};
 use fences::{Deferred, FenceInbox, RingQueues};
+use protocol::{
+    VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID, VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_VIRGL,
+    VirtioGpuConfig,
+};
+use vring::GpuVring;
 
 /// Control queue index.
 const CONTROL_QUEUE: u16 = 0;
@@ -48,8 +65,10 @@ const CONTROL_QUEUE: u16 = 0;
 const CURSOR_QUEUE: u16 = 1;
 /// Virtqueues.
 const NUM_QUEUES: usize = 2;
-/// Largest queue.
-const QUEUE_SIZE: usize = 1024;
+/// Largest queue: the split-ring maximum. crosvm offers the guest its
+/// `max-queue-size` (default 32768) and Linux takes all of it; the rings live
+/// in guest memory, so a large maximum costs the daemon nothing up front.
+const QUEUE_SIZE: usize = 32768;
 /// Device event of the tick timer (0..=NUM_QUEUES are the library's).
 pub const TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Device event of held-fence completions.
@@ -63,7 +82,10 @@ const TICK: Duration = Duration::from_millis(1);
 struct Inner {
     device: GpuDevice,
     rings: RingQueues,
+    /// The device's memory, once a table was accepted.
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// Queues stopped after a ring error, until the frontend resets them.
+    broken: [bool; NUM_QUEUES],
 }
 
 /// One connection's virtio-gpu device.
@@ -73,6 +95,10 @@ pub struct GpuVhostBackend {
     timer: Mutex<TimerFd>,
     exit: (EventConsumer, EventNotifier),
     event_idx: std::sync::atomic::AtomicBool,
+    /// The control vring, once the worker has seen it (for `stop_vring`).
+    control: Mutex<Option<GpuVring>>,
+    /// Guest memory as the device sees it: checked tables only.
+    memory: GuestMemoryAtomic<GuestMemoryMmap>,
 }
 
 impl std::fmt::Debug for GpuVhostBackend {
@@ -93,11 +119,14 @@ impl GpuVhostBackend {
                 device: GpuDevice::new(compute, limits),
                 rings: RingQueues::default(),
                 memory: None,
+                broken: [false; NUM_QUEUES],
             }),
             inbox,
             timer: Mutex::new(timer),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             event_idx: std::sync::atomic::AtomicBool::new(false),
+            control: Mutex::new(None),
+            memory: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         })
     }
 
@@ -116,99 +145,237 @@ impl GpuVhostBackend {
         self.inner.lock().device.teardown();
     }
 
-    fn config_space(&self) -> [u8; 16] {
-        let num_capsets = self.inner.lock().device.num_capsets();
-        let mut c = [0u8; 16];
-        c[8..12].copy_from_slice(&1u32.to_le_bytes()); // num_scanouts
-        c[12..16].copy_from_slice(&num_capsets.to_le_bytes());
-        c
+    fn config_space(&self) -> VirtioGpuConfig {
+        VirtioGpuConfig {
+            num_scanouts: 1.into(),
+            num_capsets: self.inner.lock().device.num_capsets().into(),
+            ..VirtioGpuConfig::default()
+        }
     }
 
     /// Drains a queue. With EVENT_IDX the driver is told not to notify
     /// while we work, and we look again after re-enabling notifications.
-    fn drain_queue(&self, vring: &VringRwLock, cursor: bool) -> io::Result<()> {
+    /// A ring error stops the queue (see [`vring`]); nothing here ends the
+    /// vring worker.
+    fn drain_queue(&self, q: u16, vring: &GpuVring) {
+        let mut inner = self.inner.lock();
+        if let Err(e) = self.drain_locked(&mut inner, q, vring) {
+            inner.break_queue(q, vring, e);
+        }
+    }
+
+    fn drain_locked(&self, inner: &mut Inner, q: u16, vring: &GpuVring) -> Result<(), RingError> {
+        if inner.broken[usize::from(q)] {
+            log::debug!(
+                "{} queue: kick ignored, the queue is stopped",
+                queue_name(q)
+            );
+            return Ok(());
+        }
+        let Some(mem) = inner.memory.clone() else {
+            return Ok(());
+        };
+        let guard = mem.memory();
         if !self.event_idx.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.process_queue(vring, cursor);
+            return process_queue(inner, q, vring, &guard);
         }
         loop {
-            vring.disable_notification().map_err(io::Error::other)?;
-            self.process_queue(vring, cursor)?;
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .disable_notification(&*guard)
+                .map_err(RingError::Notification)?;
+            process_queue(inner, q, vring, &guard)?;
+            let more = vring
+                .get_mut()
+                .get_queue_mut()
+                .enable_notification(&*guard)
+                .map_err(RingError::Notification)?;
+            if !more {
                 return Ok(());
             }
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock, cursor: bool) -> io::Result<()> {
-        let mut inner = self.inner.lock();
-        let Some(mem) = inner.memory.clone() else {
-            return Ok(());
-        };
-        let guard = mem.memory();
-        let chains: Vec<_> = vring
-            .get_mut()
-            .get_queue_mut()
-            .iter(guard.clone())
-            .map_err(io::Error::other)?
-            .collect();
-        let mut used = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let request = read_request(&guard, &chain);
-            let (bytes, deferred) = match request {
-                None => (Vec::new(), None),
-                Some(req) if cursor => (inner.device.process_cursor(&req), None),
-                Some(req) => {
-                    let r = inner.device.process(&req);
-                    let deferred = r.fence.map(|fence| (fence, r.held));
-                    (r.bytes, deferred)
-                }
-            };
-            let len = write_response(&guard, &chain, &bytes);
-            let ready = match deferred {
-                None => Some(head),
-                Some((fence, held)) => inner
-                    .rings
-                    .submit(Deferred {
-                        head,
-                        len,
-                        fence,
-                        held,
-                    })
-                    .map(|d| d.head),
-            };
-            if let Some(head) = ready {
-                vring.add_used(head, len).map_err(io::Error::other)?;
-                used = true;
-            }
-        }
-        drop(inner);
-        if used && vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
-    }
-
     /// Returns the responses whose held fences completed.
-    fn complete_fences(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn complete_fences(&self, vring: &GpuVring) {
         let done = self.inbox.take();
         if done.is_empty() {
-            return Ok(());
+            return;
         }
         let mut inner = self.inner.lock();
         let ready: Vec<Deferred> = done
             .into_iter()
             .flat_map(|f| inner.rings.complete(f))
             .collect();
-        drop(inner);
-        for d in &ready {
-            vring.add_used(d.head, d.len).map_err(io::Error::other)?;
+        if ready.is_empty() || inner.broken[usize::from(CONTROL_QUEUE)] {
+            return;
         }
-        if !ready.is_empty() {
-            vring.signal_used_queue()?;
+        let Some(mem) = inner.memory.clone() else {
+            return;
+        };
+        let guard = mem.memory();
+        let result = ready.iter().try_for_each(|d| {
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&*guard, d.head, d.len)
+                .map_err(RingError::UsedRing)
+        });
+        match result {
+            Ok(()) => {
+                let needed = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .needs_notification(&*guard)
+                    .unwrap_or(true);
+                if needed {
+                    signal(CONTROL_QUEUE, vring);
+                }
+            }
+            Err(e) => inner.break_queue(CONTROL_QUEUE, vring, e),
         }
-        Ok(())
     }
+}
+
+/// Why a queue stopped: the driver (or the frontend's ring setup) broke the
+/// ring, so the device cannot tell which descriptors are whose.
+#[derive(Debug, thiserror::Error)]
+enum RingError {
+    /// The avail index is more than a queue's worth ahead of the next
+    /// entry (or the ring cannot be read).
+    #[error("avail ring: {0}")]
+    AvailRing(virtio_queue::Error),
+    /// An avail entry names a descriptor beyond the queue.
+    #[error("avail entry names descriptor {head}, the queue has {size}")]
+    HeadIndex {
+        /// The head index the driver published.
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
+    /// The used ring cannot be written.
+    #[error("used ring: {0}")]
+    UsedRing(virtio_queue::Error),
+    /// The notification suppression fields cannot be accessed.
+    #[error("event index: {0}")]
+    Notification(virtio_queue::Error),
+}
+
+fn queue_name(q: u16) -> &'static str {
+    if q == CONTROL_QUEUE {
+        "control"
+    } else {
+        "cursor"
+    }
+}
+
+fn signal(q: u16, vring: &GpuVring) {
+    if let Err(e) = vring.signal_used_queue() {
+        log::debug!("{} queue: notifying the driver: {e}", queue_name(q));
+    }
+}
+
+impl Inner {
+    /// Stops queue `q` after a ring error: logs it once, tells the frontend
+    /// through the ring's error eventfd, and forgets the responses held for
+    /// it (their descriptors cannot be returned on this ring any more).
+    fn break_queue(&mut self, q: u16, vring: &GpuVring, error: RingError) {
+        let Some(broken) = self.broken.get_mut(usize::from(q)) else {
+            return;
+        };
+        if std::mem::replace(broken, true) {
+            return;
+        }
+        log::error!(
+            "{} queue: ring error: {error}; the queue is stopped until the frontend resets it",
+            queue_name(q)
+        );
+        if q == CONTROL_QUEUE {
+            self.rings = RingQueues::default();
+        }
+        if let Err(e) = vring.signal_error() {
+            log::debug!(
+                "{} queue: signalling the vring error eventfd: {e}",
+                queue_name(q)
+            );
+        }
+    }
+}
+
+/// Processes the available chains of queue `q`.
+fn process_queue(
+    inner: &mut Inner,
+    q: u16,
+    vring: &GpuVring,
+    guard: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+) -> Result<(), RingError> {
+    let cursor = q == CURSOR_QUEUE;
+    let (chains, size) = {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let size = queue.size();
+        match queue.iter(guard.clone()) {
+            Ok(iter) => (iter.collect::<Vec<_>>(), size),
+            // Not set up (or stopped) by the frontend: nothing to do.
+            Err(virtio_queue::Error::QueueNotReady) => return Ok(()),
+            Err(e) => return Err(RingError::AvailRing(e)),
+        }
+    };
+    let mut used = false;
+    let mut result = Ok(());
+    for chain in chains {
+        let head = chain.head_index();
+        if head >= size {
+            result = Err(RingError::HeadIndex { head, size });
+            break;
+        }
+        let request = read_request(guard, &chain);
+        let (bytes, deferred) = match request {
+            None => (Vec::new(), None),
+            Some(req) if cursor => (inner.device.process_cursor(&req), None),
+            Some(req) => {
+                let r = inner.device.process(&req);
+                let deferred = r.fence.map(|fence| (fence, r.held));
+                (r.bytes, deferred)
+            }
+        };
+        let len = write_response(guard, &chain, &bytes);
+        let ready = match deferred {
+            None => Some(head),
+            Some((fence, held)) => inner
+                .rings
+                .submit(Deferred {
+                    head,
+                    len,
+                    fence,
+                    held,
+                })
+                .map(|d| d.head),
+        };
+        if let Some(head) = ready {
+            let added = vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&**guard, head, len);
+            if let Err(e) = added {
+                result = Err(RingError::UsedRing(e));
+                break;
+            }
+            used = true;
+        }
+    }
+    if used {
+        let needed = vring
+            .get_mut()
+            .get_queue_mut()
+            .needs_notification(&**guard)
+            .unwrap_or(true);
+        if needed {
+            signal(q, vring);
+        }
+    }
+    result
 }
 
 /// The readable part of a chain, bounded.
@@ -240,7 +407,7 @@ where
 
 impl VhostUserBackend for GpuVhostBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = GpuVring;
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
@@ -256,10 +423,10 @@ impl VhostUserBackend for GpuVhostBackend {
             | (1 << VIRTIO_F_RING_RESET)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | feature::VIRGL
-            | feature::EDID
-            | feature::RESOURCE_BLOB
-            | feature::CONTEXT_INIT
+            | (1 << VIRTIO_GPU_F_VIRGL)
+            | (1 << VIRTIO_GPU_F_EDID)
+            | (1 << VIRTIO_GPU_F_RESOURCE_BLOB)
+            | (1 << VIRTIO_GPU_F_CONTEXT_INIT)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -269,7 +436,22 @@ impl VhostUserBackend for GpuVhostBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        // vhost-user-backend has disabled every vring; the frontend sets
+        // the device up again from scratch.
+        let mut inner = self.inner.lock();
+        inner.device.reset();
+        inner.rings = RingQueues::default();
+        inner.broken = [false; NUM_QUEUES];
+        drop(inner);
+        let _ = self.inbox.take();
+        log::info!("device reset by the frontend");
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -282,7 +464,7 @@ impl VhostUserBackend for GpuVhostBackend {
         let start = offset as usize;
         start
             .checked_add(size as usize)
-            .and_then(|end| c.get(start..end))
+            .and_then(|end| c.as_slice().get(start..end))
             .map(<[u8]>::to_vec)
             .unwrap_or_default()
     }
@@ -292,10 +474,28 @@ impl VhostUserBackend for GpuVhostBackend {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, shared: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // `shared` already holds the new table (and the vrings see it);
+        // the device only ever uses `self.memory`, which takes checked
+        // tables only (see [`memory`]).
+        let table = (*shared.memory()).clone();
+        if let Err(e) = memory::check_table(&table) {
+            log::error!("memory table refused: {e}");
+            drop(table);
+            let good = (*self.memory.memory()).clone();
+            match shared.lock() {
+                Ok(guard) => guard.replace(good),
+                Err(_) => log::error!("memory table refused, but the shared table is poisoned"),
+            }
+            return Err(io::Error::other(e));
+        }
         let mut inner = self.inner.lock();
-        inner.device.set_memory(mem.clone());
-        inner.memory = Some(mem);
+        match self.memory.lock() {
+            Ok(guard) => guard.replace(table),
+            Err(_) => return Err(io::Error::other("device memory lock poisoned")),
+        }
+        inner.device.set_memory(self.memory.clone());
+        inner.memory = Some(self.memory.clone());
         Ok(())
     }
 
@@ -305,26 +505,85 @@ impl VhostUserBackend for GpuVhostBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        // vhost-user-backend 0.24 turns the consumer into a raw fd for its
+        // epoll set and never closes it: a fresh dup per connection leaked
+        // one fd each time. It gets a non-owning alias of our consumer
+        // instead, which is closed once, when this backend drops.
+        let notifier = self.exit.1.try_clone().ok()?;
+        // SAFETY: the fd is open and owned by `self.exit.0` for as long as
+        // this backend lives. vhost-user-backend only calls `into_raw_fd`
+        // on the alias (so the alias never closes it) and polls the raw fd
+        // from its vring worker, whose handler holds an `Arc` of this
+        // backend: the fd outlives every use. The 1,000-reconnect test
+        // (tests/daemon_virtio.rs) checks the fd count stays flat.
+        let consumer = unsafe { EventConsumer::from_raw_fd(self.exit.0.as_raw_fd()) };
+        Some((consumer, notifier))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend stops the ring (guest reset, VM
+        // stop). A stopped ring takes no more used entries: the responses
+        // still held for it are returned now (their fences signal early; an
+        // EVENT_ARM fence signals without an event, which the guest takes
+        // as a spurious wake-up), and a ring stopped after an error starts
+        // afresh.
+        let Ok(q) = u16::try_from(queue_index) else {
+            return Ok(());
+        };
+        let mut inner = self.inner.lock();
+        let Some(broken) = inner.broken.get_mut(usize::from(q)) else {
+            return Ok(());
+        };
+        let was_broken = std::mem::replace(broken, false);
+        if q != CONTROL_QUEUE {
+            return Ok(());
+        }
+        let held = std::mem::take(&mut inner.rings).drain();
+        if was_broken || held.is_empty() {
+            return Ok(());
+        }
+        let (Some(vring), Some(mem)) = (self.control.lock().clone(), inner.memory.clone()) else {
+            return Ok(());
+        };
+        log::debug!(
+            "control queue stopped: returning {} held responses",
+            held.len()
+        );
+        let guard = mem.memory();
+        let result = held.iter().try_for_each(|d| {
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&*guard, d.head, d.len)
+                .map_err(RingError::UsedRing)
+        });
+        match result {
+            Ok(()) => signal(CONTROL_QUEUE, &vring),
+            Err(e) => log::warn!("control queue stopped: returning held responses: {e}"),
+        }
+        Ok(())
     }
 
     fn handle_event(
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[GpuVring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        let control = vrings
-            .get(CONTROL_QUEUE as usize)
-            .ok_or_else(|| io::Error::other("no control queue"))?;
+        // Nothing here returns an error: vhost-user-backend would end the
+        // vring worker (both queues) for good.
+        let Some(control) = vrings.get(usize::from(CONTROL_QUEUE)) else {
+            log::error!("no control queue");
+            return Ok(());
+        };
+        self.control.lock().get_or_insert_with(|| control.clone());
         match device_event {
-            CONTROL_QUEUE => self.drain_queue(control, false)?,
+            CONTROL_QUEUE => self.drain_queue(CONTROL_QUEUE, control),
             CURSOR_QUEUE => {
-                let cursor = vrings
-                    .get(CURSOR_QUEUE as usize)
-                    .ok_or_else(|| io::Error::other("no cursor queue"))?;
-                self.drain_queue(cursor, true)?;
+                if let Some(cursor) = vrings.get(usize::from(CURSOR_QUEUE)) {
+                    self.drain_queue(CURSOR_QUEUE, cursor);
+                }
             }
             TIMER_EVENT => {
                 let _ = self.timer.lock().wait();
@@ -335,6 +594,10 @@ impl VhostUserBackend for GpuVhostBackend {
             FENCE_EVENT => self.inner.lock().device.tick(),
             other => log::warn!("unexpected device event {other}"),
         }
-        self.complete_fences(control)
+        self.complete_fences(control);
+        Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

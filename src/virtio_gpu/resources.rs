@@ -2,8 +2,9 @@
 //!
 //! A resource is an id the guest chose, a kind, a size, and (once attached)
 //! a list of guest-physical ranges. Every range is checked against guest
-//! RAM when it is attached, the entry count is bounded, and lengths are
-//! summed without overflow; reads and writes go through vm-memory.
+//! RAM when it is attached, the entry count is bounded, adjacent entries
+//! are merged, and lengths are summed without overflow; reads go through
+//! vm-memory.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,15 +12,20 @@ use std::sync::Arc;
 use gpu_backend::GuestRam;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
-use super::wire::Cursor;
+use super::protocol::MemEntries;
 use crate::context_backend::{CtxId, GuestBacking, ResourceId, ResourceKind, ResourceView};
 
-/// Why backing entries were refused.
+/// Why backing entries were refused, or a backing could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BackingError {
-    /// More entries than allowed, or fewer bytes than announced.
-    #[error("bad entry count {0}")]
-    Count(u32),
+    /// No entries, or more than allowed.
+    #[error("{count} entries (1 to {max} allowed)")]
+    Count {
+        /// Entries sent.
+        count: u32,
+        /// The limit.
+        max: u32,
+    },
     /// An entry is not inside guest RAM (or has length 0).
     #[error("entry {addr:#x}+{len:#x} is not guest RAM")]
     NotGuestRam {
@@ -28,58 +34,80 @@ pub enum BackingError {
         /// Length.
         len: u32,
     },
+    /// Bytes outside the backing, or guest memory that cannot be read
+    /// (the memory table changed).
+    #[error("cannot read {len:#x} bytes at offset {offset:#x}")]
+    Read {
+        /// Offset in the resource.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
-/// Parses and checks `count` memory entries.
-pub fn parse_entries(
-    r: &mut Cursor<'_>,
-    count: u32,
+/// Host bytes one stored backing entry takes.
+pub const ENTRY_BYTES: u64 = std::mem::size_of::<(GuestAddress, u32)>() as u64;
+
+/// Host bytes a backing's entry list takes (what the per-guest budget
+/// counts).
+pub fn backing_cost(backing: &GuestBacking) -> u64 {
+    (backing.entries.capacity() as u64).saturating_mul(ENTRY_BYTES)
+}
+
+/// Checks memory entries and makes them a backing. An entry that continues
+/// the previous one in guest memory is merged into it, so a backing costs
+/// host memory for its discontiguous pieces only; duplicates stay separate
+/// (and are paid for).
+pub fn backing_from(
+    entries: MemEntries<'_>,
     max: u32,
     mem: &GuestRam,
 ) -> Result<GuestBacking, BackingError> {
+    let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
     if count == 0 || count > max {
-        return Err(BackingError::Count(count));
+        return Err(BackingError::Count { count, max });
     }
     let guard = mem.memory();
-    let mut entries = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let (Some(addr), Some(len), Some(_pad)) = (r.u64(), r.u32(), r.u32()) else {
-            return Err(BackingError::Count(count));
-        };
+    let mut out: Vec<(GuestAddress, u32)> = Vec::new();
+    for e in entries.iter() {
+        let (addr, len) = (e.addr.to_native(), e.length.to_native());
         if len == 0 || !guard.check_range(GuestAddress(addr), len as usize) {
             return Err(BackingError::NotGuestRam { addr, len });
         }
-        entries.push((GuestAddress(addr), len));
+        if let Some((last, last_len)) = out.last_mut() {
+            let continues = last.0.checked_add(u64::from(*last_len)) == Some(addr);
+            if let (true, Some(merged)) = (continues, last_len.checked_add(len)) {
+                *last_len = merged;
+                continue;
+            }
+        }
+        out.push((GuestAddress(addr), len));
     }
-    Ok(GuestBacking { entries })
+    out.shrink_to_fit();
+    Ok(GuestBacking { entries: out })
 }
 
 /// Copies `buf.len()` bytes from byte `offset` of the backing.
-pub fn read_backing(mem: &GuestRam, backing: &GuestBacking, offset: u64, buf: &mut [u8]) -> bool {
+pub fn read_backing(
+    mem: &GuestRam,
+    backing: &GuestBacking,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), BackingError> {
+    let err = BackingError::Read {
+        offset,
+        len: buf.len() as u64,
+    };
+    let pieces = backing.pieces(offset, buf.len() as u64).ok_or(err)?;
     let guard = mem.memory();
-    let mut entry_start = 0u64;
     let mut done = 0usize;
-    for (addr, len) in &backing.entries {
-        let len = u64::from(*len);
-        let entry_end = entry_start + len;
-        let want = offset + done as u64;
-        if want < entry_end && done < buf.len() {
-            let skip = want - entry_start;
-            let n = ((len - skip) as usize).min(buf.len() - done);
-            let Some(chunk) = buf.get_mut(done..done + n) else {
-                return false;
-            };
-            if guard
-                .read_slice(chunk, GuestAddress(addr.0 + skip))
-                .is_err()
-            {
-                return false;
-            }
-            done += n;
-        }
-        entry_start = entry_end;
+    for (addr, n) in pieces {
+        let n = usize::try_from(n).map_err(|_| err)?;
+        let chunk = buf.get_mut(done..done + n).ok_or(err)?;
+        guard.read_slice(chunk, addr).map_err(|_| err)?;
+        done += n;
     }
-    done == buf.len()
+    Ok(())
 }
 
 /// One resource.
@@ -95,6 +123,11 @@ pub struct Resource {
     pub height: u32,
     /// Size in bytes (buffers, blobs; 4 * width * height for images).
     pub size: u64,
+    /// Bytes from one row of pixels to the next (images; blobs once shown
+    /// with `SET_SCANOUT_BLOB`).
+    pub stride: u64,
+    /// Byte of the first pixel.
+    pub offset: u64,
     /// The guest backing.
     pub backing: Option<Arc<GuestBacking>>,
     /// Host copy of a 2D image (filled by TRANSFER_TO_HOST_2D).
@@ -112,6 +145,8 @@ impl Resource {
             width,
             height,
             size,
+            stride: u64::from(width) * 4,
+            offset: 0,
             backing: None,
             image: None,
             contexts: BTreeSet::new(),
@@ -140,44 +175,82 @@ mod tests {
         )
     }
 
-    fn entries(list: &[(u64, u32)]) -> Vec<u8> {
+    fn parse(list: &[(u64, u32)], max: u32, mem: &GuestRam) -> Result<GuestBacking, BackingError> {
         let mut b = Vec::new();
         for (a, l) in list {
             b.extend_from_slice(&a.to_le_bytes());
             b.extend_from_slice(&l.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
         }
-        b
+        backing_from(MemEntries::take(&b, list.len() as u32).unwrap(), max, mem)
     }
 
     #[test]
     fn entries_are_checked_against_guest_ram() {
         let mem = ram();
-        let ok = entries(&[(0x1000, 0x1000), (0x8000, 0x800)]);
-        let b = parse_entries(&mut Cursor::new(&ok), 2, 16, &mem).unwrap();
+        let b = parse(&[(0x1000, 0x1000), (0x8000, 0x800)], 16, &mem).unwrap();
         assert_eq!(b.len(), 0x1800);
-        let outside = entries(&[(0xF800, 0x1000)]);
         assert_eq!(
-            parse_entries(&mut Cursor::new(&outside), 1, 16, &mem),
+            parse(&[(0xF800, 0x1000)], 16, &mem),
             Err(BackingError::NotGuestRam {
                 addr: 0xF800,
                 len: 0x1000
             })
         );
-        let wrap = entries(&[(u64::MAX - 10, 0x100)]);
-        assert!(parse_entries(&mut Cursor::new(&wrap), 1, 16, &mem).is_err());
+        assert!(parse(&[(u64::MAX - 10, 0x100)], 16, &mem).is_err(), "wraps");
+        assert!(parse(&[(0x1000, 0)], 16, &mem).is_err(), "empty entry");
         assert_eq!(
-            parse_entries(&mut Cursor::new(&ok), 3, 16, &mem),
-            Err(BackingError::Count(3))
+            parse(&[(0x1000, 1); 17], 16, &mem),
+            Err(BackingError::Count { count: 17, max: 16 })
         );
         assert_eq!(
-            parse_entries(&mut Cursor::new(&ok), 17, 16, &mem),
-            Err(BackingError::Count(17))
+            parse(&[], 16, &mem),
+            Err(BackingError::Count { count: 0, max: 16 })
         );
+    }
+
+    #[test]
+    fn adjacent_entries_are_merged_and_duplicates_kept() {
+        let mem = ram();
+        let list: Vec<(u64, u32)> = (0..64).map(|i| (0x1000 + i * 0x100, 0x100)).collect();
+        let b = parse(&list, 64, &mem).unwrap();
+        assert_eq!(b.entries, vec![(GuestAddress(0x1000), 0x4000)]);
+        assert_eq!(backing_cost(&b), ENTRY_BYTES);
+        let b = parse(
+            &[(0x1000, 0x1000), (0x1000, 0x1000), (0x2000, 0x10)],
+            16,
+            &mem,
+        )
+        .unwrap();
         assert_eq!(
-            parse_entries(&mut Cursor::new(&ok), 0, 16, &mem),
-            Err(BackingError::Count(0))
+            b.entries,
+            vec![
+                (GuestAddress(0x1000), 0x1000),
+                (GuestAddress(0x1000), 0x1010)
+            ]
         );
+        assert_eq!(backing_cost(&b), 2 * ENTRY_BYTES);
+    }
+
+    #[test]
+    fn merged_entries_stay_below_4_gib() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_2000_0000)]).unwrap(),
+        );
+        let list = [
+            (0, 0xFFFF_F000u32),
+            (0xFFFF_F000, 0x2000),
+            (0x1_0000_1000, 0x1000),
+        ];
+        let b = parse(&list, 16, &mem).unwrap();
+        assert_eq!(
+            b.entries,
+            vec![
+                (GuestAddress(0), 0xFFFF_F000),
+                (GuestAddress(0xFFFF_F000), 0x3000)
+            ]
+        );
+        assert_eq!(b.len(), 0x1_0000_2000);
     }
 
     #[test]
@@ -196,8 +269,19 @@ mod tests {
             ],
         };
         let mut buf = [0u8; 4];
-        assert!(read_backing(&mem, &b, 0xFFE, &mut buf));
+        read_backing(&mem, &b, 0xFFE, &mut buf).unwrap();
         assert_eq!(buf, [1, 2, 5, 6]);
-        assert!(!read_backing(&mem, &b, 0x10FE, &mut buf), "past the end");
+        assert_eq!(
+            read_backing(&mem, &b, 0x10FE, &mut buf),
+            Err(BackingError::Read {
+                offset: 0x10FE,
+                len: 4
+            }),
+            "past the end"
+        );
+        let gone = GuestBacking {
+            entries: vec![(GuestAddress(0x20000), 0x1000)],
+        };
+        assert!(read_backing(&mem, &gone, 0, &mut buf).is_err(), "not RAM");
     }
 }

@@ -11,12 +11,24 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::gpu_message::GpuBackendReq;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_gpu_nc::virtio_gpu::protocol::{
+    CtrlHdr, VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, VIRTIO_GPU_CMD_CTX_CREATE,
+    VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
+    VIRTIO_GPU_CMD_SUBMIT_3D, VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID,
+    VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_VIRGL, VIRTIO_GPU_FLAG_FENCE,
+    VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_OK_NODATA,
+};
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const RAM_SIZE: usize = 64 << 20;
@@ -30,63 +42,49 @@ pub const RESP_GPA: u64 = 0x20_0000;
 /// Memory the tests hand out to resources.
 pub const HEAP_GPA: u64 = 0x40_0000;
 
-pub mod cmd {
-    pub const GET_DISPLAY_INFO: u32 = 0x0100;
-    pub const RESOURCE_CREATE_2D: u32 = 0x0101;
-    pub const RESOURCE_UNREF: u32 = 0x0102;
-    pub const SET_SCANOUT: u32 = 0x0103;
-    pub const RESOURCE_FLUSH: u32 = 0x0104;
-    pub const TRANSFER_TO_HOST_2D: u32 = 0x0105;
-    pub const RESOURCE_ATTACH_BACKING: u32 = 0x0106;
-    pub const GET_CAPSET_INFO: u32 = 0x0108;
-    pub const GET_CAPSET: u32 = 0x0109;
-    pub const GET_EDID: u32 = 0x010a;
-    pub const RESOURCE_CREATE_BLOB: u32 = 0x010c;
-    pub const CTX_CREATE: u32 = 0x0200;
-    pub const CTX_DESTROY: u32 = 0x0201;
-    pub const CTX_ATTACH_RESOURCE: u32 = 0x0202;
-    pub const RESOURCE_CREATE_3D: u32 = 0x0204;
-    pub const SUBMIT_3D: u32 = 0x0207;
-    pub const OK_NODATA: u32 = 0x1100;
-    pub const OK_DISPLAY_INFO: u32 = 0x1101;
-    pub const OK_CAPSET_INFO: u32 = 0x1102;
-    pub const OK_CAPSET: u32 = 0x1103;
-    pub const OK_EDID: u32 = 0x1104;
-    pub const ERR_UNSPEC: u32 = 0x1200;
-    pub const ERR_OUT_OF_MEMORY: u32 = 0x1201;
-    pub const ERR_INVALID_SCANOUT_ID: u32 = 0x1202;
-    pub const ERR_INVALID_RESOURCE_ID: u32 = 0x1203;
-    pub const ERR_INVALID_CONTEXT_ID: u32 = 0x1204;
-    pub const ERR_INVALID_PARAMETER: u32 = 0x1205;
-}
-
-pub const FLAG_FENCE: u32 = 1;
-pub const FLAG_RING_IDX: u32 = 2;
-pub const F_VIRGL: u64 = 1 << 0;
-pub const F_EDID: u64 = 1 << 1;
-pub const F_BLOB: u64 = 1 << 3;
-pub const F_CONTEXT_INIT: u64 = 1 << 4;
-const F_VERSION_1: u64 = 1 << 32;
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VIRTIO_GPU_F_* as feature masks.
+pub const F_VIRGL: u64 = 1 << VIRTIO_GPU_F_VIRGL;
+pub const F_EDID: u64 = 1 << VIRTIO_GPU_F_EDID;
+pub const F_BLOB: u64 = 1 << VIRTIO_GPU_F_RESOURCE_BLOB;
+pub const F_CONTEXT_INIT: u64 = 1 << VIRTIO_GPU_F_CONTEXT_INIT;
+const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// The daemon process.
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
+    /// Where its stderr goes, if captured.
+    log: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::spawn(args, false)
+    }
+
+    /// Starts the daemon with its stderr (the log) captured in a file.
+    pub fn start_logged(args: &[&str]) -> Daemon {
+        Daemon::spawn(args, true)
+    }
+
+    fn spawn(args: &[&str], capture: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("gpu.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"))
-            .arg("--socket-path")
+        let log = capture.then(|| dir.path().join("daemon.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"));
+        cmd.arg("--socket-path")
             .arg(&socket)
-            .args(["--compute-units", "2", "--log-level", "warn"])
-            .args(args)
-            .spawn()
-            .unwrap();
+            .args(["--compute-units", "2"])
+            .args(args);
+        if !args.contains(&"--log-level") {
+            cmd.args(["--log-level", "warn"]);
+        }
+        if let Some(log) = &log {
+            cmd.stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+        }
+        let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "daemon did not listen");
@@ -95,12 +93,68 @@ impl Daemon {
         Daemon {
             child,
             socket,
+            log,
             _dir: dir,
         }
     }
 
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The captured log so far (empty if not captured).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The daemon's open file descriptors (/proc/PID/fd).
+    pub fn fds(&self) -> Vec<i32> {
+        let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort_unstable();
+        fds
+    }
+
+    /// CPU time the daemon used so far (user + system).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which is in parentheses).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Sets the daemon's soft RLIMIT_NOFILE; returns the previous limits.
+    pub fn set_fd_limit(&self, soft: u64) -> libc::rlimit {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reading our child's limit into `old`.
+        let rc =
+            unsafe { libc::prlimit(self.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: setting our child's limit from a valid struct.
+        let rc =
+            unsafe { libc::prlimit(self.pid(), libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        old
     }
 }
 
@@ -111,21 +165,36 @@ impl Drop for Daemon {
     }
 }
 
-/// Shared guest RAM (memfd) mapped into the test process.
+/// Shared guest RAM (memfd) mapped into the test process. The mapping is
+/// always `RAM_SIZE` long; the file may be shorter (a frontend that lies
+/// about its regions), and then only `file_size` bytes may be touched here.
 pub struct GuestRam {
-    fd: std::fs::File,
+    pub fd: std::fs::File,
     ptr: *mut u8,
+    file_size: usize,
+}
+
+/// A fresh memfd of `size` bytes.
+pub fn memfd(size: u64) -> std::fs::File {
+    // SAFETY: memfd_create with a static NUL-terminated name.
+    let raw = unsafe { libc::memfd_create(c"extra-ram".as_ptr(), 0) };
+    assert!(raw >= 0);
+    // SAFETY: we own the fresh fd.
+    let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    fd.set_len(size).unwrap();
+    fd
 }
 
 impl GuestRam {
-    fn new() -> GuestRam {
+    fn new(file_size: usize) -> GuestRam {
         // SAFETY: memfd_create with a static NUL-terminated name.
         let raw = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), 0) };
         assert!(raw >= 0);
         // SAFETY: we own the fresh fd.
         let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        fd.set_len(RAM_SIZE as u64).unwrap();
-        // SAFETY: a shared mapping of the whole memfd.
+        fd.set_len(file_size as u64).unwrap();
+        // SAFETY: a shared mapping of the memfd (pages past its end are
+        // never touched by the harness).
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -140,6 +209,7 @@ impl GuestRam {
         GuestRam {
             fd,
             ptr: ptr.cast(),
+            file_size,
         }
     }
 
@@ -147,23 +217,28 @@ impl GuestRam {
         self.ptr as u64 + gpa
     }
 
+    fn check(&self, gpa: u64, len: usize) {
+        assert!(gpa as usize + len <= self.file_size, "{gpa:#x}+{len:#x}");
+    }
+
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= RAM_SIZE);
-        // SAFETY: in bounds of the mapping (checked above).
+        self.check(gpa, bytes.len());
+        // SAFETY: in bounds of the mapping and the file (checked above).
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
         };
     }
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= RAM_SIZE);
+        self.check(gpa, len);
         let mut v = vec![0u8; len];
-        // SAFETY: in bounds of the mapping (checked above).
+        // SAFETY: in bounds of the mapping and the file (checked above).
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), v.as_mut_ptr(), len) };
         v
     }
 
     pub fn u16(&self, gpa: u64) -> u16 {
+        self.check(gpa, 2);
         // SAFETY: aligned, in bounds; the daemon writes it concurrently.
         unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize).cast::<u16>()) }
     }
@@ -177,9 +252,22 @@ impl GuestRam {
     }
 
     pub fn set_u16(&self, gpa: u64, v: u16) {
+        self.check(gpa, 2);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         // SAFETY: aligned, in bounds.
         unsafe { std::ptr::write_volatile(self.ptr.add(gpa as usize).cast::<u16>(), v) };
+    }
+
+    /// A memory-table entry for `[gpa, gpa + size)`, backed by the same
+    /// offset of the memfd.
+    pub fn region(&self, gpa: u64, size: u64) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.host_addr(gpa),
+            mmap_offset: gpa,
+            mmap_handle: self.fd.as_raw_fd(),
+        }
     }
 }
 
@@ -199,6 +287,7 @@ struct Queue {
     used_idx: u16,
     kick: EventFd,
     call: EventFd,
+    err: EventFd,
 }
 
 /// A descriptor of a chain the test builds.
@@ -207,6 +296,39 @@ pub struct Desc {
     pub addr: u64,
     pub len: u32,
     pub write: bool,
+}
+
+/// How the guest memory is given to the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemSetup {
+    /// One SET_MEM_TABLE region of `RAM_SIZE` bytes.
+    Table,
+    /// ADD_MEM_REG of two regions, halves of `RAM_SIZE` (needs
+    /// CONFIGURE_MEM_SLOTS).
+    Slots,
+}
+
+/// How the harness sets the device up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// VIRTIO_GPU_F_* bits to ack (of what the device offers).
+    pub features: u64,
+    /// Protocol features to ask for besides CONFIG, MQ and REPLY_ACK.
+    pub protocol: VhostUserProtocolFeatures,
+    /// The memfd's real size (the regions claim `RAM_SIZE`).
+    pub file_size: usize,
+    pub memory: MemSetup,
+}
+
+impl Setup {
+    pub fn new(features: u64) -> Setup {
+        Setup {
+            features,
+            protocol: VhostUserProtocolFeatures::empty(),
+            file_size: RAM_SIZE,
+            memory: MemSetup::Table,
+        }
+    }
 }
 
 /// The VMM + guest driver.
@@ -220,88 +342,161 @@ pub struct Vmm {
     heap: u64,
 }
 
+/// Connects to the daemon's socket, retrying while it is between bind()
+/// and listen().
+pub fn connect_socket(socket: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connecting to the daemon: {e}"),
+        }
+    }
+}
+
 impl Vmm {
     /// Connects and sets the device up like QEMU does, acking `features`
     /// (VIRTIO_GPU_F_* bits) of what the device offers.
     pub fn connect(socket: &Path, features: u64) -> Vmm {
-        // The socket file appears at bind(), a moment before listen().
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match std::os::unix::net::UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => panic!("connecting to the daemon: {e}"),
-            }
-        };
+        Vmm::connect_with(socket, Setup::new(features))
+    }
+
+    pub fn connect_with(socket: &Path, setup: Setup) -> Vmm {
+        Vmm::try_connect(socket, setup).unwrap()
+    }
+
+    /// Connects and sets the device up; the first vhost-user error is
+    /// returned (every request waits for its REPLY_ACK).
+    pub fn try_connect(socket: &Path, setup: Setup) -> Result<Vmm, vhost::Error> {
+        Vmm::try_connect_stream(connect_socket(socket), setup)
+    }
+
+    /// Sets the device up over an already connected stream.
+    pub fn try_connect_stream(
+        stream: std::os::unix::net::UnixStream,
+        setup: Setup,
+    ) -> Result<Vmm, vhost::Error> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let raw = stream.try_clone().unwrap();
         let mut frontend = Frontend::from_stream(stream, 2);
-        frontend.set_owner().unwrap();
-        let offered = frontend.get_features().unwrap();
+        frontend.set_owner()?;
+        let offered = frontend.get_features()?;
         assert_ne!(offered & F_PROTOCOL_FEATURES, 0);
-        let acked = offered & (features | F_VERSION_1 | F_PROTOCOL_FEATURES);
-        frontend.set_features(acked).unwrap();
-        let pf = frontend.get_protocol_features().unwrap();
+        let acked = offered & (setup.features | F_VERSION_1 | F_PROTOCOL_FEATURES);
+        frontend.set_features(acked)?;
+        let pf = frontend.get_protocol_features()?;
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
-        frontend
-            .set_protocol_features(
-                pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
-            )
-            .unwrap();
-        let ram = GuestRam::new();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: RAM_SIZE as u64,
-            userspace_addr: ram.host_addr(0),
-            mmap_offset: 0,
-            mmap_handle: ram.fd.as_raw_fd(),
-        };
-        frontend.set_mem_table(&[region]).unwrap();
-        let mut queues = Vec::new();
-        for q in 0..2usize {
-            let base = RING_BASE + q as u64 * RING_STRIDE;
-            let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
-            frontend.set_vring_num(q, QUEUE_SIZE).unwrap();
-            frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: QUEUE_SIZE,
-                        queue_size: QUEUE_SIZE,
-                        flags: 0,
-                        desc_table_addr: ram.host_addr(desc),
-                        used_ring_addr: ram.host_addr(used),
-                        avail_ring_addr: ram.host_addr(avail),
-                        log_addr: None,
-                    },
-                )
-                .unwrap();
-            frontend.set_vring_base(q, 0).unwrap();
-            let kick = EventFd::new(0).unwrap();
-            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            frontend.set_vring_kick(q, &kick).unwrap();
-            frontend.set_vring_call(q, &call).unwrap();
-            frontend.set_vring_enable(q, true).unwrap();
-            queues.push(Queue {
-                desc,
-                avail,
-                used,
-                avail_idx: 0,
-                used_idx: 0,
-                kick,
-                call,
-            });
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | setup.protocol;
+        frontend.set_protocol_features(pf & want)?;
+        // Every request without a reply of its own waits for its ack, so
+        // the daemon has handled it when the call returns.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let ram = GuestRam::new(setup.file_size);
+        match setup.memory {
+            MemSetup::Table => {
+                frontend.set_mem_table(&[ram.region(0, RAM_SIZE as u64)])?;
+            }
+            MemSetup::Slots => {
+                let half = RAM_SIZE as u64 / 2;
+                frontend.add_mem_region(&ram.region(0, half))?;
+                frontend.add_mem_region(&ram.region(half, half))?;
+            }
         }
-        Vmm {
+        let mut vmm = Vmm {
             frontend,
             raw,
             ram,
-            queues,
+            queues: Vec::new(),
             features: acked,
             heap: HEAP_GPA,
+        };
+        for q in 0..2usize {
+            let base = RING_BASE + q as u64 * RING_STRIDE;
+            let queue = Queue {
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                avail_idx: 0,
+                used_idx: 0,
+                kick: EventFd::new(0).unwrap(),
+                call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                err: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            };
+            vmm.queues.push(queue);
+            vmm.start_queue(q)?;
         }
+        Ok(vmm)
+    }
+
+    /// SET_VRING_NUM, _ADDR, _BASE (0), _KICK, _CALL, _ERR and _ENABLE for
+    /// queue `q`, with its rings where the harness keeps them.
+    fn start_queue(&mut self, q: usize) -> Result<(), vhost::Error> {
+        let queue = &self.queues[q];
+        let (desc, avail, used) = (queue.desc, queue.avail, queue.used);
+        self.frontend.set_vring_num(q, QUEUE_SIZE)?;
+        self.frontend.set_vring_addr(
+            q,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: self.ram.host_addr(desc),
+                used_ring_addr: self.ram.host_addr(used),
+                avail_ring_addr: self.ram.host_addr(avail),
+                log_addr: None,
+            },
+        )?;
+        self.frontend.set_vring_base(q, 0)?;
+        let queue = &self.queues[q];
+        self.frontend.set_vring_kick(q, &queue.kick)?;
+        self.frontend.set_vring_call(q, &queue.call)?;
+        self.frontend.set_vring_err(q, &queue.err)?;
+        self.frontend.set_vring_enable(q, true)?;
+        Ok(())
+    }
+
+    /// Stops queue `q` (GET_VRING_BASE, as QEMU does on a guest reset),
+    /// clears its rings and starts it again from index 0.
+    pub fn reset_queue(&mut self, q: usize) {
+        self.frontend.get_vring_base(q).unwrap();
+        let queue = &mut self.queues[q];
+        self.ram.write(queue.desc, &[0u8; 0x3000]);
+        queue.avail_idx = 0;
+        queue.used_idx = 0;
+        self.start_queue(q).unwrap();
+    }
+
+    /// Sets the device up again after RESET_DEVICE (features, both rings
+    /// from index 0), as a frontend does when the driver starts over.
+    pub fn restart_after_reset(&mut self) {
+        self.frontend.set_features(self.features).unwrap();
+        for q in 0..2 {
+            self.reset_queue(q);
+        }
+    }
+
+    /// Whether the daemon signalled queue `q`'s error eventfd
+    /// (VHOST_USER_SET_VRING_ERR) since the last call.
+    pub fn vring_error(&self, q: usize) -> bool {
+        self.queues[q].err.read().is_ok()
+    }
+
+    /// Moves queue `q`'s avail index by `n` without writing entries, and
+    /// kicks.
+    pub fn advance_avail(&mut self, q: usize, n: u16) {
+        let queue = &mut self.queues[q];
+        queue.avail_idx = queue.avail_idx.wrapping_add(n);
+        self.ram.set_u16(queue.avail + 2, queue.avail_idx);
+        queue.kick.write(1).unwrap();
     }
 
     /// The device config space.
@@ -391,13 +586,20 @@ impl Vmm {
 
     /// Sends a control request and returns the response bytes.
     pub fn ctrl(&mut self, request: &[u8], resp_len: u32) -> Vec<u8> {
-        self.ram.write(REQ_GPA, request);
+        assert!(request.len() as u64 <= RESP_GPA - REQ_GPA, "use ctrl_at");
+        self.ctrl_at(REQ_GPA, request, resp_len)
+    }
+
+    /// Sends a control request placed at `req_gpa` (for requests larger
+    /// than the harness's request buffer) and returns the response bytes.
+    pub fn ctrl_at(&mut self, req_gpa: u64, request: &[u8], resp_len: u32) -> Vec<u8> {
+        self.ram.write(req_gpa, request);
         self.ram.write(RESP_GPA, &vec![0u8; resp_len as usize]);
         self.post(
             0,
             &[
                 Desc {
-                    addr: REQ_GPA,
+                    addr: req_gpa,
                     len: request.len() as u32,
                     write: false,
                 },
@@ -423,14 +625,15 @@ impl Vmm {
 
 /// A request header.
 pub fn hdr(type_: u32, flags: u32, fence: u64, ctx: u32, ring: u8) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    v.extend_from_slice(&type_.to_le_bytes());
-    v.extend_from_slice(&flags.to_le_bytes());
-    v.extend_from_slice(&fence.to_le_bytes());
-    v.extend_from_slice(&ctx.to_le_bytes());
-    v.push(ring);
-    v.extend_from_slice(&[0; 3]);
-    v
+    let h = CtrlHdr {
+        type_: type_.into(),
+        flags: flags.into(),
+        fence_id: fence.into(),
+        ctx_id: ctx.into(),
+        ring_idx: ring,
+        padding: [0; 3],
+    };
+    h.as_slice().to_vec()
 }
 
 /// A request: header then little-endian u32 fields.
@@ -458,21 +661,21 @@ impl Vmm {
     /// returns the backing's GPA.
     pub fn buffer_3d(&mut self, id: u32, bytes: u32) -> u64 {
         let r = req(
-            cmd::RESOURCE_CREATE_3D,
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_3D,
             0,
             &[id, 0, 64, 1, bytes, 1, 1, 1, 0, 0, 0, 0],
         );
-        assert_eq!(self.ctrl_type(&r), cmd::OK_NODATA);
+        assert_eq!(self.ctrl_type(&r), VIRTIO_GPU_RESP_OK_NODATA);
         let gpa = self.alloc(u64::from(bytes));
-        let mut a = req(cmd::RESOURCE_ATTACH_BACKING, 0, &[id, 1]);
+        let mut a = req(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, &[id, 1]);
         a.extend(entries(&[(gpa, bytes.next_multiple_of(4096))]));
-        assert_eq!(self.ctrl_type(&a), cmd::OK_NODATA);
+        assert_eq!(self.ctrl_type(&a), VIRTIO_GPU_RESP_OK_NODATA);
         gpa
     }
 
     /// CTX_CREATE with `context_init`.
     pub fn ctx_create(&mut self, ctx: u32, context_init: u32) -> u32 {
-        let mut r = req(cmd::CTX_CREATE, ctx, &[4, context_init]);
+        let mut r = req(VIRTIO_GPU_CMD_CTX_CREATE, ctx, &[4, context_init]);
         let mut name = [0u8; 64];
         name[..4].copy_from_slice(b"test");
         r.extend_from_slice(&name);
@@ -481,18 +684,23 @@ impl Vmm {
 
     /// CTX_ATTACH_RESOURCE.
     pub fn ctx_attach(&mut self, ctx: u32, id: u32) -> u32 {
-        self.ctrl_type(&req(cmd::CTX_ATTACH_RESOURCE, ctx, &[id, 0]))
+        self.ctrl_type(&req(VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, ctx, &[id, 0]))
     }
 
     /// SUBMIT_3D of `commands` on `ctx`, with an optional (fence, ring).
-    /// Posts the chain and returns without waiting.
-    pub fn post_submit(&mut self, ctx: u32, commands: &[u8], fence: Option<(u64, Option<u8>)>) {
+    /// Posts the chain and returns its head without waiting.
+    pub fn post_submit(
+        &mut self,
+        ctx: u32,
+        commands: &[u8],
+        fence: Option<(u64, Option<u8>)>,
+    ) -> u16 {
         let (flags, id, ring) = match fence {
             None => (0, 0, 0),
-            Some((id, None)) => (FLAG_FENCE, id, 0),
-            Some((id, Some(r))) => (FLAG_FENCE | FLAG_RING_IDX, id, r),
+            Some((id, None)) => (VIRTIO_GPU_FLAG_FENCE, id, 0),
+            Some((id, Some(r))) => (VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX, id, r),
         };
-        let mut r = hdr(cmd::SUBMIT_3D, flags, id, ctx, ring);
+        let mut r = hdr(VIRTIO_GPU_CMD_SUBMIT_3D, flags, id, ctx, ring);
         r.extend_from_slice(&(commands.len() as u32).to_le_bytes());
         r.extend_from_slice(&0u32.to_le_bytes());
         r.extend_from_slice(commands);
@@ -516,12 +724,12 @@ impl Vmm {
                     write: true,
                 },
             ],
-        );
+        )
     }
 
     /// SUBMIT_3D and wait for its response type.
     pub fn submit(&mut self, ctx: u32, commands: &[u8]) -> u32 {
-        self.post_submit(ctx, commands, None);
+        let _ = self.post_submit(ctx, commands, None);
         let (head, _) = self
             .wait_used(0, Duration::from_secs(20))
             .expect("no response");
@@ -550,19 +758,42 @@ pub struct GpuSocketPeer {
     pub msgs: std::sync::Arc<std::sync::Mutex<Vec<GpuMsg>>>,
 }
 
+/// How the frontend's end of the GPU socket behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerMode {
+    /// Answers display queries (800x600, no EDID), records the rest.
+    Answers,
+    /// Reads and records everything, answers nothing.
+    Silent,
+    /// Closes its end at once.
+    Closes,
+}
+
 impl Vmm {
-    /// Sends VHOST_USER_GPU_SET_SOCKET (33) with one end of a socketpair,
+    /// Sends VHOST_USER_GPU_SET_SOCKET with one end of a socketpair,
     /// as QEMU does; the vhost frontend API has no call for it.
     pub fn set_gpu_socket(&mut self) -> GpuSocketPeer {
+        self.set_gpu_socket_peer(PeerMode::Answers)
+    }
+
+    pub fn set_gpu_socket_peer(&mut self, mode: PeerMode) -> GpuSocketPeer {
         use std::io::{Read, Write};
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let hdr: Vec<u8> = [33u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let set_socket = u32::from(FrontendReq::GPU_SET_SOCKET);
+        let hdr: Vec<u8> = [set_socket, 1, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         send_with_fd(&self.raw, &hdr, theirs.as_raw_fd());
         drop(theirs);
         // No reply without REPLY_ACK: a request that has one orders us
         // after the backend handled the socket.
         self.frontend.get_features().unwrap();
         let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if mode == PeerMode::Closes {
+            drop(ours);
+            return GpuSocketPeer { msgs };
+        }
         let log = msgs.clone();
         std::thread::spawn(move || {
             let mut sock = ours;
@@ -577,8 +808,10 @@ impl Vmm {
                 if sock.read_exact(&mut body).is_err() {
                     return;
                 }
-                let reply: Option<Vec<u8>> = match request {
-                    3 => {
+                let display_info = u32::from(GpuBackendReq::GET_DISPLAY_INFO);
+                let get_edid = u32::from(GpuBackendReq::GET_EDID);
+                let reply: Option<Vec<u8>> = match (mode, request) {
+                    (PeerMode::Answers, r) if r == display_info => {
                         // virtio_gpu_resp_display_info: header, 16 modes.
                         let mut b = vec![0u8; 24 + 16 * 24];
                         for (i, v) in [0u32, 0, 800, 600, 1, 0].iter().enumerate() {
@@ -587,14 +820,15 @@ impl Vmm {
                         Some(b)
                     }
                     // No EDID from this frontend: size 0.
-                    11 => Some(vec![0u8; 24 + 8 + 1024]),
+                    (PeerMode::Answers, r) if r == get_edid => Some(vec![0u8; 24 + 8 + 1024]),
                     _ => None,
                 };
                 if let Some(b) = reply {
-                    let mut out: Vec<u8> = [request, 0x4, b.len() as u32]
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect();
+                    let mut out: Vec<u8> =
+                        [request, VhostUserHeaderFlag::REPLY.bits(), b.len() as u32]
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect();
                     out.extend(b);
                     sock.write_all(&out).unwrap();
                 } else {
