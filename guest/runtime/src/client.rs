@@ -180,6 +180,9 @@ impl Backoff {
     }
 }
 
+/// Offset of the fault ring header's `interrupts` counter (protocol 1.1).
+pub const FAULT_RING_INTERRUPTS_OFFSET: u64 = 16;
+
 /// How long a reply may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -473,6 +476,15 @@ impl<C: Channel> Client<C> {
             .map_err(io_err("fault ring"))?;
         self.faults_seen += out.len() as u64;
         Ok(out)
+    }
+
+    /// The fault ring header's `interrupts` counter (protocol 1.1: offset
+    /// 16, incremented by the device for every interrupt; 0 on a 1.0
+    /// device, which leaves the field reserved).
+    pub fn interrupts(&self) -> Result<u32> {
+        self.channel
+            .load_u32(self.layout.ring_off + FAULT_RING_INTERRUPTS_OFFSET)
+            .map_err(io_err("fault ring"))
     }
 
     /// Waits until signal `slot` holds `value`, calling `on_idle` between
