@@ -8,12 +8,14 @@
 #   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
 #     tests/qemu/work/kernel (vmlinuz + modules with modules.dep),
 #   - the patched QEMU of the native profile (build-qemu.sh: built once per
-#     QEMU version and patch set, cached under ~/.cache/vhost-gpu-nc/qemu).
+#     QEMU version and patch set, cached under ~/.cache/vhost-gpu-nc/qemu),
 #   - virtio-gpu.ko rebuilt out of tree from Debian's linux-source for that
 #     exact kernel with our patch series (guest/kernel/build.sh, cached under
 #     ~/.cache/vhost-gpu-nc/kernel), in tests/qemu/work/kernel/rebuilt; the
 #     initramfs loads it instead of Debian's module unless
-#     NC_STOCK_VIRTIO_GPU=1.
+#     NC_STOCK_VIRTIO_GPU=1,
+#   - Debian's ROCm 5.2.3 user space and the glibc guest root's libraries
+#     (rocm-setup.sh, cached outside the checkout).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work="$here/work"
@@ -134,4 +136,5 @@ install_kernel
 native_qemu=$("$here/build-qemu.sh")
 log "patched QEMU (native profile): $native_qemu"
 install_virtio_gpu
+log "ROCm user space in $("$here/rocm-setup.sh")"
 log "done"
