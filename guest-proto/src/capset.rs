@@ -9,7 +9,8 @@
 //! Decoding is lenient where the protocol asks for it: a newer minor version
 //! may report a longer payload, set feature bits this version does not know,
 //! and use fields that are reserved today, so the decoder accepts all of
-//! that and keeps only what version 1.0 defines.
+//! that and keeps only what version 1.1 defines (a 1.0 device has zeros in
+//! the fields 1.1 added).
 
 use crate::error::DecodeError;
 use crate::kernel::ALL_KERNELS_MASK;
@@ -26,7 +27,9 @@ pub const CAPSET_SIZE: usize = 128;
 pub const CAPSET_MAGIC: u32 = 0x434E_4756;
 /// The protocol major version this crate speaks.
 pub const VERSION_MAJOR: u16 = 1;
-/// The protocol minor version this crate speaks.
+/// The protocol minor version this crate speaks: 1.1 adds faults
+/// resolved by the guest kernel (section 15) and user-mode queues
+/// (section 14).
 pub const VERSION_MINOR: u16 = 1;
 
 /// Width of a GPU VA on the simulated GPU.
@@ -59,6 +62,8 @@ pub const DEFAULT_FAULT_TIMEOUT_MS: u32 = 10_000;
 pub const DEFAULT_MAX_SIGNAL_SLOTS: u32 = 65_536;
 /// Default capacity limit of a fault ring.
 pub const DEFAULT_MAX_FAULT_RING_RECORDS: u32 = 65_536;
+/// Default user queues per session (1.1).
+pub const DEFAULT_MAX_USER_QUEUES: u32 = 16;
 
 /// The capset's `features` bit set. Unknown bits are kept, so a guest can
 /// still see them, but [`Features::contains`] only ever asks about one.
@@ -76,10 +81,14 @@ impl Features {
     pub const BIND_PAGES: Features = Features(1 << 2);
     /// The `PREFETCH` range attribute posts prefetch records.
     pub const PREFETCH: Features = Features(1 << 3);
-    /// 1.1: `SVM_ATTACH`/`SVM_DETACH`, faults resolved by the guest kernel.
+    /// 1.1: `SVM_ATTACH`/`SVM_DETACH`, faults resolved by the guest kernel
+    /// (section 15).
     pub const KERNEL_SVM: Features = Features(1 << 4);
-    /// Every bit this protocol version defines.
-    pub const ALL: Features = Features(0x1F);
+    /// 1.1: `USER_QUEUE_CREATE`, `USER_QUEUE_DESTROY`, `DOORBELL_KICK` and
+    /// `QUEUE_COUNTERS` exist (section 14).
+    pub const USER_QUEUES: Features = Features(1 << 5);
+    /// Every bit this crate implements.
+    pub const ALL: Features = Features(0x3F);
 
     /// The bit set as the wire carries it, unknown bits included.
     pub const fn from_bits_retain(bits: u32) -> Features {
@@ -147,6 +156,11 @@ pub struct Capset {
     pub max_signal_slots: u32,
     /// Capacity limit of a fault ring.
     pub max_fault_ring_records: u32,
+    /// 1.1: bit `1 << kind` for every user queue kind the device runs
+    /// (`uq::UserQueueKind`); 0 on a 1.0 device.
+    pub user_queue_kinds: u32,
+    /// 1.1: user queues per session; 0 on a 1.0 device.
+    pub max_user_queues: u32,
 }
 
 impl Default for Capset {
@@ -175,6 +189,8 @@ impl Default for Capset {
             fault_timeout_ms: DEFAULT_FAULT_TIMEOUT_MS,
             max_signal_slots: DEFAULT_MAX_SIGNAL_SLOTS,
             max_fault_ring_records: DEFAULT_MAX_FAULT_RING_RECORDS,
+            user_queue_kinds: crate::uq::USER_QUEUE_KINDS_ALL,
+            max_user_queues: DEFAULT_MAX_USER_QUEUES,
         }
     }
 }
@@ -207,6 +223,8 @@ impl Capset {
         put_u32(&mut b, 104, self.fault_timeout_ms);
         put_u32(&mut b, 108, self.max_signal_slots);
         put_u32(&mut b, 112, self.max_fault_ring_records);
+        put_u32(&mut b, 116, self.user_queue_kinds);
+        put_u32(&mut b, 120, self.max_user_queues);
         b
     }
 
@@ -263,7 +281,15 @@ impl Capset {
             fault_timeout_ms: u32_at(bytes, 104)?,
             max_signal_slots: u32_at(bytes, 108)?,
             max_fault_ring_records: u32_at(bytes, 112)?,
+            user_queue_kinds: u32_at(bytes, 116)?,
+            max_user_queues: u32_at(bytes, 120)?,
         })
+    }
+
+    /// Whether the device runs user queues of `kind` (1.1: the feature bit
+    /// and the kind's bit are both set).
+    pub const fn supports_user_queue(&self, kind: crate::uq::UserQueueKind) -> bool {
+        self.features.contains(Features::USER_QUEUES) && self.user_queue_kinds & kind.bit() != 0
     }
 
     /// Whether the device runs the kernel with this wire id.

@@ -26,6 +26,7 @@ use crate::opcode::Command;
 use crate::signal::SIGNAL_SLOT_SIZE;
 use crate::svm::{SVM_ATTACH_LEN, SVM_DETACH_LEN, SvmAttach};
 use crate::types::{QueueId, ResourceId, SignalIndex};
+use crate::uq::{UserQueueCreate, UserQueueDestroy};
 use crate::wire::{put_u16, put_u32, put_u64, reserved_at, u16_at, u32_at, u64_at};
 
 /// Request length of `SESSION_INIT`.
@@ -467,6 +468,8 @@ pub enum Request<'a> {
     SessionDestroy,
     /// `DEVICE_QUERY`
     DeviceQuery,
+    /// `QUEUE_COUNTERS` (1.1)
+    QueueCounters,
     /// `VM_BIND`; its ops are decoded one by one by [`VmBind::ops`].
     VmBind(VmBind<'a>),
     /// `RANGE_ATTR`
@@ -477,6 +480,12 @@ pub enum Request<'a> {
     QueueDestroy(QueueDestroy),
     /// `DISPATCH`
     Dispatch(Dispatch),
+    /// `USER_QUEUE_CREATE` (1.1)
+    UserQueueCreate(UserQueueCreate),
+    /// `USER_QUEUE_DESTROY` (1.1)
+    UserQueueDestroy(UserQueueDestroy),
+    /// `DOORBELL_KICK` (1.1)
+    DoorbellKick,
     /// `FAULT_REPLY`; every entry is already validated.
     FaultReply(FaultReply<'a>),
     /// `EVENT_ARM`
@@ -514,6 +523,18 @@ impl<'a> Request<'a> {
                 exact_len(bytes, EMPTY_REQUEST_LEN)?;
                 Request::DeviceQuery
             }
+            Command::QueueCounters => {
+                exact_len(bytes, EMPTY_REQUEST_LEN)?;
+                Request::QueueCounters
+            }
+            Command::UserQueueCreate => Request::UserQueueCreate(UserQueueCreate::decode(bytes)?),
+            Command::UserQueueDestroy => {
+                Request::UserQueueDestroy(UserQueueDestroy::decode(bytes)?)
+            }
+            Command::DoorbellKick => {
+                exact_len(bytes, EMPTY_REQUEST_LEN)?;
+                Request::DoorbellKick
+            }
             Command::VmBind => Request::VmBind(VmBind::decode(bytes, limits.max_bind_ops)?),
             Command::RangeAttr => Request::RangeAttr(RangeAttr::decode(bytes)?),
             Command::QueueCreate => Request::QueueCreate(QueueCreate::decode(bytes)?),
@@ -544,11 +565,15 @@ impl<'a> Request<'a> {
             Request::SessionInit(_) => Command::SessionInit,
             Request::SessionDestroy => Command::SessionDestroy,
             Request::DeviceQuery => Command::DeviceQuery,
+            Request::QueueCounters => Command::QueueCounters,
             Request::VmBind(_) => Command::VmBind,
             Request::RangeAttr(_) => Command::RangeAttr,
             Request::QueueCreate(_) => Command::QueueCreate,
             Request::QueueDestroy(_) => Command::QueueDestroy,
             Request::Dispatch(_) => Command::Dispatch,
+            Request::UserQueueCreate(_) => Command::UserQueueCreate,
+            Request::UserQueueDestroy(_) => Command::UserQueueDestroy,
+            Request::DoorbellKick => Command::DoorbellKick,
             Request::FaultReply(_) => Command::FaultReply,
             Request::EventArm => Command::EventArm,
             Request::SvmAttach(_) => Command::SvmAttach,
@@ -562,9 +587,13 @@ impl<'a> Request<'a> {
             Request::SessionInit(_) => SESSION_INIT_LEN as u64,
             Request::SessionDestroy
             | Request::DeviceQuery
+            | Request::QueueCounters
+            | Request::DoorbellKick
             | Request::EventArm
             | Request::SvmDetach => EMPTY_REQUEST_LEN as u64,
             Request::SvmAttach(_) => SVM_ATTACH_LEN as u64,
+            Request::UserQueueCreate(_) => crate::uq::USER_QUEUE_CREATE_LEN as u64,
+            Request::UserQueueDestroy(_) => crate::uq::USER_QUEUE_DESTROY_LEN as u64,
             Request::VmBind(bind) => bind.encoded_len().unwrap_or(u64::MAX),
             Request::RangeAttr(attr) => attr.encoded_len() as u64,
             Request::QueueCreate(_) | Request::QueueDestroy(_) => QUEUE_REQUEST_LEN as u64,
@@ -598,9 +627,13 @@ impl<'a> Request<'a> {
             Request::SessionInit(r) => r.write(buf),
             Request::SessionDestroy
             | Request::DeviceQuery
+            | Request::QueueCounters
+            | Request::DoorbellKick
             | Request::EventArm
             | Request::SvmDetach => {}
             Request::SvmAttach(r) => r.write(buf),
+            Request::UserQueueCreate(r) => r.write(buf),
+            Request::UserQueueDestroy(r) => r.write(buf),
             Request::VmBind(r) => r.write(buf),
             Request::RangeAttr(r) => r.write(buf),
             Request::QueueCreate(r) => r.write(buf),

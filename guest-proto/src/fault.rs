@@ -28,6 +28,9 @@ pub const FAULT_RING_DROPPED_OFFSET: u64 = 4;
 pub const FAULT_RING_CAPACITY_OFFSET: u64 = 8;
 /// Offset of `record_size` (device, at `SESSION_INIT`).
 pub const FAULT_RING_RECORD_SIZE_OFFSET: u64 = 12;
+/// Offset of `interrupts` (device, 1.1: incremented with release ordering
+/// for every interrupt, 14.7).
+pub const FAULT_RING_INTERRUPTS_OFFSET: u64 = 20;
 /// Offset of `head` (guest: consumer index), on its own cache line.
 pub const FAULT_RING_HEAD_OFFSET: u64 = 64;
 /// Smallest ring capacity.
@@ -123,6 +126,9 @@ pub struct FaultRingHeader {
     pub capacity: u32,
     /// Size of a record, written by the device at `SESSION_INIT`: 32.
     pub record_size: u32,
+    /// Interrupts raised so far, free-running modulo 2^32 (1.1), written by
+    /// the device.
+    pub interrupts: u32,
     /// Consumer index, written by the guest.
     pub head: u32,
 }
@@ -135,6 +141,7 @@ impl FaultRingHeader {
             dropped: 0,
             capacity: layout.capacity,
             record_size: FAULT_RECORD_SIZE as u32,
+            interrupts: 0,
             head: 0,
         }
     }
@@ -149,6 +156,11 @@ impl FaultRingHeader {
             &mut b,
             FAULT_RING_RECORD_SIZE_OFFSET as usize,
             self.record_size,
+        );
+        put_u32(
+            &mut b,
+            FAULT_RING_INTERRUPTS_OFFSET as usize,
+            self.interrupts,
         );
         put_u32(&mut b, FAULT_RING_HEAD_OFFSET as usize, self.head);
         b
@@ -168,6 +180,7 @@ impl FaultRingHeader {
             dropped: u32_at(bytes, FAULT_RING_DROPPED_OFFSET as usize)?,
             capacity: u32_at(bytes, FAULT_RING_CAPACITY_OFFSET as usize)?,
             record_size: u32_at(bytes, FAULT_RING_RECORD_SIZE_OFFSET as usize)?,
+            interrupts: u32_at(bytes, FAULT_RING_INTERRUPTS_OFFSET as usize)?,
             head: u32_at(bytes, FAULT_RING_HEAD_OFFSET as usize)?,
         })
     }

@@ -31,12 +31,18 @@
 //! what the device wrote with [`capset::Capset::decode`],
 //! [`reply::Reply::decode`], [`fault::FaultRecord::decode`] and
 //! [`signal::SignalSlot::decode`].
+//!
+//! Protocol 1.1 adds user-mode queues ([`uq`]): rings of gfx9 SDMA packets
+//! ([`sdma`]) and HSA AQL packets ([`aql`]) that the device reads through
+//! the session's GPU VM; their decoders live here too, for the same
+//! reason: they read hostile bytes.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 // The decoder reads hostile bytes: no slice indexing that could panic.
 #![warn(clippy::indexing_slicing)]
 
 extern crate alloc;
 
+pub mod aql;
 pub mod attr;
 pub mod bind;
 pub mod capset;
@@ -47,11 +53,13 @@ pub mod header;
 pub mod kernel;
 pub mod opcode;
 pub mod reply;
+pub mod sdma;
 pub mod signal;
 pub mod status;
 pub mod stream;
 pub mod svm;
 pub mod types;
+pub mod uq;
 mod wire;
 pub mod writer;
 

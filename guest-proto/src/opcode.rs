@@ -14,6 +14,8 @@ pub enum Command {
     SessionDestroy = 0x0002,
     /// Reads the session's counters.
     DeviceQuery = 0x0003,
+    /// Reads the session's user-queue counters (1.1).
+    QueueCounters = 0x0004,
     /// Maps and unmaps ranges of the session's GPU VM.
     VmBind = 0x0010,
     /// Sets range attributes.
@@ -24,6 +26,12 @@ pub enum Command {
     QueueDestroy = 0x0021,
     /// Queues a kernel launch.
     Dispatch = 0x0022,
+    /// Creates a user-mode queue: a ring the device reads itself (1.1).
+    UserQueueCreate = 0x0023,
+    /// Destroys a user-mode queue (1.1).
+    UserQueueDestroy = 0x0024,
+    /// A hint: look at the session's doorbells now (1.1).
+    DoorbellKick = 0x0025,
     /// Ends pending faults.
     FaultReply = 0x0030,
     /// Native profile: a fence held until an event is pending.
@@ -41,11 +49,15 @@ impl Command {
             0x0001 => Command::SessionInit,
             0x0002 => Command::SessionDestroy,
             0x0003 => Command::DeviceQuery,
+            0x0004 => Command::QueueCounters,
             0x0010 => Command::VmBind,
             0x0011 => Command::RangeAttr,
             0x0020 => Command::QueueCreate,
             0x0021 => Command::QueueDestroy,
             0x0022 => Command::Dispatch,
+            0x0023 => Command::UserQueueCreate,
+            0x0024 => Command::UserQueueDestroy,
+            0x0025 => Command::DoorbellKick,
             0x0030 => Command::FaultReply,
             0x0040 => Command::EventArm,
             0x0050 => Command::SvmAttach,
@@ -66,8 +78,9 @@ impl Command {
         match self {
             Command::SessionInit => 32,
             Command::DeviceQuery => 80,
+            Command::QueueCounters => 48,
             Command::VmBind => 32,
-            Command::QueueCreate => 24,
+            Command::QueueCreate | Command::UserQueueCreate => 24,
             Command::FaultReply => 24,
             Command::SvmAttach => 24,
             Command::SessionDestroy
@@ -75,6 +88,8 @@ impl Command {
             | Command::RangeAttr
             | Command::QueueDestroy
             | Command::Dispatch
+            | Command::UserQueueDestroy
+            | Command::DoorbellKick
             | Command::EventArm => 16,
         }
     }

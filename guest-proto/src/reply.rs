@@ -16,6 +16,7 @@ use crate::opcode::{Command, reply_len};
 use crate::status::Status;
 use crate::svm::SvmAttachReply;
 use crate::types::{GpuVa, QueueId};
+use crate::uq::QueueCountersReply;
 use crate::wire::{put_u32, put_u64, reserved_at, u32_at, u64_at};
 
 /// Longest reply (`DEVICE_QUERY`).
@@ -89,6 +90,8 @@ pub enum ReplyPayload {
     SessionDestroy,
     /// `DEVICE_QUERY`, 64 bytes.
     DeviceQuery(DeviceQueryReply),
+    /// `QUEUE_COUNTERS`, 32 bytes (1.1).
+    QueueCounters(QueueCountersReply),
     /// `VM_BIND`, 16 bytes.
     VmBind(VmBindReply),
     /// `RANGE_ATTR`, header only.
@@ -99,6 +102,12 @@ pub enum ReplyPayload {
     QueueDestroy,
     /// `DISPATCH`, header only.
     Dispatch,
+    /// `USER_QUEUE_CREATE`, 8 bytes (1.1): the queue id.
+    UserQueueCreate(QueueCreateReply),
+    /// `USER_QUEUE_DESTROY`, header only (1.1).
+    UserQueueDestroy,
+    /// `DOORBELL_KICK`, header only (1.1).
+    DoorbellKick,
     /// `FAULT_REPLY`, 8 bytes.
     FaultReply(FaultReplyAck),
     /// `EVENT_ARM` that asked for a reply (an error), header only.
@@ -118,6 +127,9 @@ impl ReplyPayload {
             Some(Command::SessionInit) => ReplyPayload::SessionInit(SessionInitReply::default()),
             Some(Command::SessionDestroy) => ReplyPayload::SessionDestroy,
             Some(Command::DeviceQuery) => ReplyPayload::DeviceQuery(DeviceQueryReply::default()),
+            Some(Command::QueueCounters) => {
+                ReplyPayload::QueueCounters(QueueCountersReply::default())
+            }
             Some(Command::VmBind) => ReplyPayload::VmBind(VmBindReply::default()),
             Some(Command::RangeAttr) => ReplyPayload::RangeAttr,
             Some(Command::QueueCreate) => {
@@ -125,6 +137,11 @@ impl ReplyPayload {
             }
             Some(Command::QueueDestroy) => ReplyPayload::QueueDestroy,
             Some(Command::Dispatch) => ReplyPayload::Dispatch,
+            Some(Command::UserQueueCreate) => {
+                ReplyPayload::UserQueueCreate(QueueCreateReply { queue: QueueId(0) })
+            }
+            Some(Command::UserQueueDestroy) => ReplyPayload::UserQueueDestroy,
+            Some(Command::DoorbellKick) => ReplyPayload::DoorbellKick,
             Some(Command::FaultReply) => ReplyPayload::FaultReply(FaultReplyAck::default()),
             Some(Command::EventArm) => ReplyPayload::EventArm,
             Some(Command::SvmAttach) => ReplyPayload::SvmAttach(SvmAttachReply::default()),
@@ -139,11 +156,15 @@ impl ReplyPayload {
             ReplyPayload::SessionInit(_) => Command::SessionInit,
             ReplyPayload::SessionDestroy => Command::SessionDestroy,
             ReplyPayload::DeviceQuery(_) => Command::DeviceQuery,
+            ReplyPayload::QueueCounters(_) => Command::QueueCounters,
             ReplyPayload::VmBind(_) => Command::VmBind,
             ReplyPayload::RangeAttr => Command::RangeAttr,
             ReplyPayload::QueueCreate(_) => Command::QueueCreate,
             ReplyPayload::QueueDestroy => Command::QueueDestroy,
             ReplyPayload::Dispatch => Command::Dispatch,
+            ReplyPayload::UserQueueCreate(_) => Command::UserQueueCreate,
+            ReplyPayload::UserQueueDestroy => Command::UserQueueDestroy,
+            ReplyPayload::DoorbellKick => Command::DoorbellKick,
             ReplyPayload::FaultReply(_) => Command::FaultReply,
             ReplyPayload::EventArm => Command::EventArm,
             ReplyPayload::SvmAttach(_) => Command::SvmAttach,
@@ -180,7 +201,15 @@ impl ReplyPayload {
                 put_u32(buf, 16, r.ops_done);
                 put_u64(buf, 24, r.bound_bytes);
             }
-            ReplyPayload::QueueCreate(r) => put_u32(buf, 16, r.queue.0),
+            ReplyPayload::QueueCounters(r) => {
+                put_u64(buf, 16, r.user_queue_packets);
+                put_u64(buf, 24, r.copy_bytes);
+                put_u64(buf, 32, r.interrupts);
+                put_u64(buf, 40, r.doorbell_polls);
+            }
+            ReplyPayload::QueueCreate(r) | ReplyPayload::UserQueueCreate(r) => {
+                put_u32(buf, 16, r.queue.0)
+            }
             ReplyPayload::FaultReply(r) => {
                 put_u32(buf, 16, r.accepted);
                 put_u32(buf, 20, r.unknown);
@@ -191,6 +220,8 @@ impl ReplyPayload {
             | ReplyPayload::RangeAttr
             | ReplyPayload::QueueDestroy
             | ReplyPayload::Dispatch
+            | ReplyPayload::UserQueueDestroy
+            | ReplyPayload::DoorbellKick
             | ReplyPayload::EventArm
             | ReplyPayload::Unknown(_) => {}
         }
@@ -220,6 +251,20 @@ impl ReplyPayload {
                 queues: u32_at(bytes, 72)?,
                 lost_replies: u32_at(bytes, 76)?,
             }),
+            Command::QueueCounters => ReplyPayload::QueueCounters(QueueCountersReply {
+                user_queue_packets: u64_at(bytes, 16)?,
+                copy_bytes: u64_at(bytes, 24)?,
+                interrupts: u64_at(bytes, 32)?,
+                doorbell_polls: u64_at(bytes, 40)?,
+            }),
+            Command::UserQueueCreate => {
+                reserved_at(bytes, 20, 4, "reserved")?;
+                ReplyPayload::UserQueueCreate(QueueCreateReply {
+                    queue: QueueId(u32_at(bytes, 16)?),
+                })
+            }
+            Command::UserQueueDestroy => ReplyPayload::UserQueueDestroy,
+            Command::DoorbellKick => ReplyPayload::DoorbellKick,
             Command::VmBind => {
                 reserved_at(bytes, 20, 4, "reserved")?;
                 ReplyPayload::VmBind(VmBindReply {

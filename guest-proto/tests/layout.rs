@@ -56,6 +56,8 @@ fn capset_payload() {
     w32(&mut b, 104, 10_000);
     w32(&mut b, 108, 65_536);
     w32(&mut b, 112, 32_768);
+    w32(&mut b, 116, 0b100);
+    w32(&mut b, 120, 12);
     assert_eq!(&b[0..4], b"VGNC");
 
     let expected = Capset {
@@ -82,12 +84,22 @@ fn capset_payload() {
         fault_timeout_ms: 10_000,
         max_signal_slots: 65_536,
         max_fault_ring_records: 32_768,
+        user_queue_kinds: 1 << 2,
+        max_user_queues: 12,
     };
     let capset = Capset::decode(&b).unwrap();
     assert_eq!(capset, expected);
     assert!(!capset.features.contains(Features::BIND_PAGES));
     assert!(capset.supports_kernel(kernel::id::GATHER));
     assert!(!capset.supports_kernel(0));
+    // The AQL bit alone is not enough: the USER_QUEUES feature is off.
+    assert!(!capset.supports_user_queue(guest_proto::uq::UserQueueKind::Aql));
+    let with_feature = Capset {
+        features: capset.features.union(Features::USER_QUEUES),
+        ..capset
+    };
+    assert!(with_feature.supports_user_queue(guest_proto::uq::UserQueueKind::Aql));
+    assert!(!with_feature.supports_user_queue(guest_proto::uq::UserQueueKind::Sdma));
     assert_eq!(expected.encode(), b);
 }
 
@@ -582,12 +594,14 @@ fn fault_ring_header() {
     w32(&mut b, 4, 2);
     w32(&mut b, 8, 64);
     w32(&mut b, 12, 32);
+    w32(&mut b, 20, 0xDEAD_0007);
     w32(&mut b, 64, 0x1_0001);
     let header = FaultRingHeader {
         tail: 0x1_0005,
         dropped: 2,
         capacity: 64,
         record_size: 32,
+        interrupts: 0xDEAD_0007,
         head: 0x1_0001,
     };
     assert_eq!(FaultRingHeader::decode(&b), Ok(header));

@@ -19,13 +19,14 @@ use guest_proto::header::{ReplyHeader, RequestHeader};
 use guest_proto::reply::Reply;
 use guest_proto::signal::SignalSlot;
 use guest_proto::stream::RequestStream;
+use guest_proto::uq::{UserQueueCreate, UserQueueDestroy, UserQueueKind};
 use guest_proto::writer::RequestWriter;
 use guest_proto::*;
 use proptest::prelude::*;
 
-const CMDS: [u32; 13] = [
-    0x0001, 0x0002, 0x0003, 0x0010, 0x0011, 0x0020, 0x0021, 0x0022, 0x0030, 0x0040, 0x0050, 0x0051,
-    0x0099,
+const CMDS: [u32; 17] = [
+    0x0001, 0x0002, 0x0003, 0x0004, 0x0010, 0x0011, 0x0020, 0x0021, 0x0022, 0x0023, 0x0024, 0x0025,
+    0x0030, 0x0040, 0x0050, 0x0051, 0x0099,
 ];
 
 /// Consumes everything a decoded request offers, the way the device would.
@@ -398,6 +399,34 @@ impl Owned {
     }
 }
 
+/// A valid `USER_QUEUE_CREATE` (1.1).
+fn user_queue_create() -> impl Strategy<Value = UserQueueCreate> {
+    let va = |align: u64| (0u64..(1 << 47) / align).prop_map(move |v| GpuVa(v * align));
+    (
+        prop_oneof![Just(UserQueueKind::Sdma), Just(UserQueueKind::Aql)],
+        0u8..=15,
+        va(256),
+        12u32..=26,
+        va(8),
+        prop::option::of(va(8)),
+        va(8),
+        prop::option::of(va(64)),
+    )
+        .prop_map(
+            |(kind, priority, ring, shift, rptr, wptr, doorbell, status)| UserQueueCreate {
+                kind,
+                priority,
+                ring,
+                ring_size: 1 << shift,
+                rptr,
+                // 0 encodes "none".
+                wptr: wptr.filter(|w| w.raw() != 0),
+                doorbell,
+                status: status.filter(|s| s.raw() != 0),
+            },
+        )
+}
+
 fn valid_request() -> impl Strategy<Value = Owned> {
     let simple = prop_oneof![
         session_init().prop_map(Request::SessionInit),
@@ -423,6 +452,11 @@ fn valid_request() -> impl Strategy<Value = Owned> {
                 })
             }),
         Just(Request::EventArm),
+        Just(Request::QueueCounters),
+        Just(Request::DoorbellKick),
+        user_queue_create().prop_map(Request::UserQueueCreate),
+        any::<u32>()
+            .prop_map(|q| Request::UserQueueDestroy(UserQueueDestroy { queue: QueueId(q) })),
     ];
     let entry = (
         any::<u64>(),

@@ -1353,14 +1353,14 @@ fn capset_rejections_and_tolerance() {
     }
 
     // A newer minor version: longer payload, unknown feature bits, reserved
-    // fields in use. Version 1.0 reads what it knows.
+    // fields in use. Version 1.1 reads what it knows.
     let mut newer = good.to_vec();
     newer.resize(192, 0xEE);
     w16(&mut newer, 6, 3);
     w32(&mut newer, 8, 192);
     w32(&mut newer, 12, 0xFFFF_FFFF);
     w16(&mut newer, 18, 0xABCD);
-    newer[116..128].fill(0x55);
+    newer[124..128].fill(0x55);
     let capset = Capset::decode(&newer).unwrap();
     assert_eq!(capset.version_minor, 3);
     assert_eq!(capset.features.bits(), 0xFFFF_FFFF);
@@ -1372,6 +1372,14 @@ fn capset_rejections_and_tolerance() {
         },
         Capset::default()
     );
+    // A 1.0 device: zeros where 1.1 put the user-queue fields.
+    let mut old = good.to_vec();
+    w16(&mut old, 6, 0);
+    w32(&mut old, 12, 0xF);
+    old[116..128].fill(0);
+    let capset = Capset::decode(&old).unwrap();
+    assert_eq!((capset.user_queue_kinds, capset.max_user_queues), (0, 0));
+    assert!(!capset.supports_user_queue(guest_proto::uq::UserQueueKind::Sdma));
 }
 
 #[test]

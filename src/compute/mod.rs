@@ -401,6 +401,12 @@ fn build_capset(device: &dyn Device, config: &ComputeConfig) -> Capset {
             capset.features.bits() & !guest_proto::capset::Features::KERNEL_SVM.bits(),
         );
     }
+    // User-mode queues (protocol 1.1) are not offered yet.
+    capset.features = guest_proto::capset::Features::from_bits_retain(
+        capset.features.bits() & !guest_proto::capset::Features::USER_QUEUES.bits(),
+    );
+    capset.user_queue_kinds = 0;
+    capset.max_user_queues = 0;
     if !info.recoverable_faults {
         capset.features = guest_proto::capset::Features::from_bits_retain(
             capset.features.bits() & !guest_proto::capset::Features::RECOVERABLE_FAULTS.bits(),

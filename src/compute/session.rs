@@ -314,6 +314,12 @@ impl ComputeSession {
             | Request::EventArm
             | Request::SvmAttach(_)
             | Request::SvmDetach => Err(Status::InvalidArgument),
+            // Protocol 1.1 user queues: not offered by this daemon yet (the
+            // capset's USER_QUEUES bit is clear).
+            Request::QueueCounters
+            | Request::UserQueueCreate(_)
+            | Request::UserQueueDestroy(_)
+            | Request::DoorbellKick => Err(Status::Unsupported),
         };
         match result {
             Ok(payload) => Reply {
