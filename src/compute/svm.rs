@@ -107,8 +107,10 @@ impl KernelAttachment {
     pub fn arm(&mut self, fence: FenceRef) -> (Option<FenceRef>, bool) {
         let previous = self.held_event.take();
         if self.ring.has_unread() {
+            log::trace!("kernel EVENT_ARM {}: records pending", fence.fence_id);
             (previous, false)
         } else {
+            log::trace!("kernel EVENT_ARM {}: held", fence.fence_id);
             self.held_event = Some(fence);
             (previous, true)
         }
@@ -117,7 +119,9 @@ impl KernelAttachment {
     /// The held `EVENT_ARM`, if the kernel's ring now has records for it.
     pub fn due_event(&mut self) -> Option<FenceRef> {
         if self.held_event.is_some() && self.ring.has_unread() {
-            self.held_event.take()
+            let due = self.held_event.take();
+            log::trace!("kernel EVENT_ARM {:?}: completed", due.map(|f| f.fence_id));
+            due
         } else {
             None
         }

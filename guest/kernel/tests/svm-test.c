@@ -29,6 +29,12 @@
 #define MIB (1024UL * 1024UL)
 
 static const char *scenario;
+/*
+ * The suite's profile (NC_EXPECT_PROFILE=native): contexts are then created
+ * with CONTEXT_INIT for the compute capset, so the kernel's own requests go
+ * on its rings 62 and 63 with fences, and sessions use the native profile.
+ */
+static int native;
 
 static void result(int pass, const char *fmt, ...)
 {
@@ -249,9 +255,10 @@ static void scenario_notifier(void)
 }
 
 /*
- * A compat-profile session of the vhost-gpu-nc protocol on @fd
- * (docs/protocol.md 3.1, 5.2): one 3D buffer resource holds the reply
- * buffer (4 KiB), the fault ring (16 records) and the signal area.
+ * A session of the vhost-gpu-nc protocol on @fd (docs/protocol.md 3, 5.2):
+ * compat, or native (CONTEXT_INIT, event ring 1) when the suite runs the
+ * native profile; one 3D buffer resource holds the reply buffer (4 KiB),
+ * the fault ring (16 records) and the signal area.
  */
 struct session {
 	int fd;
@@ -280,7 +287,31 @@ static int execbuffer(int fd, const void *cmd, uint32_t size)
 	return ioctl(fd, DRM_IOCTL_VIRTGPU_EXECBUFFER, &eb) ? -errno : 0;
 }
 
-/* The context gets created by the first resource. */
+/*
+ * Native profile: CONTEXT_INIT with the compute capset, 2 rings, ring 1
+ * polled (docs/protocol.md 3.2), once per file. Compat: the context gets
+ * created by the first resource.
+ */
+static void make_context(int fd)
+{
+	static unsigned char made[1024];
+	struct drm_virtgpu_context_set_param params[] = {
+		{ VIRTGPU_CONTEXT_PARAM_CAPSET_ID, 24 },
+		{ VIRTGPU_CONTEXT_PARAM_NUM_RINGS, 2 },
+		{ VIRTGPU_CONTEXT_PARAM_POLL_RINGS_MASK, 1 << 1 },
+	};
+	struct drm_virtgpu_context_init ci = {
+		.num_params = 3,
+		.ctx_set_params = (uintptr_t)params,
+	};
+
+	if (!native || fd < 0 || fd >= (int)sizeof(made) || made[fd])
+		return;
+	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_CONTEXT_INIT, &ci),
+	      "CONTEXT_INIT: %s", strerror(errno));
+	made[fd] = 1;
+}
+
 static uint32_t create_buffer(int fd, uint32_t size, uint8_t **map)
 {
 	struct drm_virtgpu_resource_create rc = {
@@ -290,6 +321,7 @@ static uint32_t create_buffer(int fd, uint32_t size, uint8_t **map)
 	struct drm_virtgpu_map m = { 0 };
 	void *p;
 
+	make_context(fd);
 	CHECK(!ioctl(fd, DRM_IOCTL_VIRTGPU_RESOURCE_CREATE, &rc),
 	      "RESOURCE_CREATE: %s", strerror(errno));
 	m.handle = rc.bo_handle;
@@ -327,7 +359,8 @@ static void session_init(struct session *s, int fd)
 	put32(req + 8, s->seqno);
 	put32(req + 12, S_REPLY);
 	put32(req + 16, 1);		/* version 1.0 */
-	put32(req + 20, 1);		/* COMPAT */
+	put32(req + 20, native ? 2 : 1);	/* NATIVE or COMPAT */
+	put32(req + 28, native ? 1 : 0);	/* event ring */
 	put32(req + 32, s->res);	/* reply */
 	put64(req + 40, S_REPLY);
 	put64(req + 48, 4096);
@@ -946,6 +979,8 @@ int main(int argc, char **argv)
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	scenario = argc > 1 ? argv[1] : "?";
+	native = getenv("NC_EXPECT_PROFILE") &&
+		 !strcmp(getenv("NC_EXPECT_PROFILE"), "native");
 	for (i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++) {
 		if (!strcmp(scenarios[i].name, scenario)) {
 			scenarios[i].run();
