@@ -7,6 +7,13 @@
 //!
 //! `NC_EXPECT_PROFILE=compat|native` makes `discovery` and `smoke` fail
 //! unless the device and the session come up in that transport profile.
+//!
+//! Sessions use the guest kernel's fault resolver when the driver and the
+//! device offer it (`NC_RESOLVER=user` forces the user-space one);
+//! `kernel-*` and `user-*` run the scenarios of [`svm`] with one resolver
+//! each, to show what only the kernel path gets right.
+
+mod svm;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,7 +24,7 @@ use guest_proto::kernel::ALL_KERNELS_MASK;
 use guest_proto::{DispatchStatus, GpuVa, Kernel, Perms, QueueId, ResourceId, Status};
 use guest_runtime::mmap::Mmap;
 use guest_runtime::session::{
-    OwnedRange, ProfileKind, RenderNode, ResolvePolicy, Session, dispatch_ok,
+    OwnedRange, ProfileKind, RenderNode, ResolvePolicy, ResolverChoice, Session, dispatch_ok,
 };
 
 type Outcome = Result<String, String>;
@@ -38,6 +45,16 @@ const SCENARIOS: &[Scenario] = &[
     ("event-poll", event_poll),
     ("rings", rings),
     ("blob-memory", blob_memory),
+    ("kernel-unified", svm::kernel_unified),
+    ("user-unified", svm::user_unified),
+    ("kernel-remap", svm::kernel_remap),
+    ("user-remap", svm::user_remap),
+    ("kernel-dontneed", svm::kernel_dontneed),
+    ("user-dontneed", svm::user_dontneed),
+    ("kernel-fork", svm::kernel_fork),
+    ("user-fork", svm::user_fork),
+    ("kernel-exit", svm::kernel_exit),
+    ("user-exit", svm::user_exit),
 ];
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -96,15 +113,22 @@ fn open() -> Result<Session, String> {
     Session::open(device).step("SESSION_INIT")
 }
 
+/// A session with the given resolver.
+fn open_with(choice: ResolverChoice) -> Result<Session, String> {
+    let device = RenderNode::open().step("discovery")?;
+    Session::open_with(device, choice).step("SESSION_INIT")
+}
+
 fn discovery() -> Outcome {
     let d = RenderNode::open().step("open render node")?;
     let c = &d.capset;
     println!(
-        "device {}: virgl={} context_init={} blob={} profile={:?}",
+        "device {}: virgl={} context_init={} blob={} svm={} profile={:?}",
         d.path.display(),
         d.virgl,
         d.context_init,
         d.blob,
+        d.svm,
         d.profile()
     );
     println!(
@@ -138,11 +162,26 @@ fn discovery() -> Outcome {
         "fresh session not empty".into()
     })?;
     expect_profile(s.profile())?;
+    expect_resolver(&s)?;
     Ok(format!(
-        "profile={:?} cus={}",
+        "profile={:?} cus={} resolver={:?}",
         s.profile(),
-        s.node().capset.compute_units
+        s.node().capset.compute_units,
+        s.resolver()
     ))
+}
+
+/// The suite says which resolver a default session must get
+/// (`NC_EXPECT_RESOLVER=kernel|user`: the rebuilt driver and a 1.1 device
+/// give the kernel's, Debian's driver the user-space one).
+fn expect_resolver(s: &Session) -> Result<(), String> {
+    let Ok(want) = std::env::var("NC_EXPECT_RESOLVER") else {
+        return Ok(());
+    };
+    let got = format!("{:?}", s.resolver()).to_lowercase();
+    ensure(got == want, || {
+        format!("resolver {got}, but this boot expects {want}")
+    })
 }
 
 /// The suite says which profile this boot must come up with
@@ -269,7 +308,10 @@ fn binds() -> Outcome {
     )?;
     host.set_u32(0, 0).ok_or("touch")?;
     let bound = s.query().step("query")?.bound_bytes;
-    Ok(format!("fill copy atomic saxpy userptr ok, bound={bound}"))
+    Ok(format!(
+        "fill copy atomic saxpy userptr ok, bound={bound} resolver={:?}",
+        s.resolver()
+    ))
 }
 
 /// A plain 64 MiB buffer used with no bind: faults forwarded and resolved.
@@ -286,7 +328,8 @@ fn unified_at(gpu: Option<u64>, len: usize) -> Outcome {
         gpu,
         cpu: host.addr(),
         len: len as u64,
-    });
+    })
+    .step("own")?;
     s.set_attrs(
         gpu,
         len as u64,
@@ -343,7 +386,12 @@ fn unified_at(gpu: Option<u64>, len: usize) -> Outcome {
     ensure(stats.bound_bytes == len as u64, || {
         format!("bound {} of {len}", stats.bound_bytes)
     })?;
-    Ok(format!("{} MiB, faults={}", len >> 20, stats.faults_raised))
+    Ok(format!(
+        "{} MiB, faults={} resolver={:?}",
+        len >> 20,
+        stats.faults_raised,
+        s.resolver()
+    ))
 }
 
 /// GPU VA != CPU VA, for a bound buffer and for unified memory.
@@ -582,7 +630,8 @@ fn killed() -> Outcome {
 }
 
 fn hanging_child(ready: i32) -> Result<(), String> {
-    let mut s = open()?;
+    // The user-space resolver's own behaviour: it sees the records.
+    let mut s = open_with(ResolverChoice::User)?;
     let host = Mmap::anonymous(1 << 20).step("malloc")?;
     s.set_policy(ResolvePolicy::Ignore);
     let q = s.create_queue().step("queue")?;
@@ -687,8 +736,10 @@ fn whole_process() -> Outcome {
     })?;
     let stats = s.query().step("query")?;
     Ok(format!(
-        "unregistered 4 MiB copied via {} resolved faults; PROT_NONE and writes to read-only rejected ({})",
-        stats.faults_resolved, stats.faults_rejected
+        "unregistered 4 MiB copied via {} resolved faults; PROT_NONE and writes to read-only rejected ({}); resolver={:?}",
+        stats.faults_resolved,
+        stats.faults_rejected,
+        s.resolver()
     ))
 }
 
@@ -744,7 +795,8 @@ fn thread_cpu() -> Duration {
 /// `poll()` on the DRM file when a fault arrives, and the thread slept
 /// meanwhile (its CPU time stays a small part of the time it waited).
 fn event_poll() -> Outcome {
-    let mut s = open()?;
+    // The session's own event fence and fault ring: the user resolver's.
+    let mut s = open_with(ResolverChoice::User)?;
     require_native(&s)?;
     let q = s.create_queue().step("queue")?;
     let _event = s.arm_event().step("EVENT_ARM")?;

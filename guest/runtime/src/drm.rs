@@ -10,9 +10,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// `DRM_COMMAND_BASE`.
-const COMMAND_BASE: u64 = 0x40;
+pub(crate) const COMMAND_BASE: u64 = 0x40;
 
-const fn iowr(nr: u64, size: usize) -> u64 {
+pub(crate) const fn iowr(nr: u64, size: usize) -> u64 {
     (3 << 30) | ((size as u64) << 16) | ((b'd' as u64) << 8) | nr
 }
 
@@ -221,6 +221,13 @@ impl Drm {
     /// The raw fd (for `mmap` and `poll`).
     pub fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// A driver ioctl on the render node (for the modules that bind the
+    /// uAPI of a driver extension, such as [`crate::svm`]). `request` must
+    /// encode `T`'s size.
+    pub(crate) fn ioctl<T>(&self, request: u64, arg: &mut T) -> io::Result<()> {
+        ioctl(&self.file, request, arg)
     }
 
     /// `VIRTGPU_PARAM_*`, `None` if the kernel does not know it.

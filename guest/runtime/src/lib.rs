@@ -12,6 +12,9 @@
 //!   resolver that owns the whole process.
 //! - [`session`]: discovery, profile choice, the session's shared memory,
 //!   requests and replies, queues, signals, and the fault resolver.
+//! - [`svm`]: the guest kernel's fault resolver (the patched virtio-gpu
+//!   driver's `DRM_IOCTL_VIRTGPU_SVM`), which the session uses when the
+//!   driver and the device offer it.
 //!
 //! Everything the device writes (replies, fault records, signals) is read
 //! with the strict decoders of this crate: device memory is untrusted too.
@@ -22,6 +25,7 @@ pub mod memory;
 pub mod mmap;
 pub mod procmaps;
 pub mod session;
+pub mod svm;
 
 use std::io;
 

@@ -1,13 +1,20 @@
 //! A native-context session from the guest side: discovery, the session's
 //! shared memory, requests and replies, queues, signals and the fault
 //! resolver (docs/protocol.md sections 3, 5, 7, 8, 9).
+//!
+//! Who resolves the faults ([`Resolver`]): the guest kernel when its
+//! virtio-gpu driver has the SVM uAPI and the device `KERNEL_SVM`
+//! ([`crate::svm`], docs/guest-kernel.md), else this process's user-space
+//! resolver (pinned pages, [`crate::memory`]). The API is the same: owned
+//! ranges, the whole-process policy, userptr binds and prefetches go to
+//! `REGISTER`/`PREFETCH` on the kernel path.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_proto::bind::{BindOp, PageList};
-use guest_proto::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, VGNC_CAPSET_ID};
+use guest_proto::capset::{CAPSET_MAX_VERSION, CAPSET_SIZE, Capset, Features, VGNC_CAPSET_ID};
 use guest_proto::command::{DecodeLimits, Dispatch, Profile};
 use guest_proto::fault::{FaultCause, FaultOutcome, FaultRecord, FaultReplyEntry};
 use guest_proto::reply::{DeviceQueryReply, Reply};
@@ -22,6 +29,7 @@ use crate::drm::{Bo, Drm, param};
 use crate::memory;
 use crate::mmap::Mmap;
 use crate::procmaps;
+use crate::svm::{KernelSvm, SvmStats};
 use crate::{GuestError, Result};
 
 /// A virtio-gpu render node serving our capset, as this guest sees it.
@@ -38,6 +46,8 @@ pub struct RenderNode {
     pub context_init: bool,
     /// `VIRTGPU_PARAM_RESOURCE_BLOB`.
     pub blob: bool,
+    /// `VIRTGPU_PARAM_SVM`: the driver can resolve faults itself.
+    pub svm: bool,
 }
 
 /// The transport profile (section 3).
@@ -78,6 +88,7 @@ impl RenderNode {
             .capset(VGNC_CAPSET_ID, CAPSET_MAX_VERSION, CAPSET_SIZE)
             .map_err(|e| GuestError::io("GET_CAPS 24", e))?;
         let capset = Capset::decode(&raw).map_err(GuestError::Decode)?;
+        let svm = crate::svm::available(&drm);
         Ok(RenderNode {
             drm: Arc::new(drm),
             path,
@@ -85,6 +96,7 @@ impl RenderNode {
             virgl,
             context_init,
             blob,
+            svm,
         })
     }
 
@@ -95,6 +107,83 @@ impl RenderNode {
         } else {
             ProfileKind::Compat
         }
+    }
+
+    /// Whether the guest kernel can resolve the faults: the driver has the
+    /// SVM uAPI and the device offers `KERNEL_SVM` (protocol 1.1).
+    pub fn kernel_svm(&self) -> bool {
+        self.svm && self.capset.features.contains(Features::KERNEL_SVM)
+    }
+}
+
+/// Who resolves a session's faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolver {
+    /// The guest kernel: HMM and MMU notifiers, nothing pinned, every
+    /// invalidation unbound from the device (the primary path).
+    Kernel,
+    /// This process: pinned pages and `/proc/self/pagemap` (the fallback
+    /// for stock guest kernels; nothing tells the device when the guest
+    /// kernel takes those pages back).
+    User,
+}
+
+/// Which resolver [`Session::open_with`] sets up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolverChoice {
+    /// The kernel's when the driver and the device offer it, else the
+    /// user-space one.
+    Auto,
+    /// The user-space one, even on a kernel with SVM (for comparisons and
+    /// for the user resolver's own tests). [`Session::use_kernel_resolver`]
+    /// can still switch such a session to the kernel later (another
+    /// process holding the file, for instance).
+    User,
+    /// The kernel's, or an error.
+    Kernel,
+}
+
+impl ResolverChoice {
+    /// `NC_RESOLVER=auto|user|kernel` (unset or anything else: auto).
+    pub fn from_env() -> ResolverChoice {
+        match std::env::var("NC_RESOLVER").as_deref() {
+            Ok("user") => ResolverChoice::User,
+            Ok("kernel") => ResolverChoice::Kernel,
+            _ => ResolverChoice::Auto,
+        }
+    }
+}
+
+/// What the user-space resolver did: records answered and the time from
+/// reading each record to the device's answer to its `FAULT_REPLY`
+/// (summed), the figure the kernel's `fault-ns` counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolverStats {
+    /// Fault records answered.
+    pub faults: u64,
+    /// Record read to answer acknowledged, summed, in ns.
+    pub ns: u64,
+}
+
+/// A range the kernel mirrors for this session: `[cpu, cpu + len)` at
+/// `gpu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Registration {
+    cpu: u64,
+    gpu: u64,
+    len: u64,
+    /// A userptr bind's (unregistered by [`Session::unbind`]).
+    userptr: bool,
+}
+
+impl Registration {
+    fn contains_cpu(&self, cpu: u64, len: u64) -> bool {
+        cpu >= self.cpu && cpu.saturating_add(len) <= self.cpu + self.len
+    }
+
+    fn gpu_to_cpu(&self, gpu: u64, len: u64) -> Option<u64> {
+        (gpu >= self.gpu && gpu.saturating_add(len) <= self.gpu + self.len)
+            .then(|| self.cpu + (gpu - self.gpu))
     }
 }
 
@@ -195,7 +284,8 @@ impl Channel for DrmChannel {
     }
 }
 
-/// A session of one render-node file, with its user-space fault resolver.
+/// A session of one render-node file and its fault resolver (the guest
+/// kernel's, or this process's).
 #[derive(Debug)]
 pub struct Session {
     node: RenderNode,
@@ -206,11 +296,44 @@ pub struct Session {
     policy: ResolvePolicy,
     signals_va: GpuVa,
     run_count: u64,
+    /// The kernel path, once `ENABLE` succeeded.
+    kernel: Option<KernelSvm>,
+    registrations: Vec<Registration>,
+    user_stats: ResolverStats,
+}
+
+fn enotty_or_eopnotsupp(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EOPNOTSUPP))
 }
 
 impl Session {
-    /// Opens a session on `node` with its profile.
+    /// Opens a session on `node` with its profile and the resolver
+    /// `NC_RESOLVER` asks for ([`ResolverChoice::from_env`]; by default
+    /// the kernel's when there is one).
     pub fn open(node: RenderNode) -> Result<Session> {
+        Self::open_with(node, ResolverChoice::from_env())
+    }
+
+    /// Opens a session on `node` with its profile and `choice` of resolver.
+    pub fn open_with(node: RenderNode, choice: ResolverChoice) -> Result<Session> {
+        let mut s = Self::open_user(node)?;
+        match choice {
+            ResolverChoice::User => {}
+            ResolverChoice::Auto => {
+                s.use_kernel_resolver()?;
+            }
+            ResolverChoice::Kernel => {
+                if !s.use_kernel_resolver()? {
+                    return Err(GuestError::Invalid(
+                        "kernel resolver (no SVM uAPI in the driver or no KERNEL_SVM in the device)",
+                    ));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn open_user(node: RenderNode) -> Result<Session> {
         let profile = node.profile();
         if profile == ProfileKind::Native {
             node.drm
@@ -239,7 +362,136 @@ impl Session {
             policy: ResolvePolicy::Resolve,
             signals_va: init.signals_va,
             run_count: 0,
+            kernel: None,
+            registrations: Vec::new(),
+            user_stats: ResolverStats::default(),
         })
+    }
+
+    /// Hands the session's faults to the guest kernel (`ENABLE`) if the
+    /// driver and the device can: true if the kernel resolves them from
+    /// now on, false if this stays the user-space resolver (a stock
+    /// kernel: `ENOTTY`; a device without `KERNEL_SVM`: `EOPNOTSUPP`).
+    /// Ranges owned so far are registered with the kernel.
+    ///
+    /// Once enabled, the driver refuses this file's own `MAP_PAGES` and
+    /// `FAULT_REPLY` for good, so the user-space resolver cannot come back.
+    pub fn use_kernel_resolver(&mut self) -> Result<bool> {
+        if self.kernel.is_some() {
+            return Ok(true);
+        }
+        if !self.node.kernel_svm() {
+            return Ok(false);
+        }
+        let svm = KernelSvm::new(self.node.drm.clone());
+        match svm.enable(0) {
+            Ok(()) => {}
+            Err(e) if enotty_or_eopnotsupp(&e) => {
+                log::info!("kernel resolver unavailable ({e}): user-space resolver");
+                return Ok(false);
+            }
+            Err(e) => return Err(GuestError::io("SVM ENABLE", e)),
+        }
+        self.kernel = Some(svm);
+        for range in self.ranges.clone() {
+            self.register_owned(range)?;
+        }
+        if self.policy == ResolvePolicy::Process {
+            self.register_process()?;
+        }
+        Ok(true)
+    }
+
+    /// Who resolves this session's faults.
+    pub fn resolver(&self) -> Resolver {
+        if self.kernel.is_some() {
+            Resolver::Kernel
+        } else {
+            Resolver::User
+        }
+    }
+
+    /// The kernel resolver's counters (fdinfo), on the kernel path.
+    pub fn kernel_stats(&self) -> Option<SvmStats> {
+        self.kernel.as_ref().and_then(|k| k.stats().ok())
+    }
+
+    /// The user-space resolver's counters.
+    pub fn user_stats(&self) -> ResolverStats {
+        self.user_stats
+    }
+
+    /// Registers `[cpu, cpu + len)` at `gpu` with the kernel.
+    fn register(
+        &mut self,
+        cpu: u64,
+        gpu: u64,
+        len: u64,
+        perms: Perms,
+        userptr: bool,
+    ) -> Result<()> {
+        let Some(k) = &self.kernel else {
+            return Ok(());
+        };
+        k.register(cpu, len, gpu, perms, 0)
+            .map_err(|e| GuestError::io("SVM REGISTER", e))?;
+        self.registrations.push(Registration {
+            cpu,
+            gpu,
+            len,
+            userptr,
+        });
+        Ok(())
+    }
+
+    /// The registration of identity-mapped `[cpu, cpu + len)`, if one
+    /// covers it.
+    fn covering(&self, cpu: u64, gpu: u64, len: u64) -> Option<Registration> {
+        self.registrations
+            .iter()
+            .find(|r| r.contains_cpu(cpu, len) && r.gpu_to_cpu(gpu, len) == Some(cpu))
+            .copied()
+    }
+
+    fn register_owned(&mut self, r: OwnedRange) -> Result<()> {
+        if self.covering(r.cpu, r.gpu, r.len).is_some() {
+            return Ok(());
+        }
+        self.register(r.cpu, r.gpu, r.len, Perms::RW, false)
+    }
+
+    /// The whole-process policy on the kernel path: registers the
+    /// process's address space ([`crate::svm::process_ranges`]) minus what
+    /// is registered already. Idempotent; a later call also covers
+    /// mappings made since, if they fell outside.
+    pub fn register_process(&mut self) -> Result<()> {
+        if self.kernel.is_none() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| GuestError::io("/proc/self/maps", e))?;
+        let floor = self.node.capset.aperture_start.raw();
+        for (start, end) in crate::svm::process_ranges(&procmaps::parse(&text), floor) {
+            // The parts no registration covers yet.
+            let mut taken: Vec<(u64, u64)> = self
+                .registrations
+                .iter()
+                .map(|r| (r.cpu, r.cpu + r.len))
+                .filter(|(s, e)| *s < end && start < *e)
+                .collect();
+            taken.sort_unstable();
+            let mut at = start;
+            for (s, e) in taken.into_iter().chain(std::iter::once((end, end))) {
+                if s > at {
+                    match self.register(at, at, s - at, Perms::ALL, false) {
+                        Ok(()) => {}
+                        Err(e) => log::warn!("whole process: {at:#x}..{s:#x} not registered: {e}"),
+                    }
+                }
+                at = at.max(e);
+            }
+        }
+        Ok(())
     }
 
     /// The render node.
@@ -272,14 +524,37 @@ impl Session {
         self.client.faults_seen()
     }
 
-    /// Sets what the resolver does.
+    /// Sets what the resolver does. On the kernel path `Process`
+    /// registers the process's address space with the kernel;
+    /// `RejectAll` and `Ignore` exist for the user-space resolver only
+    /// (the kernel resolves what is registered), so a session that tests
+    /// them opens with [`ResolverChoice::User`].
     pub fn set_policy(&mut self, policy: ResolvePolicy) {
         self.policy = policy;
+        if self.kernel.is_none() {
+            return;
+        }
+        match policy {
+            ResolvePolicy::Process => {
+                if let Err(e) = self.register_process() {
+                    log::warn!("whole-process registration: {e}");
+                }
+            }
+            ResolvePolicy::RejectAll | ResolvePolicy::Ignore => {
+                log::warn!("{policy:?} has no effect: the guest kernel resolves the faults");
+            }
+            ResolvePolicy::Resolve => {}
+        }
     }
 
-    /// Lets the resolver bind `range` on faults.
-    pub fn own(&mut self, range: OwnedRange) {
+    /// Lets the resolver bind `range` on faults: on the kernel path the
+    /// kernel mirrors it (`REGISTER`).
+    pub fn own(&mut self, range: OwnedRange) -> Result<()> {
         self.ranges.push(range);
+        if self.kernel.is_some() {
+            self.register_owned(range)?;
+        }
+        Ok(())
     }
 
     /// A new shared buffer of `size` bytes, mapped.
@@ -296,8 +571,19 @@ impl Session {
         self.node.drm.close(bo);
     }
 
-    /// Removes whatever is bound in `[va, va + size)`.
+    /// Removes whatever is bound in `[va, va + size)`; a userptr bind the
+    /// kernel mirrors is unregistered (unbound before the call returns).
     pub fn unbind(&mut self, va: u64, size: u64) -> Result<u64> {
+        let userptr = self
+            .registrations
+            .iter()
+            .position(|r| r.userptr && r.gpu == va && r.len == size);
+        if let (Some(i), Some(k)) = (userptr, &self.kernel) {
+            let r = self.registrations.remove(i);
+            k.unregister(r.cpu, r.len)
+                .map_err(|e| GuestError::io("SVM UNREGISTER", e))?;
+            return self.query().map(|q| q.bound_bytes);
+        }
         self.bind(&[BindOp::Unmap {
             va: GpuVa(va),
             size,
@@ -336,8 +622,21 @@ impl Session {
         }])
     }
 
-    /// Pins process memory and maps its pages at `gpu` (a userptr bind).
+    /// Maps process memory at `gpu` (a userptr bind): on the kernel path
+    /// the kernel mirrors it (`REGISTER`, unless a registration covers it
+    /// already) and binds it now (`PREFETCH`), unpinned; on the user path
+    /// it is pinned and its frames bound.
     pub fn map_host(&mut self, cpu: u64, gpu: u64, len: u64, perms: Perms) -> Result<u64> {
+        if self.kernel.is_some() {
+            if self.covering(cpu, gpu, len).is_none() {
+                self.register(cpu, gpu, len, perms, true)?;
+            }
+            if let Some(k) = &self.kernel {
+                k.prefetch(cpu, len)
+                    .map_err(|e| GuestError::io("SVM PREFETCH", e))?;
+            }
+            return self.query().map(|q| q.bound_bytes);
+        }
         memory::pin(cpu, len).map_err(|e| GuestError::io("pin", e))?;
         let pages = memory::frames(cpu, len).map_err(|e| GuestError::io("pagemap", e))?;
         let mut bound = 0;
@@ -352,13 +651,32 @@ impl Session {
         Ok(bound)
     }
 
-    /// Sets range attributes.
+    /// Sets range attributes. On the kernel path a `PREFETCH` of a range
+    /// the kernel mirrors is the kernel's `PREFETCH` (bound when this
+    /// returns) instead of prefetch records.
     pub fn set_attrs(
         &mut self,
         va: u64,
         size: u64,
         attrs: guest_proto::attr::RangeAttrs,
     ) -> Result<()> {
+        let mirrored = self
+            .registrations
+            .iter()
+            .find_map(|r| r.gpu_to_cpu(va, size));
+        if let (Some(cpu), Some(true), Some(k)) = (mirrored, attrs.prefetch, &self.kernel) {
+            let k = k.clone();
+            let rest = guest_proto::attr::RangeAttrs {
+                prefetch: None,
+                ..attrs
+            };
+            if rest.count() > 0 {
+                self.client.set_attrs(va, size, rest)?;
+            }
+            return k
+                .prefetch(cpu, size)
+                .map_err(|e| GuestError::io("SVM PREFETCH", e));
+        }
         self.client.set_attrs(va, size, attrs)
     }
 
@@ -394,11 +712,17 @@ impl Session {
         self.client.signal(slot)
     }
 
-    /// Waits until `slot` holds `value`, resolving faults meanwhile.
+    /// Waits until `slot` holds `value`, resolving faults meanwhile (on
+    /// the user path; on the kernel path the kernel does, and this only
+    /// waits).
     pub fn wait_signal(&mut self, slot: u32, value: u64, timeout: Duration) -> Result<SignalSlot> {
+        if self.kernel.is_some() {
+            return self.client.wait_signal(slot, value, timeout, |_| Ok(false));
+        }
         let (policy, ranges) = (self.policy, self.ranges.clone());
+        let stats = &mut self.user_stats;
         self.client.wait_signal(slot, value, timeout, |client| {
-            pump_faults(client, policy, &ranges).map(|n| n > 0)
+            pump_faults(client, policy, &ranges, stats).map(|n| n > 0)
         })
     }
 
@@ -426,10 +750,19 @@ impl Session {
         self.client.take_faults()
     }
 
-    /// Reads the fault ring and answers what it finds; returns how many
-    /// records it handled.
+    /// The user-space resolver: reads the fault ring and answers what it
+    /// finds; returns how many records it handled. On the kernel path
+    /// there is nothing to do (the kernel owns the faults): 0.
     pub fn pump_faults(&mut self) -> Result<usize> {
-        pump_faults(&mut self.client, self.policy, &self.ranges)
+        if self.kernel.is_some() {
+            return Ok(0);
+        }
+        pump_faults(
+            &mut self.client,
+            self.policy,
+            &self.ranges,
+            &mut self.user_stats,
+        )
     }
 
     /// `DEVICE_QUERY` counters.
@@ -504,13 +837,21 @@ fn pump_faults<C: Channel>(
     client: &mut Client<C>,
     policy: ResolvePolicy,
     ranges: &[OwnedRange],
+    stats: &mut ResolverStats,
 ) -> Result<usize> {
     let faults = client.take_faults()?;
     if faults.is_empty() || policy == ResolvePolicy::Ignore {
         return Ok(faults.len());
     }
+    let read = Instant::now();
     for batch in faults.chunks(RESOLVE_BATCH) {
         resolve_batch(client, policy, ranges, batch)?;
+        // Every record of the batch was read at `read` and is answered now.
+        let ns = u64::try_from(read.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stats.faults += batch.len() as u64;
+        stats.ns = stats
+            .ns
+            .saturating_add(ns.saturating_mul(batch.len() as u64));
     }
     Ok(faults.len())
 }
