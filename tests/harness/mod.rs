@@ -80,7 +80,7 @@ impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("gpu.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"))
+        let child = daemon_command()
             .arg("--socket-path")
             .arg(&socket)
             .args(["--compute-units", "2", "--log-level", "warn"])
@@ -101,6 +101,53 @@ impl Daemon {
 
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Makes `fd` the child's fd 3 (as systemd and libvirt-style launchers
+/// pass sockets), inheritable across exec.
+pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and exec only dup2/fcntl run (async-signal-safe);
+    // `fd` outlives the spawn because the closure owns it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fd;
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Fields of /proc/PID/status (e.g. "Seccomp", "NoNewPrivs").
+pub fn proc_status(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// The daemon binary, run under `$VHOST_GPU_NC_WRAPPER` (a command and its
+/// arguments, split at spaces, e.g. `strace -f -o /tmp/trace`) when set.
+pub fn daemon_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_vhost-gpu-nc");
+    match std::env::var("VHOST_GPU_NC_WRAPPER") {
+        Ok(w) if !w.trim().is_empty() => {
+            let mut words = w.split_whitespace();
+            let mut c = Command::new(words.next().unwrap());
+            c.args(words).arg(bin);
+            c
+        }
+        _ => Command::new(bin),
     }
 }
 
@@ -236,6 +283,12 @@ impl Vmm {
                 Err(e) => panic!("connecting to the daemon: {e}"),
             }
         };
+        Vmm::from_stream(stream, features)
+    }
+
+    /// Sets the device up over an already connected socket (the frontend's
+    /// end of the socketpair libvirt makes).
+    pub fn from_stream(stream: std::os::unix::net::UnixStream, features: u64) -> Vmm {
         let raw = stream.try_clone().unwrap();
         let mut frontend = Frontend::from_stream(stream, 2);
         frontend.set_owner().unwrap();
