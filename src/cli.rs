@@ -58,7 +58,9 @@ the same name in /etc/qemu/vhost-user/ replaces it; an empty one hides it), \
 runs it with --print-capabilities, and starts it with --fd=N for a domain \
 whose video device has <driver name='vhostuser'/>.";
 
-const AFTER_HELP: &str = "\
+/// The EXAMPLES, DEFAULTS, EXIT STATUS, ENVIRONMENT, FILES and SEE ALSO text
+/// of `--help`; the man page renders each heading as a section.
+pub const AFTER_HELP: &str = "\
 SIZES:
   Byte sizes take binary units: 4096, 64K, 512M, 16G, 1T (K=1024; KiB, MB and \
 GiB are accepted too).
@@ -102,7 +104,8 @@ ENVIRONMENT:
   RUST_LOG          log filter, overrides --log-level (e.g. \
 info,vhost_gpu_nc::compute=debug).
   JOURNAL_STREAM    set by systemd for services: --log-target=auto then logs \
-to the journal.
+to the journal. Without it, auto logs to syslog when stderr is /dev/null (libvirt \
+starts the daemon that way) and /dev/log exists.
   LISTEN_FDS, LISTEN_PID
                     systemd socket activation: fd 3 is the socket (used when \
 neither --socket-path nor --fd is given; both are removed from the \
@@ -199,7 +202,9 @@ pub struct Cli {
     pub log_level: String,
 
     /// Where logs go: stderr (with timestamps), the journal, syslog
-    /// (/dev/log), or auto (the journal when run by systemd, else stderr).
+    /// (/dev/log), or auto: the journal when run by systemd, syslog when
+    /// stderr is /dev/null (as under libvirt) and /dev/log exists, else
+    /// stderr.
     #[arg(long, value_enum, value_name = "TARGET", default_value_t = LogTarget::Auto)]
     pub log_target: LogTarget,
 

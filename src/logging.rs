@@ -3,7 +3,10 @@
 //! local syslog socket.
 //!
 //! `auto` picks the journal when stderr is the journal's stream
-//! (`JOURNAL_STREAM`, as systemd sets it for services), stderr otherwise.
+//! (`JOURNAL_STREAM`, as systemd sets it for services); syslog when stderr
+//! is `/dev/null` or closed and `/dev/log` exists (libvirt starts a
+//! vhost-user GPU backend daemonized, with stdio on `/dev/null`); stderr
+//! otherwise.
 //! The level filter is the same everywhere: `--log-level`, or `RUST_LOG`
 //! (env_logger syntax, e.g. `info,vhost_gpu_nc::compute=debug`).
 
@@ -14,8 +17,9 @@ use std::path::Path;
 /// Log destinations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogTarget {
-    /// The journal when stderr is connected to it (`JOURNAL_STREAM`),
-    /// else stderr.
+    /// The journal when stderr is connected to it (`JOURNAL_STREAM`);
+    /// syslog when stderr goes nowhere (`/dev/null`, closed) and `/dev/log`
+    /// exists; else stderr.
     Auto,
     /// stderr, one line per record with an RFC 3339 timestamp.
     Stderr,
@@ -42,6 +46,9 @@ pub fn init(target: LogTarget, level: &str) -> Result<LogTarget, String> {
         .unwrap_or_else(|| level.to_owned());
     let target = match target {
         LogTarget::Auto if systemd_journal_logger::connected_to_journal() => LogTarget::Journal,
+        LogTarget::Auto if stderr_goes_nowhere() && Path::new(SYSLOG_SOCKET).exists() => {
+            LogTarget::Syslog
+        }
         LogTarget::Auto => LogTarget::Stderr,
         t => t,
     };
@@ -72,6 +79,17 @@ pub fn init(target: LogTarget, level: &str) -> Result<LogTarget, String> {
         }
     }
     Ok(target)
+}
+
+/// stderr is closed or `/dev/null` (character device 1:3).
+fn stderr_goes_nowhere() -> bool {
+    // SAFETY: fstat only writes into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer; a closed fd 2 only yields EBADF.
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return true;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
 }
 
 fn install<L: log::Log + 'static>(inner: L, spec: &str) -> Result<(), String> {
