@@ -48,8 +48,9 @@ goes away), or systemd socket activation (LISTEN_FDS=1: fd 3, the same code \
 path as --fd).
 
 Once the socket exists and before the first frontend byte is read, the \
-daemon confines itself: a seccomp allowlist in every thread (any other system \
-call kills it with SIGSYS) and no-new-privs. --sandbox=none turns that off \
+daemon confines itself: a seccomp allowlist in every thread (opening a file \
+fails with EACCES, any other system call outside the list kills it with \
+SIGSYS) and no-new-privs. --sandbox=none turns that off \
 for debugging.
 
 libvirt finds the daemon through its vhost-user descriptor, \

@@ -6,8 +6,9 @@
 //! read. Every thread started later (the vhost-user request thread and the
 //! vring workers of each connection) inherits it. A system call outside the
 //! list kills the whole process with SIGSYS (`SECCOMP_RET_KILL_PROCESS`),
-//! so a compromised daemon cannot open files, execute programs or create
-//! sockets. `PR_SET_NO_NEW_PRIVS` is set first (seccompiler does it as part
+//! so a compromised daemon cannot execute programs or create sockets;
+//! opening a file fails with `EACCES` (see [`filters`] for why it does not
+//! kill). `PR_SET_NO_NEW_PRIVS` is set first (seccompiler does it as part
 //! of installing), so no set-uid program could ever regain privileges.
 //!
 //! The list was derived by running the daemon under `strace -f` through the
@@ -146,11 +147,34 @@ fn arg_index_in(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompil
         .collect()
 }
 
-/// The daemon's filter, compiled to BPF for this architecture.
-pub fn filter() -> Result<BpfProgram, SandboxError> {
+/// System calls that open files: on the allowlist, failed with `EACCES` by
+/// the other filter (see [`filters`]).
+#[cfg(target_arch = "x86_64")]
+const OPEN_CALLS: &[i64] = &[libc::SYS_open, libc::SYS_openat, libc::SYS_openat2];
+#[cfg(not(target_arch = "x86_64"))]
+const OPEN_CALLS: &[i64] = &[libc::SYS_openat, libc::SYS_openat2];
+
+/// The daemon's filters, compiled to BPF for this architecture, in the
+/// order they are installed:
+///
+/// 1. file opening fails with `EACCES`. The daemon opens no file once it
+///    serves, but the C library and the Rust runtime probe optional files
+///    on rare paths (`/proc/self/maps` from a fault handler, cgroup limits
+///    for CPU counts, `/sys/devices/system/cpu/online`); those fall back on
+///    an error, and a serving daemon must not die of SIGSYS for it. Still,
+///    no file can be opened;
+/// 2. the allowlist: any system call not on it kills the process with
+///    SIGSYS (`SECCOMP_RET_KILL_PROCESS`).
+///
+/// With several filters the kernel takes the most restrictive verdict, so
+/// the first only ever turns the allowlist's "allow" for opens into an error.
+pub fn filters() -> Result<Vec<BpfProgram>, SandboxError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(SandboxError::Arch)?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .chain(OPEN_CALLS)
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
     // Journal records too large for one datagram travel as a memfd; every
     // socket, on the other hand, exists before the sandbox (no `socket`).
     rules.insert(libc::SYS_memfd_create, Vec::new());
@@ -162,14 +186,26 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
         libc::SYS_prctl,
         arg_index_in(0, PRCTL_OPTIONS).map_err(SandboxError::Build)?,
     );
-    let filter = SeccompFilter::new(
+    let allowlist = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         arch,
     )
     .map_err(SandboxError::Build)?;
-    filter.try_into().map_err(SandboxError::Build)
+    let no_open = SeccompFilter::new(
+        OPEN_CALLS.iter().map(|&nr| (nr, Vec::new())).collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch,
+    )
+    .map_err(SandboxError::Build)?;
+    // The allowlist goes last: once it is on, installing another filter
+    // (prctl, seccomp) is itself forbidden.
+    Ok(vec![
+        no_open.try_into().map_err(SandboxError::Build)?,
+        allowlist.try_into().map_err(SandboxError::Build)?,
+    ])
 }
 
 /// Installs the sandbox in every thread of the process (`mode` permitting).
@@ -180,10 +216,12 @@ pub fn install(mode: SandboxMode) -> Result<(), SandboxError> {
             Ok(())
         }
         SandboxMode::Seccomp => {
-            let program = filter()?;
-            seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
+            for program in filters()? {
+                seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
+            }
             log::info!(
-                "sandbox on: seccomp allowlist of {} system calls in every thread, no-new-privs",
+                "sandbox on: seccomp allowlist of {} system calls (file opens fail with EACCES) \
+                 in every thread, no-new-privs",
                 ALLOWED.len() + 3
             );
             Ok(())

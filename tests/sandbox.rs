@@ -12,15 +12,17 @@ use vhost_gpu_nc::sandbox;
 /// How a forked child that installed the filter and ran `body` ended:
 /// `Ok(exit code)` or `Err(signal)`.
 fn in_sandboxed_child(body: fn() -> i32) -> Result<i32, i32> {
-    let program = sandbox::filter().unwrap();
+    let programs = sandbox::filters().unwrap();
     // SAFETY: the child only installs the filter (prctl + seccomp, no
     // allocation), runs `body` (raw system calls only) and _exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        if seccompiler::apply_filter(&program).is_err() {
-            // SAFETY: _exit is always safe to call.
-            unsafe { libc::_exit(100) };
+        for program in &programs {
+            if seccompiler::apply_filter(program).is_err() {
+                // SAFETY: _exit is always safe to call.
+                unsafe { libc::_exit(100) };
+            }
         }
         let code = body();
         // SAFETY: as above.
@@ -56,21 +58,40 @@ fn execve_is_killed_with_sigsys() {
 }
 
 #[test]
-fn opening_a_file_is_killed_with_sigsys() {
+fn opening_a_file_fails_with_eacces_and_creates_nothing() {
+    let path = std::env::temp_dir().join(format!("vhost-gpu-nc-sandbox-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    static PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+    PATH.set(std::ffi::CString::new(path.to_str().unwrap()).unwrap())
+        .unwrap();
     let r = in_sandboxed_child(|| {
-        // SAFETY: a NUL-terminated path; the result is not used.
+        let p = PATH.get().unwrap().as_ptr();
+        // SAFETY: a NUL-terminated path; raw system calls only.
         unsafe {
-            libc::syscall(
+            let rc = libc::syscall(
                 libc::SYS_openat,
                 libc::AT_FDCWD,
-                c"/tmp/vhost-gpu-nc-sandbox-test".as_ptr(),
+                p,
                 libc::O_CREAT | libc::O_WRONLY,
                 0o600,
-            )
-        };
+            );
+            if rc != -1 || *libc::__errno_location() != libc::EACCES {
+                return 1;
+            }
+            let rc = libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/etc/hostname".as_ptr(),
+                libc::O_RDONLY,
+            );
+            if rc != -1 || *libc::__errno_location() != libc::EACCES {
+                return 2;
+            }
+        }
         0
     });
-    assert_eq!(r, Err(libc::SIGSYS));
+    assert_eq!(r, Ok(0), "openat was not refused with EACCES");
+    assert!(!path.exists(), "the sandboxed child created a file");
 }
 
 #[test]
@@ -153,4 +174,16 @@ fn without_the_filter_the_same_child_runs() {
     // SAFETY: our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
+
+#[test]
+fn a_crash_inside_the_sandbox_stays_a_crash() {
+    // A segfault must end the process with SIGSEGV (and a core), not turn
+    // into a sandbox violation inside the runtime's signal handler.
+    let r = in_sandboxed_child(|| {
+        // SAFETY: deliberately faulting; the child dies here.
+        unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1) };
+        0
+    });
+    assert_eq!(r, Err(libc::SIGSEGV));
 }
