@@ -256,3 +256,23 @@ fn stderr_logs_carry_timestamps() {
         "{line}"
     );
 }
+
+#[test]
+fn a_missing_journal_is_a_clear_start_up_error() {
+    if std::path::Path::new("/run/systemd/journal/socket").exists() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args([
+            "--socket-path",
+            "/nonexistent/x.sock",
+            "--log-target",
+            "journal",
+        ])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--log-target=journal: no journal"), "{err}");
+}

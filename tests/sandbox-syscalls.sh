@@ -20,14 +20,12 @@ cargo build --locked -q -p vhost-gpu-nc
 cargo build --release --locked -q -p vhost-gpu-nc
 cargo build --release --locked -q -p nc-guest --target x86_64-unknown-linux-musl
 
-# A daemon wrapper: strace with the sandbox off; SIGTERM reaches the daemon
-# (strace itself would only detach).
+# A daemon wrapper: strace with the sandbox off. -I1 lets a signal end
+# strace (by default it blocks them with -o), and the daemon dies with it
+# (setpriv --pdeathsig): a test that kills its daemon leaves nothing behind.
 cat >"$out/wrap" <<EOF
-#!/bin/bash
-strace -f -qq -s 256 -o "$out/trace.\$\$" "\$@" --sandbox=none &
-spid=\$!
-trap 'kill -TERM \$(cat /proc/\$spid/task/\$spid/children) 2>/dev/null; wait \$spid; exit 0' TERM INT
-wait \$spid
+#!/bin/sh
+exec strace -I1 -f -qq -s 256 -o "$out/trace.\$\$" setpriv --pdeathsig KILL "\$@" --sandbox=none
 EOF
 chmod +x "$out/wrap"
 cat >"$out/wrap-release" <<EOF
