@@ -39,8 +39,9 @@ chmod 755 "$work"
 user=nobody
 group=$(id -gn "$user")
 libvirtd_pid=
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 as_user() {
-    setpriv --reuid="$user" --regid="$group" --clear-groups \
+    sudo_ setpriv --reuid="$user" --regid="$group" --clear-groups \
         env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$work/home" \
         XDG_CONFIG_HOME="$work/config" XDG_RUNTIME_DIR="$work/run" \
         XDG_CACHE_HOME="$work/cache" "$@"
@@ -52,7 +53,7 @@ cleanup() {
         kill "$libvirtd_pid" 2>/dev/null || true
         wait "$libvirtd_pid" 2>/dev/null || true
     fi
-    rm -rf "$work"
+    sudo_ rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -136,7 +137,7 @@ cat >"$work/domain.xml" <<EOF
   </devices>
 </domain>
 EOF
-chown -R "$user:$group" "$work"
+sudo_ chown -R "$user:$group" "$work"
 
 as_user /usr/sbin/libvirtd --timeout=600 >"$work/libvirtd.log" 2>&1 &
 libvirtd_pid=$!
@@ -149,15 +150,18 @@ rc=0; virsh_ version >/dev/null 2>&1 || rc=$?
 check libvirtd $rc "session daemon as $user: $(virsh_ version 2>&1 | grep -i 'running hypervisor' || tail -n3 "$work/libvirtd.log")"
 
 rc=0; out=$(virsh_ define "$work/domain.xml" 2>&1) || rc=$?
-check define $rc "$out"
+check define $rc "${out:-domain vgnc-libvirt defined from domain.xml}"
 boot_start=$(date +%s)
 rc=0; out=$(virsh_ start vgnc-libvirt 2>&1) || rc=$?
-check start $rc "$out"
+check start $rc "${out:-domain started}"
 
 # While the guest runs: the daemon libvirt started, its argv and sandbox.
 daemon_pid=
 for _ in $(seq 100); do
-    daemon_pid=$(pgrep -u "$user" -f "^$scratch/usr/bin/vhost-gpu-nc" | head -n1 || true)
+    for p in /proc/[0-9]*; do
+        exe=$(readlink "$p/exe" 2>/dev/null || true)
+        [ "$exe" = "$scratch/usr/bin/vhost-gpu-nc" ] && { daemon_pid=${p#/proc/}; break; }
+    done
     [ -n "$daemon_pid" ] && break
     sleep 0.05
 done
