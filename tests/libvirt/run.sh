@@ -40,12 +40,12 @@ user=nobody
 group=$(id -gn "$user")
 libvirtd_pid=
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-as_user() {
-    sudo_ setpriv --reuid="$user" --regid="$group" --clear-groups \
-        env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$work/home" \
-        XDG_CONFIG_HOME="$work/config" XDG_RUNTIME_DIR="$work/run" \
-        XDG_CACHE_HOME="$work/cache" "$@"
-}
+user_cmd=(setpriv --reuid="$user" --regid="$group" --clear-groups
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$work/home"
+    XDG_CONFIG_HOME="$work/config" XDG_RUNTIME_DIR="$work/run"
+    XDG_CACHE_HOME="$work/cache")
+[ "$(id -u)" = 0 ] || user_cmd=(sudo "${user_cmd[@]}")
+as_user() { "${user_cmd[@]}" "$@"; }
 virsh_() { as_user virsh -q -c qemu:///session "$@"; }
 cleanup() {
     if [ -n "$libvirtd_pid" ]; then
@@ -139,7 +139,8 @@ cat >"$work/domain.xml" <<EOF
 EOF
 sudo_ chown -R "$user:$group" "$work"
 
-as_user /usr/sbin/libvirtd --timeout=600 >"$work/libvirtd.log" 2>&1 &
+# exec: $! is then libvirtd itself (setpriv and env exec too).
+(exec "${user_cmd[@]}" /usr/sbin/libvirtd --timeout=600) >"$work/libvirtd.log" 2>&1 &
 libvirtd_pid=$!
 for _ in $(seq 100); do
     virsh_ version >/dev/null 2>&1 && break
