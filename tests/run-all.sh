@@ -8,14 +8,18 @@
 #      checkpatch over the series;
 #   2. formatting, lints and every Rust test of the workspace (unit, codec,
 #      property, backend fault lifecycle, the vhost-user socket harness);
-#   3. the QEMU-driven end-to-end suite against the real daemon, in the
-#      compat (stock QEMU) and native (patched QEMU) profiles.
+#   3. the QEMU-driven end-to-end suite against the real daemon (sandboxed), in
+#      the compat (stock QEMU) and native (patched QEMU) profiles;
+#   4. the package and the libvirt launch path: the .deb in a scratch root,
+#      the vhost-user discovery contract, Debian's libvirt booting a domain
+#      with <driver name='vhostuser'/> against the installed daemon.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 echo "== setup"
 tests/qemu/setup.sh
+tests/libvirt/setup.sh
 
 echo "== guest kernel patches: checkpatch --strict"
 guest/kernel/virtio-gpu/checkpatch.sh
@@ -30,3 +34,6 @@ cargo test --workspace --locked
 
 echo "== QEMU suite"
 tests/qemu/run-suite.sh
+
+echo "== package + libvirt"
+tests/libvirt/run.sh
