@@ -64,6 +64,11 @@ struct Cli {
     #[arg(long, default_value_t = Capset::default().max_queue_depth)]
     max_queue_depth: u32,
 
+    /// User-mode queues (SDMA and AQL rings the device reads itself,
+    /// protocol 1.1) per session; 0 turns them off.
+    #[arg(long, default_value_t = Capset::default().max_user_queues)]
+    max_user_queues: u32,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -83,6 +88,7 @@ impl From<Cli> for DaemonConfig {
                 max_bound_bytes: cli.max_bound_bytes,
                 max_pending_faults: cli.max_pending_faults,
                 max_queue_depth: cli.max_queue_depth,
+                max_user_queues: cli.max_user_queues,
                 fault_timeout: Duration::from_millis(u64::from(cli.fault_timeout_ms)),
                 ..ComputeConfig::default()
             },
