@@ -22,7 +22,8 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(cargo +nightly fuzz list)
+    # Every fuzz target; make_seeds is the seed writer, not a target.
+    mapfile -t targets < <(cargo +nightly fuzz list | grep -vx make_seeds)
 fi
 cargo +nightly fuzz build
 scratch=$(mktemp -d)
@@ -33,8 +34,9 @@ for t in "${targets[@]}"; do
     log="$scratch/$t.log"
     if cargo +nightly fuzz run "$t" "$scratch/$t" "corpus/$t" -- \
         -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1; then
-        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
-        cov=$(grep -E '^#[0-9]+.*(DONE|pulse|NEW|REDUCE)' "$log" | tail -n1 | sed -n 's/.*cov: \([0-9]*\).*ft: \([0-9]*\).*/cov \1, features \2/p')
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" || true)
+        cov=$({ grep -E '^#[0-9]+.*(DONE|pulse|NEW|REDUCE)' "$log" || true; } | tail -n1 \
+            | sed -n 's/.*cov: \([0-9]*\).*ft: \([0-9]*\).*/cov \1, features \2/p')
         echo "fuzz $t: ${runs:-?} executions in ${secs} s, ${cov:-coverage unknown}, no crash"
     else
         failed=1

@@ -1,12 +1,12 @@
 //! What the daemon is started with.
 //!
-//! The command line (`main.rs`) builds a [`DaemonConfig`]; the library never
+//! The command line (`cli.rs`) builds a [`DaemonConfig`]; the library never
 //! parses arguments itself, so tests and other front ends start the same
 //! backend with a plain value.
 
-use std::path::PathBuf;
-
 use crate::compute::ComputeConfig;
+use crate::sandbox::SandboxMode;
+use crate::socket::SocketSource;
 use crate::virtio_gpu::device::GpuLimits;
 
 /// The device models the daemon can drive.
@@ -23,12 +23,14 @@ pub enum DeviceModel {
 /// Everything [`crate::start_backend`] needs.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    /// Unix socket to listen on.
-    pub socket_path: PathBuf,
+    /// Where the frontend connection comes from.
+    pub socket: SocketSource,
     /// The GPU behind the contexts.
     pub device: DeviceModel,
     /// Settings and quotas of the compute contexts.
     pub compute: ComputeConfig,
     /// Limits of the virtio-gpu layer.
     pub gpu_limits: GpuLimits,
+    /// The seccomp sandbox.
+    pub sandbox: SandboxMode,
 }

@@ -5,7 +5,7 @@
 //! the daemon forgets everything of it and accepts the next one on the same
 //! socket, so a restarted VMM always finds it.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DaemonConfig, DeviceModel};
 use crate::context_backend::ContextBackendFactory;
+use crate::socket::{Bridge, Endpoint, SocketSource};
 use crate::virtio_gpu::{FENCE_EVENT, GpuVhostBackend, TIMER_EVENT};
 
 /// Why the daemon could not start serving.
@@ -26,15 +27,12 @@ pub enum StartError {
     /// The termination signals could not be set up.
     #[error("cannot install signal handling: {0}")]
     Signals(#[source] std::io::Error),
-    /// The socket could not be created.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
+    /// The socket could not be created, or the inherited one is unusable.
+    #[error(transparent)]
+    Socket(#[from] crate::socket::SocketError),
+    /// The sandbox could not be installed.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Why one frontend connection ended abnormally.
@@ -67,9 +65,11 @@ pub enum ConnectionError {
 }
 
 /// Starts the daemon and serves frontends until a termination signal.
-/// Returns only if it cannot start.
+/// Returns an error if it cannot start, and `Ok` when the one frontend of a
+/// connected `--fd` went away.
 pub fn start_backend(config: DaemonConfig) -> Result<(), StartError> {
-    crate::signals::exit_on_termination(config.socket_path.clone()).map_err(StartError::Signals)?;
+    crate::signals::exit_on_termination(config.socket.owned_path().map(Path::to_path_buf))
+        .map_err(StartError::Signals)?;
     let device = match config.device {
         DeviceModel::Sim { compute_units } => SimGpu::new(SimConfig {
             compute_units: compute_units.unwrap_or(SimConfig::default().compute_units),
@@ -78,13 +78,26 @@ pub fn start_backend(config: DaemonConfig) -> Result<(), StartError> {
     };
     let factory = crate::compute::factory(device, config.compute.clone());
     // One listening socket for the life of the process: a frontend that
-    // reconnects (QEMU restarted) always finds it.
-    let mut listener =
-        Listener::new(&config.socket_path, true).map_err(|source| StartError::Listen {
-            path: config.socket_path.clone(),
-            source,
-        })?;
-    log::info!("listening on {}", config.socket_path.display());
+    // reconnects (QEMU restarted) always finds it. A connected --fd
+    // (libvirt) has one frontend: serve it, then exit.
+    let mut listener = match crate::socket::open(&config.socket)? {
+        Endpoint::Listening(listener) => listener,
+        Endpoint::Connected(stream) => {
+            let mut bridge = Bridge::new(stream)?;
+            crate::sandbox::install(config.sandbox)?;
+            bridge.start()?;
+            log::info!("serving the frontend on the inherited connected socket");
+            if let Err(e) = serve_one(&config, &factory, &mut bridge.listener) {
+                log::error!("connection ended with an error: {e}");
+            }
+            log::info!("frontend disconnected; exiting");
+            return Ok(());
+        }
+    };
+    log::info!("listening on {}", describe(&config.socket));
+    // The sandbox goes on before the first accept: no frontend byte is read
+    // outside it.
+    crate::sandbox::install(config.sandbox)?;
     let mut backoff = Backoff::default();
     loop {
         match serve_one(&config, &factory, &mut listener) {
@@ -145,6 +158,13 @@ impl Backoff {
             log::info!("serving again after {} failed attempts", self.failures);
         }
         self.failures = 0;
+    }
+}
+
+fn describe(source: &SocketSource) -> String {
+    match source {
+        SocketSource::Path(p) => p.display().to_string(),
+        SocketSource::Fd(fd) => format!("the inherited socket (fd {fd})"),
     }
 }
 

@@ -13,15 +13,26 @@
 //! - [`compute`]: the compute backend: native-context sessions on
 //!   `gpu-backend`.
 //! - [`daemon`]: the process: listening socket, one connection at a time.
+//! - [`socket`]: `--socket-path`, `--fd` (listening or connected), systemd
+//!   socket activation.
+//! - [`sandbox`]: the seccomp allowlist installed before the first
+//!   frontend byte is read.
+//! - [`cli`], [`logging`], [`size`]: the command line, log targets, byte
+//!   sizes with units.
 //!
 //! [`start_backend`] is the whole daemon; `main.rs` only parses the command
 //! line into a [`DaemonConfig`].
 
+pub mod cli;
 pub mod compute;
 pub mod config;
 pub mod context_backend;
 pub mod daemon;
+pub mod logging;
+pub mod sandbox;
 mod signals;
+pub mod size;
+pub mod socket;
 pub mod virtio_gpu;
 
 pub use config::{DaemonConfig, DeviceModel};

@@ -25,14 +25,7 @@ use vhost_gpu_nc::virtio_gpu::protocol::{
 };
 
 const SESSION_BYTES: u32 = 16384;
-const LAYOUT: SessionLayout = SessionLayout {
-    reply_off: 0,
-    reply_size: 4096,
-    ring_off: 4096,
-    ring_capacity: 64,
-    signals_off: 8192,
-    signal_slots: 64,
-};
+const LAYOUT: SessionLayout = SessionLayout::COMPACT;
 
 type Shared = Rc<RefCell<Vmm>>;
 

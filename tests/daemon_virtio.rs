@@ -1088,10 +1088,10 @@ fn native_event_arm_with_a_reused_fence_returns_each_arm_once_in_order() {
 fn queues_up_to_the_split_ring_maximum_are_accepted() {
     // crosvm offers the guest 32768-entry queues unless told otherwise.
     let d = Daemon::start(&[]);
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    let vmm = Vmm::connect(&d.socket, F_VIRGL);
     vmm.frontend.set_vring_num(0, 32768).unwrap();
     drop(vmm);
     // One connection at a time: the next one is served once this is gone.
-    let mut vmm = Vmm::connect(&d.socket, F_VIRGL);
+    let vmm = Vmm::connect(&d.socket, F_VIRGL);
     assert!(vmm.frontend.set_vring_num(0, 32769).is_err());
 }

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh checkout:
 #   1. installs what the QEMU suite needs (QEMU 10.0, the Debian 6.12 guest
-#      kernel and its virtio-gpu modules, busybox-static, cpio, the musl
-#      target, the patched QEMU of the native profile - built once per QEMU
-#      version and patch set, cached outside the checkout) - idempotent, fast
-#      when everything is there;
+#      kernel and its virtio-gpu modules, virtio-gpu rebuilt with our patch
+#      series, busybox-static, cpio, the musl target, the patched QEMU of the
+#      native profile - built once per QEMU version and patch set, cached
+#      outside the checkout) - idempotent, fast when everything is there;
+#      checkpatch over the series;
 #   2. formatting, lints and every Rust test of the workspace (unit, codec,
 #      property, backend fault lifecycle, the vhost-user socket harness);
-#   3. the QEMU-driven end-to-end suite against the real daemon, in the
-#      compat (stock QEMU) and native (patched QEMU) profiles.
+#   3. the QEMU-driven end-to-end suite against the real daemon (sandboxed), in
+#      the compat (stock QEMU) and native (patched QEMU) profiles;
+#   4. the package and the libvirt launch path: the .deb in a scratch root,
+#      the vhost-user discovery contract, Debian's libvirt booting a domain
+#      with <driver name='vhostuser'/> against the installed daemon.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 echo "== setup"
 tests/qemu/setup.sh
+tests/libvirt/setup.sh
+
+echo "== guest kernel patches: checkpatch --strict"
+guest/kernel/virtio-gpu/checkpatch.sh
 
 echo "== cargo fmt / clippy / doc"
 cargo fmt --all -- --check
@@ -26,3 +34,6 @@ cargo test --workspace --locked
 
 echo "== QEMU suite"
 tests/qemu/run-suite.sh
+
+echo "== package + libvirt"
+tests/libvirt/run.sh

@@ -6,12 +6,8 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use gpu_backend::sim::{SimConfig, SimGpu};
-use guest_proto::command::{Profile, Region, SessionInit};
-use guest_proto::fault::FaultRingLayout;
 use guest_proto::reply::Reply;
 use guest_proto::writer::RequestWriter;
 use guest_proto::{Request, ResourceId, Status};
@@ -19,45 +15,11 @@ use libfuzzer_sys::fuzz_target;
 use vhost_gpu_nc::compute::ComputeConfig;
 use vhost_gpu_nc::compute::testing::TestGuest;
 use vhost_gpu_nc::context_backend::{ContextBackend, ContextInit, CtxId};
+use vhost_gpu_nc_fuzz::{session_init, sim_device};
 
 const CTX: CtxId = CtxId(1);
 const SESSION: u32 = 100;
 const DATA: u32 = 101;
-
-fn device() -> Arc<SimGpu> {
-    static DEVICE: OnceLock<Arc<SimGpu>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| {
-            SimGpu::new(SimConfig {
-                compute_units: 2,
-                ..SimConfig::default()
-            })
-        })
-        .clone()
-}
-
-fn session_init() -> SessionInit {
-    let res = ResourceId(SESSION);
-    let ring = FaultRingLayout::new(16).map_or(0, |l| l.size());
-    SessionInit::new(
-        Profile::Compat,
-        Region {
-            resource: res,
-            offset: 0,
-            size: 4096,
-        },
-        Region {
-            resource: res,
-            offset: 4096,
-            size: ring,
-        },
-        Region {
-            resource: res,
-            offset: 8192,
-            size: 64 * 32,
-        },
-    )
-}
 
 /// Sends `request` with its reply at offset 0 and returns the reply.
 fn call(g: &TestGuest, session_gpa: u64, seqno: u32, request: &Request<'_>) -> Option<Reply> {
@@ -73,13 +35,19 @@ fuzz_target!(|data: &[u8]| {
         max_pending_faults: 64,
         ..ComputeConfig::default()
     };
-    let mut g = TestGuest::new(device(), config, 32 << 20);
+    let mut g = TestGuest::new(sim_device(), config, 32 << 20);
     g.nc()
         .create_context(CTX, ContextInit { capset_id: None }, "fuzz")
         .expect("context");
     let session_gpa = g.resource(CTX, SESSION, 16384);
     let _ = g.resource(CTX, DATA, 1 << 16);
-    let init = call(&g, session_gpa, 1, &Request::SessionInit(session_init())).expect("reply");
+    let init = call(
+        &g,
+        session_gpa,
+        1,
+        &Request::SessionInit(session_init(ResourceId(SESSION))),
+    )
+    .expect("reply");
     assert_eq!(init.status, Status::Ok);
     // The input is a list of submits: a byte n, then 8·n bytes of payload
     // (requests are multiples of 8 bytes long).
@@ -99,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
             &g,
             session_gpa,
             0x7000_0001,
-            &Request::SessionInit(session_init()),
+            &Request::SessionInit(session_init(ResourceId(SESSION))),
         );
         let again = again.expect("reply");
         assert!(

@@ -7,15 +7,13 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
-
 use arbitrary::Arbitrary;
-use gpu_backend::sim::{SimConfig, SimGpu};
 use libfuzzer_sys::fuzz_target;
 use vhost_gpu_nc::compute::ComputeConfig;
 use vhost_gpu_nc::compute::testing::TestGuest;
 use vhost_gpu_nc::virtio_gpu::device::{GpuDevice, GpuLimits};
 use vhost_gpu_nc::virtio_gpu::protocol::*;
+use vhost_gpu_nc_fuzz::sim_device;
 
 const RAM: u64 = 16 << 20;
 
@@ -132,18 +130,6 @@ enum Cmd {
         x: u16,
         y: u16,
     },
-}
-
-fn device() -> Arc<SimGpu> {
-    static DEVICE: OnceLock<Arc<SimGpu>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| {
-            SimGpu::new(SimConfig {
-                compute_units: 2,
-                ..SimConfig::default()
-            })
-        })
-        .clone()
 }
 
 fn hdr(out: &mut Vec<u8>, ty: u32, flags: u32, ctx: u32, ring: u8) {
@@ -399,7 +385,7 @@ fn response_type(bytes: &[u8]) -> u32 {
 }
 
 fuzz_target!(|cmds: Vec<Cmd>| {
-    let g = TestGuest::new(device(), ComputeConfig::default(), RAM);
+    let g = TestGuest::new(sim_device(), ComputeConfig::default(), RAM);
     let Ok(backend) = std::rc::Rc::try_unwrap(g.backend) else {
         return;
     };

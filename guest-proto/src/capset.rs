@@ -53,8 +53,12 @@ pub const DEFAULT_MAX_QUEUE_DEPTH: u32 = 256;
 pub const DEFAULT_MAX_CONTEXTS: u32 = 64;
 /// Default faults pending per session.
 pub const DEFAULT_MAX_PENDING_FAULTS: u32 = 4096;
-/// Default bytes bound in GPU VMs per guest.
-pub const DEFAULT_MAX_BOUND_BYTES: u64 = 1 << 30;
+/// Default bytes bound in GPU VMs per guest: 64 GiB. A ROCm job binds its
+/// working set (tens of GiB on real GPUs), so a few GiB fails real jobs;
+/// binding costs the host 8 bytes of page table per 4 KiB page (1/512), and
+/// 8 more for a binding of a guest-physical page list, so a guest at the
+/// limit costs the host 128 to 256 MiB.
+pub const DEFAULT_MAX_BOUND_BYTES: u64 = 64 << 30;
 /// Default fault timeout.
 pub const DEFAULT_FAULT_TIMEOUT_MS: u32 = 10_000;
 /// Default slots per signal area.

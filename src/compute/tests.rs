@@ -34,14 +34,7 @@ use crate::context_backend::{
 
 const RAM: u64 = 64 << 20;
 const SESSION_BYTES: u64 = 16384;
-const LAYOUT: SessionLayout = SessionLayout {
-    reply_off: 0,
-    reply_size: 4096,
-    ring_off: 4096,
-    ring_capacity: 64,
-    signals_off: 8192,
-    signal_slots: 64,
-};
+const LAYOUT: SessionLayout = SessionLayout::COMPACT;
 
 type Backend = Rc<RefCell<ComputeBackend>>;
 

@@ -73,7 +73,7 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("gpu.sock");
         let log = capture.then(|| dir.path().join("daemon.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-gpu-nc"));
+        let mut cmd = daemon_command();
         cmd.arg("--socket-path")
             .arg(&socket)
             .args(["--compute-units", "2"])
@@ -155,6 +155,53 @@ impl Daemon {
             unsafe { libc::prlimit(self.pid(), libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
         assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
         old
+    }
+}
+
+/// Makes `fd` the child's fd 3 (as systemd and libvirt-style launchers
+/// pass sockets), inheritable across exec.
+pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::OwnedFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and exec only dup2/fcntl run (async-signal-safe);
+    // `fd` outlives the spawn because the closure owns it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fd;
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Fields of /proc/PID/status (e.g. "Seccomp", "NoNewPrivs").
+pub fn proc_status(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// The daemon binary, run under `$VHOST_GPU_NC_WRAPPER` (a command and its
+/// arguments, split at spaces, e.g. `strace -f -o /tmp/trace`) when set.
+pub fn daemon_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_vhost-gpu-nc");
+    match std::env::var("VHOST_GPU_NC_WRAPPER") {
+        Ok(w) if !w.trim().is_empty() => {
+            let mut words = w.split_whitespace();
+            let mut c = Command::new(words.next().unwrap());
+            c.args(words).arg(bin);
+            c
+        }
+        _ => Command::new(bin),
     }
 }
 
@@ -363,6 +410,12 @@ impl Vmm {
     /// (VIRTIO_GPU_F_* bits) of what the device offers.
     pub fn connect(socket: &Path, features: u64) -> Vmm {
         Vmm::connect_with(socket, Setup::new(features))
+    }
+
+    /// Sets the device up over an already connected socket (the frontend's
+    /// end of the socketpair libvirt makes).
+    pub fn from_stream(stream: std::os::unix::net::UnixStream, features: u64) -> Vmm {
+        Vmm::try_connect_stream(stream, Setup::new(features)).unwrap()
     }
 
     pub fn connect_with(socket: &Path, setup: Setup) -> Vmm {

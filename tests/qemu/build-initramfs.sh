@@ -5,6 +5,10 @@
 # runs the scenarios named on the kernel command line (nc.scenarios=a,b,...)
 # with NC_EXPECT_PROFILE set from nc.profile=compat|native (the transport
 # profile this boot must come up with), and powers off.
+# virtio-gpu is the module setup.sh rebuilt with our patch series
+# (work/kernel/rebuilt, with its uAPI test program as /svm-test), or
+# Debian's own with NC_STOCK_VIRTIO_GPU=1. NC_VIRTIO_GPU_KO and
+# NC_SVM_TEST name other builds of the two (guest/kernel/tests/boot.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 guest_bin=${1:?usage: build-initramfs.sh GUEST_BIN OUT}
@@ -27,6 +31,17 @@ for m in "$kdir/lib/modules/$version/kernel/"*; do
         *) cp "$m" "$root/lib/modules/$version/kernel/" ;;
     esac
 done
+rebuilt=${NC_VIRTIO_GPU_KO:-$kdir/rebuilt/virtio-gpu.ko}
+svm_test=${NC_SVM_TEST:-$kdir/rebuilt/svm-test}
+if [ "${NC_STOCK_VIRTIO_GPU:-0}" != 1 ]; then
+    [ -f "$rebuilt" ] || { echo "build-initramfs: no rebuilt virtio-gpu.ko: run setup.sh (or NC_STOCK_VIRTIO_GPU=1)" >&2; exit 1; }
+    cp "$rebuilt" "$root/lib/modules/$version/kernel/virtio-gpu.ko"
+    cp "$svm_test" "$root/svm-test"
+    echo rebuilt > "$root/nc-module"
+else
+    echo debian > "$root/nc-module"
+fi
+echo "build-initramfs: virtio-gpu.ko $(cat "$root/nc-module") $(sha256sum "$root/lib/modules/$version/kernel/virtio-gpu.ko" | cut -c1-16)"
 touch "$root/lib/modules/$version/"{modules.order,modules.builtin,modules.builtin.modinfo}
 /sbin/depmod -b "$root" "$version"
 
@@ -47,10 +62,15 @@ if [ -n "$profile" ]; then
     export NC_EXPECT_PROFILE="$profile"
 fi
 echo "NC-PROFILE expected=${profile:-any}"
+ko=/lib/modules/$(uname -r)/kernel/virtio-gpu.ko
+echo "NC-MODULE virtio_gpu $(cat /nc-module) sha256=$(sha256sum $ko | cut -c1-16) taint=$(cat /sys/module/virtio_gpu/taint) vermagic=$(modinfo -F vermagic $ko | tr ' ' _)"
 scenarios=$(sed -n 's/.*nc\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline)
 for s in $(echo "$scenarios" | tr , ' '); do
     echo "NC-SCENARIO $s"
-    timeout 300 /nc-guest "$s" || echo "NC-EXIT $s $?"
+    case "$s" in
+        svm-*) timeout 300 /svm-test "$s" || echo "NC-EXIT $s $?" ;;
+        *) timeout 300 /nc-guest "$s" || echo "NC-EXIT $s $?" ;;
+    esac
 done
 echo NC-DONE
 poweroff -f

@@ -33,4 +33,4 @@ timeout --foreground -k 10 "$limit" "${qemu[@]}" \
     -display none -nodefaults -no-reboot \
     -serial "file:$log" -monitor none \
     -kernel "$here/work/kernel/vmlinuz" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 loglevel=4 nc.profile=$profile nc.scenarios=$scenarios"
+    -append "console=ttyS0 panic=-1 loglevel=4 nc.profile=$profile nc.scenarios=$scenarios ${NC_KERNEL_APPEND:-}"

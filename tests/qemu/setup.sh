@@ -8,7 +8,14 @@
 #   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
 #     tests/qemu/work/kernel (vmlinuz + modules with modules.dep),
 #   - the patched QEMU of the native profile (build-qemu.sh: built once per
-#     QEMU version and patch set, cached under ~/.cache/vhost-gpu-nc/qemu).
+#     QEMU version and patch set, cached under ~/.cache/vhost-gpu-nc/qemu),
+#   - virtio-gpu.ko rebuilt out of tree from Debian's linux-source for that
+#     exact kernel with our patch series (guest/kernel/build.sh, cached under
+#     ~/.cache/vhost-gpu-nc/kernel), in tests/qemu/work/kernel/rebuilt; the
+#     initramfs loads it instead of Debian's module unless
+#     NC_STOCK_VIRTIO_GPU=1,
+#   - Debian's ROCm 5.2.3 user space and the glibc guest root's libraries
+#     (rocm-setup.sh, cached outside the checkout).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work="$here/work"
@@ -81,6 +88,7 @@ install_kernel() {
     version=$(ls "$root/lib/modules")
     cp "$root"/boot/vmlinuz-* "$kdir/vmlinuz"
     echo "$version" > "$kdir/version"
+    dpkg-deb -f "$work"/deb/*.deb Version > "$kdir/deb-version"
     # virtio-gpu and what it depends on, as modinfo says.
     local mroot="$root/lib/modules/$version"
     local want=(virtio-gpu) seen=() mod file deps
@@ -102,9 +110,31 @@ install_kernel() {
     log "guest kernel $version with modules: ${seen[*]}"
 }
 
+install_virtio_gpu() {
+    local version ko out="$kdir/rebuilt"
+    version=$(cat "$kdir/version")
+    ko=$("$here/../../guest/kernel/build.sh" --kver "$version" module)
+    mkdir -p "$out"
+    if ! cmp -s "$ko" "$out/virtio-gpu.ko"; then
+        cp "$ko" "$out/virtio-gpu.ko.tmp"
+        mv "$out/virtio-gpu.ko.tmp" "$out/virtio-gpu.ko"
+    fi
+    local mine debian
+    mine=$(/sbin/modinfo -F vermagic "$out/virtio-gpu.ko")
+    debian=$(/sbin/modinfo -F vermagic "$kdir/lib/modules/$version/kernel/virtio-gpu.ko.xz" 2>/dev/null || echo "?")
+    log "rebuilt virtio-gpu.ko $(sha256sum "$out/virtio-gpu.ko" | cut -c1-16): vermagic '$mine' (Debian's: '$debian')"
+    [ "$mine" = "$debian" ] || { echo "setup: the rebuilt module's vermagic differs from Debian's" >&2; exit 1; }
+    # The guest-side tests of the module's uAPI, against its patched header.
+    gcc -static -O2 -Wall -Wextra -Werror -I "$(dirname "$ko")/uapi" \
+        -o "$out/svm-test.tmp" "$here/../../guest/kernel/tests/svm-test.c"
+    mv "$out/svm-test.tmp" "$out/svm-test"
+}
+
 install_packages
 install_musl_target
 install_kernel
 native_qemu=$("$here/build-qemu.sh")
 log "patched QEMU (native profile): $native_qemu"
+install_virtio_gpu
+log "ROCm user space in $("$here/rocm-setup.sh")"
 log "done"

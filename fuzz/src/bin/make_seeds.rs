@@ -10,8 +10,8 @@ use std::path::Path;
 use guest_proto::attr::{RangeAttr, RangeAttrs};
 use guest_proto::bind::{BindOp, PageList, VmBind};
 use guest_proto::capset::Capset;
-use guest_proto::command::{Dispatch, Profile, QueueCreate, QueueDestroy, Region, SessionInit};
-use guest_proto::fault::{FaultOutcome, FaultReply, FaultReplyEntry, FaultRingLayout};
+use guest_proto::command::{Dispatch, QueueCreate, QueueDestroy};
+use guest_proto::fault::{FaultOutcome, FaultReply, FaultReplyEntry};
 use guest_proto::reply::Reply;
 use guest_proto::signal::SignalSlot;
 use guest_proto::writer::RequestWriter;
@@ -52,25 +52,7 @@ fn main() -> std::io::Result<()> {
             size: 0x1000,
         },
     ];
-    let res = ResourceId(1);
-    let init = SessionInit::new(
-        Profile::Compat,
-        Region {
-            resource: res,
-            offset: 0,
-            size: 4096,
-        },
-        Region {
-            resource: res,
-            offset: 4096,
-            size: FaultRingLayout::new(64).map_or(0, |l| l.size()),
-        },
-        Region {
-            resource: res,
-            offset: 8192,
-            size: 64 * 32,
-        },
-    );
+    let init = vhost_gpu_nc_fuzz::session_init(ResourceId(1));
     let kernels = [
         Kernel::Fill {
             dst: GpuVa(0x1000_0000),

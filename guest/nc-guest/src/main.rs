@@ -33,6 +33,7 @@ const SCENARIOS: &[Scenario] = &[
     ("isolation", isolation),
     ("bad-address", bad_address),
     ("killed", killed),
+    ("whole-process", whole_process),
     ("smoke", smoke),
     ("event-poll", event_poll),
     ("rings", rings),
@@ -605,6 +606,90 @@ fn hanging_child(ready: i32) -> Result<(), String> {
     unsafe { libc::write(ready, b"F".as_ptr().cast(), 1) };
     std::thread::sleep(Duration::from_secs(120));
     Ok(())
+}
+
+/// The resolver that owns the whole process (XNACK, as the ROCm thunk
+/// uses it): memory nobody registered is bound on faults if
+/// `/proc/self/maps` grants the access, and rejected otherwise.
+fn whole_process() -> Outcome {
+    let mut s = open()?;
+    s.set_policy(ResolvePolicy::Process);
+    let len = 4 << 20;
+    let src = Mmap::anonymous(len).step("src")?;
+    let dst = Mmap::anonymous(len).step("dst")?;
+    for m in [&src, &dst] {
+        s.set_attrs(
+            m.addr(),
+            len as u64,
+            RangeAttrs {
+                granule_shift: Some(21),
+                ..RangeAttrs::default()
+            },
+        )
+        .step("RANGE_ATTR")?;
+    }
+    for i in 0..len / 4 {
+        src.set_u32(i, (i as u32).wrapping_mul(2_654_435_761) ^ 0x77)
+            .ok_or("cpu write")?;
+    }
+    let q = s.create_queue().step("QUEUE_CREATE")?;
+    let copy = |dst: u64, src: u64, size: u64| Kernel::Copy {
+        dst: GpuVa(dst),
+        src: GpuVa(src),
+        size,
+    };
+    let st = s
+        .run(q, copy(dst.addr(), src.addr(), len as u64), WAIT)
+        .step("copy")?;
+    dispatch_ok(&st).step("copy between unregistered mappings")?;
+    ensure(
+        (0..len / 4).all(|i| dst.get_u32(i) == src.get_u32(i)),
+        || "copy data wrong".into(),
+    )?;
+    let resolved = s.query().step("query")?.faults_resolved;
+    ensure(resolved >= 4, || format!("{resolved} faults resolved"))?;
+    // Address space only (PROT_NONE): never the GPU's.
+    let hole = Mmap::reserve(1 << 20).step("reserve")?;
+    let st = s
+        .run(q, copy(dst.addr(), hole.addr(), 4096), WAIT)
+        .step("copy from PROT_NONE")?;
+    ensure(st.status == DispatchStatus::FaultRejected, || {
+        format!("PROT_NONE source ended {:?}", st.status)
+    })?;
+    // A read-only mapping: readable by the GPU, not writable.
+    let ro = Mmap::anonymous(1 << 20).step("ro")?;
+    ro.set_u32(0, 0xfeed).ok_or("cpu write")?;
+    // SAFETY: changing the protection of a mapping this function owns;
+    // nothing writes it afterwards.
+    let rc = unsafe { libc::mprotect(ro.addr() as *mut libc::c_void, 1 << 20, libc::PROT_READ) };
+    ensure(rc == 0, || "mprotect".into())?;
+    let st = s
+        .run(
+            q,
+            Kernel::Fill {
+                dst: GpuVa(ro.addr()),
+                count: 16,
+                value: 1,
+            },
+            WAIT,
+        )
+        .step("fill read-only")?;
+    ensure(st.status == DispatchStatus::FaultRejected, || {
+        format!("write to read-only memory ended {:?}", st.status)
+    })?;
+    let st = s
+        .run(q, copy(dst.addr(), ro.addr(), 4096), WAIT)
+        .step("copy from read-only")?;
+    dispatch_ok(&st).step("copy from read-only")?;
+    ensure(dst.get_u32(0) == Some(0xfeed), || "read-only data".into())?;
+    ensure(ro.get_u32(0) == Some(0xfeed), || {
+        "read-only memory changed".into()
+    })?;
+    let stats = s.query().step("query")?;
+    Ok(format!(
+        "unregistered 4 MiB copied via {} resolved faults; PROT_NONE and writes to read-only rejected ({})",
+        stats.faults_resolved, stats.faults_rejected
+    ))
 }
 
 /// Discovery, one bind and a fill (after a QEMU restart, for example).

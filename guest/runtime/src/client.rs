@@ -98,6 +98,17 @@ impl Default for SessionLayout {
 }
 
 impl SessionLayout {
+    /// A 16 KiB session buffer: 4 KiB of replies, a 64-record fault ring
+    /// and 64 signal slots (what the daemon's own tests use).
+    pub const COMPACT: SessionLayout = SessionLayout {
+        reply_off: 0,
+        reply_size: 4096,
+        ring_off: 4096,
+        ring_capacity: 64,
+        signals_off: 8192,
+        signal_slots: 64,
+    };
+
     /// The fault ring's layout.
     pub fn ring(&self) -> Result<FaultRingLayout> {
         FaultRingLayout::new(self.ring_capacity).ok_or(GuestError::Invalid("ring capacity"))
@@ -168,6 +179,9 @@ impl Backoff {
         }
     }
 }
+
+/// Offset of the fault ring header's `interrupts` counter (protocol 1.1).
+pub const FAULT_RING_INTERRUPTS_OFFSET: u64 = 16;
 
 /// How long a reply may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -462,6 +476,15 @@ impl<C: Channel> Client<C> {
             .map_err(io_err("fault ring"))?;
         self.faults_seen += out.len() as u64;
         Ok(out)
+    }
+
+    /// The fault ring header's `interrupts` counter (protocol 1.1: offset
+    /// 16, incremented by the device for every interrupt; 0 on a 1.0
+    /// device, which leaves the field reserved).
+    pub fn interrupts(&self) -> Result<u32> {
+        self.channel
+            .load_u32(self.layout.ring_off + FAULT_RING_INTERRUPTS_OFFSET)
+            .map_err(io_err("fault ring"))
     }
 
     /// Waits until signal `slot` holds `value`, calling `on_idle` between

@@ -8,6 +8,8 @@
 //! - [`mmap`]: owned mappings with volatile and atomic access only.
 //! - [`memory`]: pinning process memory and finding its guest-physical
 //!   pages (what a user-space fault resolver can do on a stock kernel).
+//! - [`procmaps`]: the process's own mappings (`/proc/self/maps`), for a
+//!   resolver that owns the whole process.
 //! - [`session`]: discovery, profile choice, the session's shared memory,
 //!   requests and replies, queues, signals, and the fault resolver.
 //!
@@ -18,6 +20,7 @@ pub mod client;
 pub mod drm;
 pub mod memory;
 pub mod mmap;
+pub mod procmaps;
 pub mod session;
 
 use std::io;

@@ -13,7 +13,8 @@ use std::os::unix::fs::FileExt;
 
 use guest_proto::{GuestPhysAddr, PAGE_SIZE};
 
-/// `MADV_POPULATE_WRITE` (Linux 5.14).
+/// `MADV_POPULATE_READ` and `MADV_POPULATE_WRITE` (Linux 5.14).
+const MADV_POPULATE_READ: i32 = 22;
 const MADV_POPULATE_WRITE: i32 = 23;
 /// Bits of a pagemap entry.
 const PAGEMAP_PRESENT: u64 = 1 << 63;
@@ -29,11 +30,26 @@ pub fn pagemap_frame(entry: u64) -> Option<GuestPhysAddr> {
 /// Makes `[addr, addr + len)` (page-aligned) resident and writable-mapped,
 /// and locks it in memory.
 pub fn pin(addr: u64, len: u64) -> io::Result<()> {
+    pin_range(addr, len, true)
+}
+
+/// Makes `[addr, addr + len)` (page-aligned) resident and locks it;
+/// `writable`: fault the pages in for writing (the mapping must be
+/// writable), else for reading only (a read-only mapping).
+pub fn pin_range(addr: u64, len: u64, writable: bool) -> io::Result<()> {
     let (ptr, n) = (addr as *mut libc::c_void, len as usize);
+    let advice = if writable {
+        MADV_POPULATE_WRITE
+    } else {
+        MADV_POPULATE_READ
+    };
     // SAFETY: madvise/mlock only change page state of the caller's own
     // mapping; an invalid range is reported as an error.
-    let populated = unsafe { libc::madvise(ptr, n, MADV_POPULATE_WRITE) } == 0;
+    let populated = unsafe { libc::madvise(ptr, n, advice) } == 0;
     if !populated {
+        if !writable {
+            return Err(io::Error::last_os_error());
+        }
         touch(addr, len);
     }
     // SAFETY: as above.
@@ -41,6 +57,13 @@ pub fn pin(addr: u64, len: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Unlocks `[addr, addr + len)` (what [`pin`] locked); errors (a range
+/// no longer mapped) are ignored: there is nothing left to unlock then.
+pub fn unpin(addr: u64, len: u64) {
+    // SAFETY: munlock only changes page state of the caller's own mapping.
+    let _ = unsafe { libc::munlock(addr as *const libc::c_void, len as usize) };
 }
 
 /// Faults pages in by reading and writing back one byte of each (for

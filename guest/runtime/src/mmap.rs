@@ -39,6 +39,16 @@ impl Mmap {
         Self::map(len, flags, -1, 0)
     }
 
+    /// `len` bytes (rounded up to whole pages) of address space only:
+    /// `PROT_NONE`, never backed, never resident (a GPU scratch aperture,
+    /// say). Any access through [`Mmap::read`] and friends faults, so
+    /// only use its address.
+    pub fn reserve(len: usize) -> io::Result<Mmap> {
+        let len = len.next_multiple_of(PAGE_SIZE as usize);
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        Self::map_prot(len, libc::PROT_NONE, flags, -1, 0)
+    }
+
     /// A shared mapping of `len` bytes of `fd` at `offset` (a DRM buffer
     /// object's fake offset, for instance).
     pub fn shared(fd: RawFd, offset: u64, len: usize) -> io::Result<Mmap> {
@@ -47,22 +57,23 @@ impl Mmap {
     }
 
     fn map(len: usize, flags: libc::c_int, fd: RawFd, offset: libc::off_t) -> io::Result<Mmap> {
+        Self::map_prot(len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, offset)
+    }
+
+    fn map_prot(
+        len: usize,
+        prot: libc::c_int,
+        flags: libc::c_int,
+        fd: RawFd,
+        offset: libc::off_t,
+    ) -> io::Result<Mmap> {
         if len == 0 {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         // SAFETY: a new mapping chosen by the kernel (no fixed address), so
         // no existing memory is affected; the kernel validates fd, offset
         // and length, and failure is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                offset,
-            )
-        };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -208,5 +219,12 @@ mod tests {
         assert_eq!(m.load_u64(16), Some(0));
         assert_eq!(m.get_u32(1024), None);
         assert!(Mmap::anonymous(0).is_err(), "nothing to map");
+        let r = Mmap::reserve(1 << 30).unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.starts_with(&format!("{:x}-", r.addr())))
+            .expect("reservation listed");
+        assert!(line.contains(" ---p "), "PROT_NONE: {line}");
     }
 }

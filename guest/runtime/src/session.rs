@@ -13,14 +13,15 @@ use guest_proto::fault::{FaultCause, FaultOutcome, FaultRecord, FaultReplyEntry}
 use guest_proto::reply::{DeviceQueryReply, Reply};
 use guest_proto::signal::SignalSlot;
 use guest_proto::{
-    DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId, Request,
-    ResourceId, SignalIndex, Status,
+    AccessFlags, DispatchStatus, FaultId, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId,
+    Request, ResourceId, SignalIndex, Status,
 };
 
 use crate::client::{Channel, Client, SessionLayout};
 use crate::drm::{Bo, Drm, param};
 use crate::memory;
 use crate::mmap::Mmap;
+use crate::procmaps;
 use crate::{GuestError, Result};
 
 /// A virtio-gpu render node serving our capset, as this guest sees it.
@@ -125,6 +126,11 @@ pub enum ResolvePolicy {
     RejectAll,
     /// Never answer (a guest that hangs).
     Ignore,
+    /// Own the whole process (XNACK on): besides the owned ranges, bind
+    /// any address that `/proc/self/maps` shows mapped with the access the
+    /// fault needs (readable; writable for writes and atomics), except
+    /// device-buffer mappings, which are bound explicitly; reject the rest.
+    Process,
 }
 
 /// A range of process memory the GPU may reach at a GPU VA.
@@ -279,6 +285,29 @@ impl Session {
     /// A new shared buffer of `size` bytes, mapped.
     pub fn alloc(&self, size: u64) -> Result<SharedBuffer> {
         alloc(&self.node.drm, self.profile, size)
+    }
+
+    /// Releases a shared buffer: unmaps it from this process and closes its
+    /// handle, so the guest kernel destroys the resource (which unmaps it
+    /// from the GPU VM first, section 6).
+    pub fn free(&self, buf: SharedBuffer) {
+        let SharedBuffer { bo, map } = buf;
+        drop(map);
+        self.node.drm.close(bo);
+    }
+
+    /// Removes whatever is bound in `[va, va + size)`.
+    pub fn unbind(&mut self, va: u64, size: u64) -> Result<u64> {
+        self.bind(&[BindOp::Unmap {
+            va: GpuVa(va),
+            size,
+        }])
+    }
+
+    /// The render node (to `poll()` it for events without holding the
+    /// session).
+    pub fn drm(&self) -> Arc<Drm> {
+        self.node.drm.clone()
     }
 
     /// Sends requests in one submission and waits for all their replies.
@@ -492,11 +521,15 @@ fn resolve_batch<C: Channel>(
     ranges: &[OwnedRange],
     faults: &[FaultRecord],
 ) -> Result<()> {
-    let mut pages: Vec<(u64, Vec<GuestPhysAddr>)> = Vec::new();
+    let mut pages: Vec<(u64, Vec<GuestPhysAddr>, Perms)> = Vec::new();
     let mut answers = Vec::new();
     for f in faults {
         let resolved = match policy {
             ResolvePolicy::Resolve => resolve(ranges, f)?,
+            ResolvePolicy::Process => match resolve(ranges, f)? {
+                Some(p) => Some(p),
+                None => resolve_process(f)?,
+            },
             _ => None,
         };
         let outcome = match resolved {
@@ -513,9 +546,9 @@ fn resolve_batch<C: Channel>(
     }
     let ops: Vec<BindOp<'_>> = pages
         .iter()
-        .map(|(va, p)| BindOp::MapPages {
+        .map(|(va, p, perms)| BindOp::MapPages {
             va: GpuVa(*va),
-            perms: Perms::RW,
+            perms: *perms,
             pages: PageList::new(p),
         })
         .collect();
@@ -540,7 +573,10 @@ fn resolve_batch<C: Channel>(
 
 /// The pages to bind for a fault: the part of its granule that lies in
 /// memory this process owns, pinned. `None`: not ours.
-fn resolve(ranges: &[OwnedRange], f: &FaultRecord) -> Result<Option<(u64, Vec<GuestPhysAddr>)>> {
+fn resolve(
+    ranges: &[OwnedRange],
+    f: &FaultRecord,
+) -> Result<Option<(u64, Vec<GuestPhysAddr>, Perms)>> {
     let va = f.va.raw();
     let Some(range) = ranges.iter().find(|r| va >= r.gpu && va - r.gpu < r.len) else {
         return Ok(None);
@@ -551,7 +587,47 @@ fn resolve(ranges: &[OwnedRange], f: &FaultRecord) -> Result<Option<(u64, Vec<Gu
     let cpu = range.cpu + (start - range.gpu);
     memory::pin(cpu, end - start).map_err(|e| GuestError::io("pin", e))?;
     let frames = memory::frames(cpu, end - start).map_err(|e| GuestError::io("pagemap", e))?;
-    Ok(Some((start, frames)))
+    Ok(Some((start, frames, Perms::RW)))
+}
+
+/// The access a fault record needs (a prefetch: read).
+fn needed_access(f: &FaultRecord) -> AccessFlags {
+    match f.cause {
+        FaultCause::Access { access, .. } => access,
+        FaultCause::Prefetch => AccessFlags::READ,
+    }
+}
+
+/// [`ResolvePolicy::Process`] for an address outside the owned ranges:
+/// the granule clipped to the process mapping that holds the fault, if
+/// that mapping grants the access; its pages are bound with the
+/// mapping's own permissions (identity VA). `None`: not ours.
+fn resolve_process(f: &FaultRecord) -> Result<Option<(u64, Vec<GuestPhysAddr>, Perms)>> {
+    let va = f.va.raw();
+    let Some(m) = procmaps::lookup(va).map_err(|e| GuestError::io("/proc/self/maps", e))? else {
+        return Ok(None);
+    };
+    let access = needed_access(f);
+    let writes = access.contains(AccessFlags::WRITE) || access.contains(AccessFlags::ATOMIC);
+    if !m.fault_resolvable()
+        || (writes && !m.write)
+        || (access.contains(AccessFlags::EXEC) && !m.exec)
+    {
+        return Ok(None);
+    }
+    let granule = 1u64 << f.granule_shift.clamp(12, 30);
+    let start = (va & !(granule - 1)).max(m.start);
+    let end = ((va | (granule - 1)) + 1).min(m.end);
+    memory::pin_range(start, end - start, m.write).map_err(|e| GuestError::io("pin", e))?;
+    let frames = memory::frames(start, end - start).map_err(|e| GuestError::io("pagemap", e))?;
+    let mut perms = Perms::READ;
+    if m.write {
+        perms = perms.union(Perms::WRITE);
+    }
+    if m.exec {
+        perms = perms.union(Perms::EXEC);
+    }
+    Ok(Some((start, frames, perms)))
 }
 
 fn alloc(drm: &Drm, profile: ProfileKind, size: u64) -> Result<SharedBuffer> {
