@@ -211,6 +211,11 @@ pub struct Cli {
     #[arg(long)]
     pub no_kernel_svm: bool,
 
+    /// User-mode queues per session (SDMA and AQL rings the device reads
+    /// itself, protocol 1.1); 0 turns them off.
+    #[arg(long, value_name = "N", default_value_t = Capset::default().max_user_queues)]
+    pub max_user_queues: u32,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -270,6 +275,7 @@ impl Cli {
                 max_bound_bytes: self.max_bound_bytes.bytes(),
                 max_pending_faults: self.max_pending_faults,
                 max_queue_depth: self.max_queue_depth,
+                max_user_queues: self.max_user_queues,
                 fault_timeout: Duration::from_millis(u64::from(self.fault_timeout_ms)),
                 kernel_svm: !self.no_kernel_svm,
                 ..ComputeConfig::default()

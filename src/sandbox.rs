@@ -129,8 +129,13 @@ const FCNTL_CMDS: &[u64] = &[
     libc::F_ADD_SEALS as u64,
 ];
 
-/// `prctl` options allowed (thread names).
-const PRCTL_OPTIONS: &[u64] = &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64];
+/// `prctl` options allowed (thread names; the simulated GPU's command
+/// processor sets its own timer slack).
+const PRCTL_OPTIONS: &[u64] = &[
+    libc::PR_SET_NAME as u64,
+    libc::PR_GET_NAME as u64,
+    libc::PR_SET_TIMERSLACK as u64,
+];
 
 /// Rules matching when argument `index` (a 32-bit value) is one of `values`.
 fn arg_index_in(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {

@@ -404,3 +404,185 @@ fn a_destroyed_context_with_pending_faults_frees_everything() {
     );
     assert!(d.alive());
 }
+
+/// Protocol 1.1 through the real socket: an SDMA user queue in compat
+/// guest memory copies a filled source, raises an interrupt the guest sees
+/// in its fault ring header, and idle queues cost the daemon almost no CPU.
+#[test]
+fn compat_user_queue_copies_traps_and_idles_cheaply() {
+    use guest_proto::fault::FAULT_RING_INTERRUPTS_OFFSET;
+    use guest_proto::sdma::SdmaPacket;
+    use guest_proto::uq::{UserQueueCreate, UserQueueKind};
+
+    let mut d = Daemon::start(&[]);
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(&d.socket, F_VIRGL)));
+    let mut c = open(&vmm, 1, 10, false);
+    let bind = |c: &mut Client, res: u32, va: u64, bytes: u32| -> u64 {
+        let gpa = vmm.borrow_mut().buffer_3d(res, bytes);
+        assert_eq!(
+            vmm.borrow_mut().ctx_attach(1, res),
+            VIRTIO_GPU_RESP_OK_NODATA
+        );
+        let op = [BindOp::MapResource {
+            va: GpuVa(va),
+            size: u64::from(bytes),
+            perms: Perms::RW,
+            resource: ResourceId(res),
+            offset: 0,
+        }];
+        assert_eq!(
+            call(c, &Request::VmBind(VmBind::new(&op))).status,
+            guest_proto::Status::Ok
+        );
+        gpa
+    };
+    // The daemon idle without user queues (its vring worker ticks every
+    // millisecond): the baseline of the same run.
+    std::thread::sleep(Duration::from_millis(100));
+    let window = Duration::from_secs(2);
+    let (cpu0, t0) = (d.cpu_time(), Instant::now());
+    std::thread::sleep(window);
+    let baseline = (d.cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let queues = 16u64;
+    let ring_va = 0x4000_0000u64;
+    let ctl_va = 0x4800_0000u64;
+    let ring = bind(&mut c, 11, ring_va, 4096 * queues as u32);
+    let ctl = bind(&mut c, 12, ctl_va, 4096);
+    let bytes = 2u32 << 20;
+    let src = bind(&mut c, 13, 0x5000_0000, bytes);
+    let dst = bind(&mut c, 14, 0x6000_0000, bytes);
+    let data: Vec<u8> = (0..bytes)
+        .map(|i| (i as u8).wrapping_mul(7) ^ (i >> 12) as u8)
+        .collect();
+    vmm.borrow().ram.write(src, &data);
+    // Queue i: a 4 KiB ring, rptr at ctl + 128 i, doorbell 8 bytes after.
+    let mut ids = Vec::new();
+    for i in 0..queues {
+        let q = UserQueueCreate {
+            kind: UserQueueKind::Sdma,
+            priority: 0,
+            ring: GpuVa(ring_va + 4096 * i),
+            ring_size: 4096,
+            rptr: GpuVa(ctl_va + 128 * i),
+            wptr: None,
+            doorbell: GpuVa(ctl_va + 128 * i + 8),
+            status: Some(GpuVa(ctl_va + 128 * i + 64)),
+        };
+        let r = call(&mut c, &Request::UserQueueCreate(q));
+        assert_eq!(r.status, guest_proto::Status::Ok);
+        let ReplyPayload::UserQueueCreate(created) = r.payload else {
+            panic!()
+        };
+        ids.push(created.queue);
+    }
+    // Queue 0: copy, then ROCr's completion tail (mailbox fence, trap).
+    let packets = [
+        SdmaPacket::CopyLinear {
+            src: GpuVa(0x5000_0000),
+            dst: GpuVa(0x6000_0000),
+            bytes: u64::from(bytes) / 2,
+        },
+        SdmaPacket::CopyLinear {
+            src: GpuVa(0x5000_0000 + u64::from(bytes) / 2),
+            dst: GpuVa(0x6000_0000 + u64::from(bytes) / 2),
+            bytes: u64::from(bytes) / 2,
+        },
+        SdmaPacket::Fence {
+            addr: GpuVa(ctl_va + 4000),
+            data: 7,
+        },
+        SdmaPacket::Trap { int_ctx: 7 },
+    ];
+    let stream: Vec<u8> = packets.iter().flat_map(|p| p.encode_bytes()).collect();
+    vmm.borrow().ram.write(ring, &stream);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+    vmm.borrow()
+        .ram
+        .write(ctl + 8, &(stream.len() as u64).to_le_bytes());
+    // No kick: the daemon watches the doorbell itself.
+    let interrupts = LAYOUT.ring_off + FAULT_RING_INTERRUPTS_OFFSET;
+    wait_for(
+        || c.channel().load_u32(interrupts).unwrap() == 1,
+        "the trap's interrupt",
+    );
+    assert_eq!(vmm.borrow().ram.u64(ctl), stream.len() as u64, "rptr");
+    assert_eq!(vmm.borrow().ram.u32(ctl + 4000), 7);
+    assert!(
+        vmm.borrow().ram.read(dst, bytes as usize) == data,
+        "destination differs from the filled source"
+    );
+    let r = call(&mut c, &Request::QueueCounters);
+    let ReplyPayload::QueueCounters(counters) = r.payload else {
+        panic!()
+    };
+    assert_eq!(counters.user_queue_packets, 4);
+    assert_eq!(counters.copy_bytes, u64::from(bytes));
+    assert_eq!(counters.interrupts, 1);
+
+    // Sixteen idle queues: the daemon's CPU time over the same window, and
+    // the command processor thread's own (schedstat: nanoseconds on CPU).
+    std::thread::sleep(Duration::from_millis(100));
+    let (cpu0, cp0, t0) = (
+        d.cpu_time(),
+        thread_cpu_ns(d.pid(), "sim-cp"),
+        Instant::now(),
+    );
+    std::thread::sleep(window);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let share = (d.cpu_time() - cpu0).as_secs_f64() / elapsed;
+    let cp_share = (thread_cpu_ns(d.pid(), "sim-cp") - cp0) as f64 / 1e9 / elapsed;
+    eprintln!(
+        "16 idle user queues: daemon CPU {:.2}% (baseline without queues {:.2}%), \
+         command processor thread {:.3}% of one core",
+        share * 100.0,
+        baseline * 100.0,
+        cp_share * 100.0
+    );
+    assert!(
+        cp_share < 0.005,
+        "idle queues cost {:.2}% CPU",
+        cp_share * 100.0
+    );
+    assert!(
+        share < baseline + 0.02,
+        "idle daemon {:.1}% CPU against {:.1}% without queues",
+        share * 100.0,
+        baseline * 100.0
+    );
+    let r = call(&mut c, &Request::QueueCounters);
+    let ReplyPayload::QueueCounters(after) = r.payload else {
+        panic!()
+    };
+    let polls = after.doorbell_polls - counters.doorbell_polls;
+    assert!(
+        polls < 16 * 2 * 150,
+        "{polls} doorbell loads for 16 idle queues in ~2 s"
+    );
+    for q in ids {
+        let r = call(
+            &mut c,
+            &Request::UserQueueDestroy(guest_proto::uq::UserQueueDestroy { queue: q }),
+        );
+        assert_eq!(r.status, guest_proto::Status::Ok);
+    }
+    assert!(d.alive());
+}
+
+/// CPU time (ns) of the daemon's threads named `name`, from schedstat.
+fn thread_cpu_ns(pid: i32, name: &str) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = entry.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}

@@ -19,10 +19,17 @@
 //!   [`DeviceVm`] methods take: the receiver may call back into the VM.
 //! - Guest memory is reached only through [`GuestRam`]: a page outside
 //!   guest RAM is an error, never a host access.
+//! - User-mode queues ([`DeviceVm::create_user_queue`], protocol 1.1
+//!   section 14) are queues like any other: their ids share the queue id
+//!   space, their faults are reported and ended like a dispatch's, and
+//!   [`DeviceVm::destroy_queue`] destroys them. The device reads their
+//!   rings, doorbells and every memory their packets name through the VM's
+//!   own page tables, so unmap and fault semantics hold for them too.
 
 use std::sync::Arc;
 
 use guest_proto::signal::DispatchStatus;
+use guest_proto::uq::{QueueStopStatus, UserQueueKind};
 use guest_proto::{AccessFlags, FaultId, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId};
 
 /// Guest RAM as the vhost-user frontend shared it.
@@ -45,6 +52,9 @@ pub struct DeviceInfo {
     pub kernels: u64,
     /// Whether faults stall and replay instead of killing the work.
     pub recoverable_faults: bool,
+    /// Bit `1 << kind` for every user queue kind the device runs
+    /// (`guest_proto::uq::UserQueueKind`); 0 without user queues.
+    pub user_queue_kinds: u32,
 }
 
 /// Per-VM settings chosen by the layer above.
@@ -64,6 +74,63 @@ pub struct VmConfig {
 pub struct QueueDesc {
     /// Scheduling priority, 0 (lowest) to 15.
     pub priority: u8,
+}
+
+/// Parameters of a user-mode queue (protocol 1.1, 14.2). Every address is
+/// a VA of the VM the queue belongs to; none needs to be mapped yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserQueueDesc {
+    /// SDMA or AQL.
+    pub kind: UserQueueKind,
+    /// Scheduling priority, 0 (lowest) to 15.
+    pub priority: u8,
+    /// Ring base (256-aligned).
+    pub ring: GpuVa,
+    /// Ring size: a power of two, 4 KiB ..= 64 MiB.
+    pub ring_size: u64,
+    /// The `u64` read pointer the device writes.
+    pub rptr: GpuVa,
+    /// The `u64` doorbell the device watches.
+    pub doorbell: GpuVa,
+    /// The 64-byte status block written when the queue stops, if any.
+    pub status: Option<GpuVa>,
+}
+
+/// Counters of a VM's user queues since it was created (protocol 14.5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserQueueCounters {
+    /// Packets that completed.
+    pub packets: u64,
+    /// Bytes written by copies and fills.
+    pub copy_bytes: u64,
+    /// Doorbell loads.
+    pub doorbell_polls: u64,
+}
+
+/// An interrupt a user queue raised (protocol 14.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interrupt {
+    /// An SDMA `TRAP` packet.
+    Trap {
+        /// The queue.
+        queue: QueueId,
+        /// The packet's `int_ctx`.
+        int_ctx: u32,
+    },
+    /// An AQL completion signal with an event mailbox was signalled.
+    Signal {
+        /// The queue.
+        queue: QueueId,
+        /// The signal's `event_id` (stored in the mailbox).
+        event_id: u32,
+    },
+    /// The queue stopped; its status block has been written.
+    QueueStopped {
+        /// The queue.
+        queue: QueueId,
+        /// Why.
+        status: QueueStopStatus,
+    },
 }
 
 /// Where and what the device writes when a dispatch ends.
@@ -151,6 +218,13 @@ pub enum DeviceError {
     /// The VM has been shut down.
     #[error("VM is shut down")]
     Shutdown,
+    /// The device does not offer this.
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
+    /// The operation does not apply to this kind of queue (a dispatch on a
+    /// user queue).
+    #[error("queue {0:?} is a user queue")]
+    WrongQueueKind(QueueId),
 }
 
 /// Notifications from a device VM to the layer above (the "interrupt
@@ -162,6 +236,12 @@ pub trait VmEvents: Send + Sync {
 
     /// A dispatch ended; its completion signal (if any) has been written.
     fn dispatch_done(&self, queue: QueueId, tag: u64, status: DispatchStatus);
+
+    /// A user queue raised an interrupt (protocol 14.7). Devices without
+    /// user queues never call it.
+    fn interrupt(&self, irq: Interrupt) {
+        let _ = irq;
+    }
 }
 
 /// A GPU driver: creates one address space per guest context.
@@ -192,10 +272,37 @@ pub trait DeviceVm: Send + Sync {
 
     /// Destroys a queue: its queued and running dispatches end `Cancelled`,
     /// faults only they were waiting on end. Returns when the queue is idle.
+    /// For a user queue: the packet in progress is abandoned, the device
+    /// faults only it waited on end, its status block is not written, and
+    /// when this returns the device makes no further access to its ring,
+    /// doorbell, read pointer, status block or packet memory.
     fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError>;
 
-    /// Queues a dispatch; dispatches on one queue run in order.
+    /// Queues a dispatch; dispatches on one queue run in order. A user
+    /// queue takes no dispatches ([`DeviceError::WrongQueueKind`]).
     fn dispatch(&self, queue: QueueId, dispatch: KernelLaunch) -> Result<(), DeviceError>;
+
+    /// Creates a user-mode queue whose ring the device reads itself
+    /// (protocol 1.1, section 14). From then on the device watches its
+    /// doorbell under the budget of 14.11 and executes its packets in
+    /// order, every access through this VM: an unbound page raises a fault
+    /// for the queue (reported through [`VmEvents::faults`], ended by
+    /// [`DeviceVm::reply_fault`]) and the packet resumes on replay with
+    /// every effect applied exactly once; a cancelled fault, a bad packet
+    /// or a lying doorbell stops the queue (status block, then
+    /// [`Interrupt::QueueStopped`]). Counts against the VM's queue limit.
+    fn create_user_queue(&self, desc: UserQueueDesc) -> Result<QueueId, DeviceError> {
+        let _ = desc;
+        Err(DeviceError::Unsupported("user queues"))
+    }
+
+    /// Looks at every doorbell of the VM's user queues now (a hint, 14.4).
+    fn kick(&self) {}
+
+    /// Counters of the VM's user queues.
+    fn user_queue_counters(&self) -> UserQueueCounters {
+        UserQueueCounters::default()
+    }
 
     /// Ends a pending fault.
     fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError>;

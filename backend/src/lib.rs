@@ -19,5 +19,5 @@ pub mod sim;
 
 pub use device::{
     Completion, Device, DeviceError, DeviceFault, DeviceInfo, DeviceVm, FaultAction, GuestRam,
-    KernelLaunch, VmConfig, VmEvents,
+    Interrupt, KernelLaunch, UserQueueCounters, UserQueueDesc, VmConfig, VmEvents,
 };

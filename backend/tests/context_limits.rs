@@ -27,6 +27,7 @@ fn context() -> ComputeContext {
         max_pending_faults: 16,
         max_queue_depth: 4,
         max_queues: 2,
+        max_user_queues: 2,
         bound_quota: Arc::new(BoundBytesQuota::new(1 << 20)),
         waker: None,
     };

@@ -56,8 +56,10 @@ pub struct ComputeConfig {
     pub max_pending_faults: u32,
     /// Dispatches per queue.
     pub max_queue_depth: u32,
-    /// Queues per session.
+    /// Queues per session (user queues included).
     pub max_queues: u32,
+    /// User queues per session (protocol 1.1); 0 turns them off.
+    pub max_user_queues: u32,
     /// How long a guest has to answer a fault.
     pub fault_timeout: Duration,
     /// Largest `SUBMIT_3D` payload.
@@ -75,6 +77,7 @@ impl Default for ComputeConfig {
             max_pending_faults: c.max_pending_faults,
             max_queue_depth: c.max_queue_depth,
             max_queues: c.max_queues,
+            max_user_queues: c.max_user_queues,
             fault_timeout: Duration::from_millis(u64::from(c.fault_timeout_ms)),
             max_request_bytes: c.max_request_bytes,
             kernel_svm: true,
@@ -148,6 +151,8 @@ impl ComputeBackend {
             max_pending_faults: config.max_pending_faults,
             max_queue_depth: config.max_queue_depth,
             max_queues: config.max_queues,
+            max_user_queues: capset.max_user_queues,
+            user_queue_kinds: capset.user_queue_kinds,
         };
         let wake = completer.clone();
         ComputeBackend {
@@ -401,12 +406,17 @@ fn build_capset(device: &dyn Device, config: &ComputeConfig) -> Capset {
             capset.features.bits() & !guest_proto::capset::Features::KERNEL_SVM.bits(),
         );
     }
-    // User-mode queues (protocol 1.1) are not offered yet.
-    capset.features = guest_proto::capset::Features::from_bits_retain(
-        capset.features.bits() & !guest_proto::capset::Features::USER_QUEUES.bits(),
-    );
-    capset.user_queue_kinds = 0;
-    capset.max_user_queues = 0;
+    // User-mode queues (protocol 1.1): offered when the device runs some
+    // kind and the configuration allows any.
+    capset.user_queue_kinds = info.user_queue_kinds & guest_proto::uq::USER_QUEUE_KINDS_ALL;
+    capset.max_user_queues = config.max_user_queues.min(capset.max_queues);
+    if capset.user_queue_kinds == 0 || capset.max_user_queues == 0 {
+        capset.features = guest_proto::capset::Features::from_bits_retain(
+            capset.features.bits() & !guest_proto::capset::Features::USER_QUEUES.bits(),
+        );
+        capset.user_queue_kinds = 0;
+        capset.max_user_queues = 0;
+    }
     if !info.recoverable_faults {
         capset.features = guest_proto::capset::Features::from_bits_retain(
             capset.features.bits() & !guest_proto::capset::Features::RECOVERABLE_FAULTS.bits(),
@@ -529,6 +539,10 @@ impl ContextBackend for ComputeBackend {
                     break;
                 }
             }
+        }
+        // Every request of a session makes its doorbells be looked at (14.4).
+        if let Some(s) = self.contexts.get(&ctx).and_then(|c| c.session.as_ref()) {
+            s.kick();
         }
         self.pump_all();
         if outcome.hold {

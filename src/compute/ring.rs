@@ -7,8 +7,8 @@
 
 use gpu_backend::context::FaultRing;
 use guest_proto::fault::{
-    FAULT_RING_DROPPED_OFFSET, FAULT_RING_HEAD_OFFSET, FAULT_RING_TAIL_OFFSET, FaultRecord,
-    FaultRingHeader, FaultRingLayout,
+    FAULT_RING_DROPPED_OFFSET, FAULT_RING_HEAD_OFFSET, FAULT_RING_INTERRUPTS_OFFSET,
+    FAULT_RING_TAIL_OFFSET, FaultRecord, FaultRingHeader, FaultRingLayout,
 };
 
 use super::region::GuestRegion;
@@ -44,6 +44,18 @@ impl FaultRingWriter {
     /// The guest's consumer index.
     fn head(&self) -> Option<u32> {
         self.region.load_u32_acquire(FAULT_RING_HEAD_OFFSET)
+    }
+
+    /// Publishes the interrupt counter (protocol 14.7): a release store, so
+    /// a guest that sees the new value also sees what the interrupt is
+    /// about (signal values, mailboxes, status blocks).
+    pub fn set_interrupts(&mut self, interrupts: u32) {
+        if let Err(e) = self
+            .region
+            .store_u32_release(FAULT_RING_INTERRUPTS_OFFSET, interrupts)
+        {
+            log::debug!("fault ring: interrupts not published: {e}");
+        }
     }
 
     /// Whether the ring holds records the guest has not consumed.

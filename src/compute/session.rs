@@ -16,7 +16,7 @@ use gpu_backend::context::{
     BoundBytesQuota, ComputeContext, ContextConfig, ContextError, DispatchRequest, GuestAnswer,
 };
 use gpu_backend::gpuvm::{AttrUpdate, VaLayout};
-use gpu_backend::{Completion, Device, GuestRam};
+use gpu_backend::{Completion, Device, GuestRam, UserQueueDesc};
 use guest_proto::command::{Dispatch, Profile, SessionInit};
 use guest_proto::fault::FaultOutcome;
 use guest_proto::header::ReplySlot;
@@ -25,6 +25,7 @@ use guest_proto::reply::{
     VmBindReply,
 };
 use guest_proto::signal::SIGNAL_SLOT_SIZE;
+use guest_proto::uq::{QueueCountersReply, UserQueueCreate};
 use guest_proto::{GpuVa, PAGE_SIZE, Perms, Request, ResourceId, Status};
 
 use super::region::{GuestRegion, RegionError};
@@ -44,8 +45,13 @@ pub struct SessionLimits {
     pub max_pending_faults: u32,
     /// Dispatches per queue.
     pub max_queue_depth: u32,
-    /// Queues per session.
+    /// Queues per session (user queues included).
     pub max_queues: u32,
+    /// User queues per session (1.1); 0 when the device has none.
+    pub max_user_queues: u32,
+    /// Bit `1 << kind` for every user queue kind offered (the capset's
+    /// `user_queue_kinds`); 0 when user queues are not offered.
+    pub user_queue_kinds: u32,
 }
 
 /// What a session needs from its surroundings to start.
@@ -86,8 +92,12 @@ pub struct ComputeSession {
     lost_replies: u32,
     ring_capacity: u32,
     held_event: Option<FenceRef>,
-    /// A `NOTIFY` dispatch ended while no `EVENT_ARM` was held.
+    /// A `NOTIFY` dispatch ended, or an interrupt was raised, while no
+    /// `EVENT_ARM` was held.
     pending_notify: bool,
+    /// Interrupts raised so far (the ring's `interrupts`, unwrapped).
+    interrupts: u64,
+    user_queue_kinds: u32,
 }
 
 fn region_status(e: RegionError) -> Status {
@@ -135,6 +145,7 @@ impl ComputeSession {
             max_pending_faults: limits.max_pending_faults,
             max_queue_depth: limits.max_queue_depth,
             max_queues: limits.max_queues,
+            max_user_queues: limits.max_user_queues,
             bound_quota: env.quota.clone(),
             waker: Some(env.waker.clone()),
         };
@@ -176,6 +187,8 @@ impl ComputeSession {
             ring_capacity: layout.capacity(),
             held_event: None,
             pending_notify: false,
+            interrupts: 0,
+            user_queue_kinds: limits.user_queue_kinds,
         })
     }
 
@@ -314,12 +327,28 @@ impl ComputeSession {
             | Request::EventArm
             | Request::SvmAttach(_)
             | Request::SvmDetach => Err(Status::InvalidArgument),
-            // Protocol 1.1 user queues: not offered by this daemon yet (the
-            // capset's USER_QUEUES bit is clear).
-            Request::QueueCounters
-            | Request::UserQueueCreate(_)
-            | Request::UserQueueDestroy(_)
-            | Request::DoorbellKick => Err(Status::Unsupported),
+            Request::UserQueueCreate(q) => self
+                .user_queue_create(q)
+                .map(|queue| ReplyPayload::UserQueueCreate(QueueCreateReply { queue })),
+            Request::UserQueueDestroy(q) => self
+                .ctx
+                .destroy_queue(q.queue)
+                .map(|()| ReplyPayload::UserQueueDestroy)
+                .map_err(|e| e.status()),
+            Request::DoorbellKick if self.user_queue_kinds != 0 => {
+                self.ctx.kick();
+                Ok(ReplyPayload::DoorbellKick)
+            }
+            Request::QueueCounters if self.user_queue_kinds != 0 => {
+                let s = self.ctx.user_queue_stats();
+                Ok(ReplyPayload::QueueCounters(QueueCountersReply {
+                    user_queue_packets: s.device.packets,
+                    copy_bytes: s.device.copy_bytes,
+                    interrupts: s.interrupts,
+                    doorbell_polls: s.device.doorbell_polls,
+                }))
+            }
+            Request::DoorbellKick | Request::QueueCounters => Err(Status::Unsupported),
         };
         match result {
             Ok(payload) => Reply {
@@ -364,6 +393,39 @@ impl ComputeSession {
                 bound_bytes: self.ctx.stats().bound_bytes,
             }),
         }
+    }
+
+    fn user_queue_create(&mut self, q: &UserQueueCreate) -> Result<guest_proto::QueueId, Status> {
+        if self.user_queue_kinds & q.kind.bit() == 0 {
+            return Err(Status::Unsupported);
+        }
+        // The device never reads wptr, but a guest naming one outside the
+        // aperture has a bug worth reporting.
+        if let Some(w) = q.wptr {
+            if !self.ctx.in_aperture(w, 8) {
+                return Err(Status::OutOfRange);
+            }
+        }
+        self.ctx
+            .create_user_queue(UserQueueDesc {
+                kind: q.kind,
+                priority: q.priority,
+                ring: q.ring,
+                ring_size: q.ring_size,
+                rptr: q.rptr,
+                doorbell: q.doorbell,
+                status: q.status,
+            })
+            .map_err(|e| {
+                log::debug!("USER_QUEUE_CREATE: {e}");
+                e.status()
+            })
+    }
+
+    /// Makes the device look at the session's doorbells now (every request
+    /// of the session is a kick, 14.4).
+    pub fn kick(&self) {
+        self.ctx.kick();
     }
 
     fn dispatch(&mut self, d: &Dispatch) -> Result<(), Status> {
@@ -419,7 +481,14 @@ impl ComputeSession {
                 self.ctx.pump(&mut self.ring, now);
             }
         }
-        let notified = self.ctx.take_notify();
+        let new_interrupts = self.ctx.take_interrupts();
+        if new_interrupts > 0 {
+            self.interrupts = self.interrupts.wrapping_add(new_interrupts);
+            // The session's own ring's counter (never the kernel's ring),
+            // the low 32 bits (14.7).
+            self.ring.set_interrupts(self.interrupts as u32);
+        }
+        let notified = self.ctx.take_notify() || new_interrupts > 0;
         if self.held_event.is_some() && (notified || self.user_faults_unread()) {
             due.extend(self.held_event.take());
         } else if notified {

@@ -12,7 +12,7 @@ use guest_proto::{DispatchStatus, QueueId};
 use parking_lot::Mutex;
 
 use super::NOTIFY_TAG;
-use crate::device::{DeviceFault, VmEvents};
+use crate::device::{DeviceFault, Interrupt, VmEvents};
 
 /// Wakes the thread that drives a context (for example by writing an
 /// eventfd); called from device threads.
@@ -23,6 +23,8 @@ pub(crate) struct EventInbox {
     faults: Mutex<Vec<DeviceFault>>,
     dispatches_done: AtomicU64,
     notify: AtomicBool,
+    /// Interrupts raised so far (protocol 14.7).
+    interrupts: AtomicU64,
     waker: Option<Waker>,
 }
 
@@ -32,6 +34,7 @@ impl EventInbox {
             faults: Mutex::new(Vec::new()),
             dispatches_done: AtomicU64::new(0),
             notify: AtomicBool::new(false),
+            interrupts: AtomicU64::new(0),
             waker,
         }
     }
@@ -43,6 +46,10 @@ impl EventInbox {
 
     pub(crate) fn take_notify(&self) -> bool {
         self.notify.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn interrupts(&self) -> u64 {
+        self.interrupts.load(Ordering::Acquire)
     }
 
     pub(crate) fn dispatches_done(&self) -> u64 {
@@ -68,7 +75,15 @@ impl VmEvents for EventInbox {
         self.dispatches_done.fetch_add(1, Ordering::AcqRel);
         if tag & NOTIFY_TAG != 0 {
             self.notify.store(true, Ordering::Release);
+            // A NOTIFY dispatch's end is an interrupt too (14.7).
+            self.interrupts.fetch_add(1, Ordering::AcqRel);
         }
+        self.wake();
+    }
+
+    fn interrupt(&self, irq: Interrupt) {
+        log::trace!("interrupt {irq:?}");
+        self.interrupts.fetch_add(1, Ordering::AcqRel);
         self.wake();
     }
 }

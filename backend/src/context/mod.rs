@@ -17,6 +17,9 @@
 //!   guest that does not answer in time fails only its own work.
 //! - **Quotas**: bound bytes are charged to the guest's shared
 //!   [`BoundBytesQuota`]; queues and pending faults are capped per context.
+//! - **User queues** (protocol 1.1): rings the device reads itself. The
+//!   context checks their addresses against the aperture and their number
+//!   against both queue quotas, and counts the interrupts they raise.
 //!
 //! A context is driven from one thread (the daemon's queue worker); the
 //! device reaches it only through a small inbox ([`events`]), so no device
@@ -36,7 +39,7 @@ use guest_proto::{FaultId, FaultPolicy, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE,
 
 use crate::device::{
     Completion, Device, DeviceError, DeviceVm, FaultAction, GuestRam, KernelLaunch, QueueDesc,
-    VmConfig,
+    UserQueueCounters, UserQueueDesc, VmConfig,
 };
 use crate::gpuvm::{
     AttrUpdate, GpuVm, GpuVmError, MapRequest, MappingBacking, Op, PageArray, ResourceSizes,
@@ -80,8 +83,10 @@ pub struct ContextConfig {
     pub max_pending_faults: u32,
     /// Most dispatches queued or running on one queue.
     pub max_queue_depth: u32,
-    /// Most queues of the context.
+    /// Most queues of the context (user queues included).
     pub max_queues: u32,
+    /// Most user queues of the context (protocol 1.1).
+    pub max_user_queues: u32,
     /// The guest's shared bound-bytes allowance.
     pub bound_quota: Arc<BoundBytesQuota>,
     /// Called from device threads when the context has new events, so the
@@ -97,6 +102,7 @@ impl std::fmt::Debug for ContextConfig {
             .field("max_pending_faults", &self.max_pending_faults)
             .field("max_queue_depth", &self.max_queue_depth)
             .field("max_queues", &self.max_queues)
+            .field("max_user_queues", &self.max_user_queues)
             .field("bound_quota", &self.bound_quota)
             .finish_non_exhaustive()
     }
@@ -126,6 +132,17 @@ pub enum ContextError {
     /// The context already has its maximum number of queues.
     #[error("queue limit of {0} reached")]
     QueueQuota(u32),
+    /// The context already has its maximum number of user queues.
+    #[error("user queue limit of {0} reached")]
+    UserQueueQuota(u32),
+    /// An address range a user queue would reach is outside the aperture.
+    #[error("range {va}+{len:#x} is outside the aperture")]
+    OutsideAperture {
+        /// Start of the range.
+        va: GpuVa,
+        /// Its length.
+        len: u64,
+    },
     /// No such queue in this context.
     #[error("unknown queue {0:?}")]
     UnknownQueue(QueueId),
@@ -161,7 +178,9 @@ impl ContextError {
             ContextError::Device(e) => device_status(e),
             ContextError::BoundBytesQuota { .. }
             | ContextError::QueueQuota(_)
+            | ContextError::UserQueueQuota(_)
             | ContextError::AttrQuota(_) => Status::Quota,
+            ContextError::OutsideAperture { .. } => Status::OutOfRange,
             ContextError::UnknownQueue(_) => Status::UnknownQueue,
             ContextError::QueueFull(_) => Status::QueueFull,
             ContextError::UnknownResource(_) => Status::UnknownResource,
@@ -190,7 +209,8 @@ fn device_status(e: &DeviceError) -> Status {
         DeviceError::UnknownQueue(_) => Status::UnknownQueue,
         DeviceError::UnknownFault(_) => Status::UnknownFault,
         DeviceError::Limit(_) => Status::Quota,
-        DeviceError::InvalidDispatch(_) => Status::InvalidArgument,
+        DeviceError::InvalidDispatch(_) | DeviceError::WrongQueueKind(_) => Status::InvalidArgument,
+        DeviceError::Unsupported(_) => Status::Unsupported,
         DeviceError::Shutdown | DeviceError::AlreadyMapped(_) => Status::Device,
     }
 }
@@ -204,8 +224,17 @@ pub struct ContextStats {
     pub dispatches_done: u64,
     /// Bytes bound in the aperture.
     pub bound_bytes: u64,
-    /// Queues that exist.
+    /// Queues that exist (user queues included).
     pub queues: u32,
+}
+
+/// Counters of a context's user queues (protocol 14.5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserQueueStats {
+    /// What the device counted.
+    pub device: UserQueueCounters,
+    /// Interrupts raised (user queues and `NOTIFY` dispatches).
+    pub interrupts: u64,
 }
 
 /// A dispatch as the layer above asks for it.
@@ -231,6 +260,8 @@ pub struct ComputeContext {
     events: Arc<EventInbox>,
     faults: FaultTracker,
     queues: BTreeSet<QueueId>,
+    user_queues: BTreeSet<QueueId>,
+    interrupts_taken: u64,
     config: ContextConfig,
     next_tag: u64,
     shut_down: bool,
@@ -267,6 +298,8 @@ impl ComputeContext {
             events,
             faults: FaultTracker::new(config.max_pending_faults, config.fault_timeout),
             queues: BTreeSet::new(),
+            user_queues: BTreeSet::new(),
+            interrupts_taken: 0,
             config,
             next_tag: 1,
             shut_down: false,
@@ -479,7 +512,7 @@ impl ComputeContext {
     /// Creates a queue.
     pub fn create_queue(&mut self, priority: u8) -> Result<QueueId, ContextError> {
         self.check_live()?;
-        if self.queues.len() >= usize::try_from(self.config.max_queues).unwrap_or(usize::MAX) {
+        if self.queue_count() >= usize::try_from(self.config.max_queues).unwrap_or(usize::MAX) {
             return Err(ContextError::QueueQuota(self.config.max_queues));
         }
         let id = self.device_vm.create_queue(QueueDesc { priority })?;
@@ -487,10 +520,81 @@ impl ComputeContext {
         Ok(id)
     }
 
-    /// Destroys a queue; its work ends `CANCELLED`.
+    fn queue_count(&self) -> usize {
+        self.queues.len().saturating_add(self.user_queues.len())
+    }
+
+    /// Whether `va .. va + len` lies in the aperture.
+    pub fn in_aperture(&self, va: GpuVa, len: u64) -> bool {
+        let aperture = &self.config.layout.aperture;
+        va >= aperture.start && va.checked_add(len).is_some_and(|end| end <= aperture.end)
+    }
+
+    /// Creates a user-mode queue (protocol 1.1, 14.2): every range it
+    /// reaches must lie in the aperture, and it counts against both queue
+    /// quotas.
+    pub fn create_user_queue(&mut self, desc: UserQueueDesc) -> Result<QueueId, ContextError> {
+        self.check_live()?;
+        let ranges = [
+            (desc.ring, desc.ring_size),
+            (desc.rptr, 8),
+            (desc.doorbell, 8),
+        ]
+        .into_iter()
+        .chain(desc.status.map(|s| (s, guest_proto::uq::STATUS_BLOCK_SIZE)));
+        for (va, len) in ranges {
+            if !self.in_aperture(va, len) {
+                return Err(ContextError::OutsideAperture { va, len });
+            }
+        }
+        if self.queue_count() >= usize::try_from(self.config.max_queues).unwrap_or(usize::MAX) {
+            return Err(ContextError::QueueQuota(self.config.max_queues));
+        }
+        let max_user = self.config.max_user_queues;
+        if self.user_queues.len() >= usize::try_from(max_user).unwrap_or(usize::MAX) {
+            return Err(ContextError::UserQueueQuota(max_user));
+        }
+        let id = match self.device_vm.create_user_queue(desc) {
+            Ok(id) => id,
+            Err(DeviceError::Limit(_)) => {
+                return Err(ContextError::QueueQuota(self.config.max_queues));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.user_queues.insert(id);
+        Ok(id)
+    }
+
+    /// Looks at every doorbell of the context's user queues now.
+    pub fn kick(&self) {
+        if !self.shut_down && !self.user_queues.is_empty() {
+            self.device_vm.kick();
+        }
+    }
+
+    /// Interrupts raised since the last call (user queues and `NOTIFY`
+    /// dispatches, protocol 14.7).
+    pub fn take_interrupts(&mut self) -> u64 {
+        let total = self.events.interrupts();
+        let new = total.saturating_sub(self.interrupts_taken);
+        self.interrupts_taken = total;
+        new
+    }
+
+    /// The user queue counters.
+    pub fn user_queue_stats(&self) -> UserQueueStats {
+        UserQueueStats {
+            device: self.device_vm.user_queue_counters(),
+            interrupts: self.events.interrupts(),
+        }
+    }
+
+    /// Destroys a queue of either kind: a compute queue's work ends
+    /// `CANCELLED`; a user queue stops and, when this returns, the device
+    /// makes no further access to its memory.
     pub fn destroy_queue(&mut self, queue: QueueId) -> Result<(), ContextError> {
         self.check_live()?;
-        if !self.queues.remove(&queue) {
+        if !self.queues.remove(&queue) && !self.user_queues.remove(&queue) {
             return Err(ContextError::UnknownQueue(queue));
         }
         self.device_vm.destroy_queue(queue)?;
@@ -500,6 +604,9 @@ impl ComputeContext {
     /// Queues a dispatch.
     pub fn dispatch(&mut self, req: DispatchRequest) -> Result<(), ContextError> {
         self.check_live()?;
+        if self.user_queues.contains(&req.queue) {
+            return Err(DeviceError::WrongQueueKind(req.queue).into());
+        }
         if !self.queues.contains(&req.queue) {
             return Err(ContextError::UnknownQueue(req.queue));
         }
@@ -601,7 +708,7 @@ impl ComputeContext {
             faults: self.faults.counters(),
             dispatches_done: self.events.dispatches_done(),
             bound_bytes: self.vm.bound_bytes(),
-            queues: u32::try_from(self.queues.len()).unwrap_or(u32::MAX),
+            queues: u32::try_from(self.queue_count()).unwrap_or(u32::MAX),
         }
     }
 
@@ -618,6 +725,7 @@ impl ComputeContext {
         self.config.bound_quota.release(self.vm.bound_bytes());
         self.vm.clear();
         self.queues.clear();
+        self.user_queues.clear();
     }
 
     fn check_live(&self) -> Result<(), ContextError> {

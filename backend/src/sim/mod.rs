@@ -14,14 +14,25 @@
 //!   raises a *retry fault*, like amdgpu with XNACK on or NVIDIA UVM: faults
 //!   are deduplicated per page, delivered in batches, and each ends exactly
 //!   once, by a replay of the stalled waves or by cancelling their dispatch
-//!   ([`vm`]).
+//!   ([`vm`]);
+//! - user-mode queues (protocol 1.1): a command processor thread (`cp.rs`)
+//!   watches their doorbells in guest memory under a CPU budget
+//!   ([`doorbell`]) and runs a copy engine (`sdma.rs`) and an AQL packet
+//!   processor (`aql.rs`) whose every access goes through the VM exactly
+//!   like a wave's (`gpu_access.rs`), faults included (`user_queue.rs`).
 //!
 //! Guest memory is touched only through vm-memory, so an address outside
 //! guest RAM fails the work instead of reaching host memory.
 
+mod aql;
+mod cp;
+pub mod doorbell;
+mod gpu_access;
 pub mod kernels;
 pub mod page_table;
+mod sdma;
 pub mod tlb;
+mod user_queue;
 pub mod vm;
 
 use std::collections::VecDeque;
@@ -32,6 +43,7 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 
 use crate::device::{Device, DeviceError, DeviceInfo, DeviceVm, VmConfig, VmEvents};
+use cp::CommandProcessor;
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use vm::{SimVm, Wave};
 
@@ -91,6 +103,7 @@ pub struct SimGpu {
     pool: Arc<Pool>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     next_vm: AtomicU64,
+    cp: Arc<CommandProcessor>,
 }
 
 impl std::fmt::Debug for SimGpu {
@@ -133,6 +146,7 @@ impl SimGpu {
             max_queues_per_vm: config.max_queues_per_vm,
             kernels: ALL_KERNELS_MASK,
             recoverable_faults: true,
+            user_queue_kinds: guest_proto::uq::USER_QUEUE_KINDS_ALL,
         };
         Arc::new(SimGpu {
             info,
@@ -140,6 +154,7 @@ impl SimGpu {
             pool,
             workers: Mutex::new(workers),
             next_vm: AtomicU64::new(1),
+            cp: CommandProcessor::start(),
         })
     }
 }
@@ -156,6 +171,7 @@ impl Drop for SimGpu {
         for w in self.workers.lock().drain(..) {
             let _ = w.join();
         }
+        self.cp.shutdown();
     }
 }
 
@@ -176,6 +192,7 @@ impl Device for SimGpu {
             events,
             self.pool.clone(),
             self.config,
+            self.cp.clone(),
         ))
     }
 }

@@ -17,6 +17,13 @@
 //! A fault ends exactly once, by [`DeviceVm::reply_fault`] or by queue /
 //! VM teardown: replay puts its waves back on the compute units, cancel
 //! fails their dispatches.
+//!
+//! # User queues
+//! User-mode queues (`user_queue.rs`, run by the command processor in
+//! `cp.rs`) take part in the same fault unit: a queue that cannot translate
+//! an address waits on the page's fault next to any waves (one fault per
+//! page, whoever faulted first), replay makes it ready again and cancel
+//! stops it. Their ids come from the same space as the compute queues'.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,13 +36,15 @@ use guest_proto::{
 use parking_lot::{Condvar, Mutex, RwLock};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
+use super::cp::CommandProcessor;
 use super::kernels::{self, StepOutcome, WaveProgress};
 use super::page_table::{PageTable, Pte};
 use super::tlb::Tlb;
+use super::user_queue::{self, UserQueue, VmQueues};
 use super::{Pool, SimConfig};
 use crate::device::{
     Completion, DeviceError, DeviceFault, DeviceVm, FaultAction, GuestRam, KernelLaunch, QueueDesc,
-    VmConfig, VmEvents,
+    UserQueueCounters, UserQueueDesc, VmConfig, VmEvents,
 };
 
 /// How one dispatch is doing.
@@ -91,12 +100,19 @@ pub(crate) struct Wave {
     progress: WaveProgress,
 }
 
-/// A fault and the waves stalled on it.
+/// A user queue stalled on a fault, with the access it needs.
+struct UqWaiter {
+    queue: Arc<UserQueue>,
+    access: AccessFlags,
+}
+
+/// A fault and the waves (and user queues) stalled on it.
 struct PendingFault {
     id: FaultId,
     access: AccessFlags,
     merged: u32,
     waiters: Vec<Wave>,
+    uq_waiters: Vec<UqWaiter>,
 }
 
 #[derive(Default)]
@@ -106,6 +122,8 @@ struct FaultUnit {
     by_id: HashMap<FaultId, u64>,
     undelivered: Vec<DeviceFault>,
     overflow: Vec<Wave>,
+    /// User queues that faulted while `max_pending_faults` were pending.
+    uq_overflow: Vec<Arc<UserQueue>>,
 }
 
 struct QueueState {
@@ -121,17 +139,20 @@ struct Queues {
 
 /// State shared by the VM handle and its waves.
 pub(crate) struct VmShared {
-    id: u64,
-    memory: GuestRam,
-    events: Arc<dyn VmEvents>,
+    pub(crate) id: u64,
+    pub(crate) memory: GuestRam,
+    pub(crate) events: Arc<dyn VmEvents>,
     config: VmConfig,
     sim: SimConfig,
     pool: Arc<Pool>,
-    pt: RwLock<PageTable>,
-    generation: AtomicU64,
+    pub(crate) pt: RwLock<PageTable>,
+    pub(crate) generation: AtomicU64,
     faults: Mutex<FaultUnit>,
     queues: Mutex<Queues>,
     shut_down: AtomicBool,
+    /// The VM's user queues (1.1).
+    pub(crate) user_queues: VmQueues,
+    cp: Arc<CommandProcessor>,
 }
 
 /// A simulated GPU VM (the [`DeviceVm`] handle).
@@ -154,6 +175,7 @@ impl SimVm {
         events: Arc<dyn VmEvents>,
         pool: Arc<Pool>,
         sim: SimConfig,
+        cp: Arc<CommandProcessor>,
     ) -> Arc<SimVm> {
         Arc::new(SimVm {
             shared: Arc::new(VmShared {
@@ -174,6 +196,8 @@ impl SimVm {
                     ..Queues::default()
                 }),
                 shut_down: AtomicBool::new(false),
+                user_queues: VmQueues::new(),
+                cp,
             }),
         })
     }
@@ -257,7 +281,8 @@ impl DeviceVm for SimVm {
     fn create_queue(&self, _desc: QueueDesc) -> Result<QueueId, DeviceError> {
         self.check_live()?;
         let mut q = self.shared.queues.lock();
-        if q.map.len() >= self.shared.sim.max_queues_per_vm as usize {
+        if q.map.len() + self.shared.user_queues.len() >= self.shared.sim.max_queues_per_vm as usize
+        {
             return Err(DeviceError::Limit("queues"));
         }
         let id = QueueId(q.next_id);
@@ -274,6 +299,9 @@ impl DeviceVm for SimVm {
 
     fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError> {
         self.check_live()?;
+        if user_queue::destroy(&self.shared, queue) {
+            return Ok(());
+        }
         destroy_queue(&self.shared, queue)
     }
 
@@ -283,6 +311,9 @@ impl DeviceVm for SimVm {
             .kernel
             .validate()
             .map_err(|_| DeviceError::InvalidDispatch("kernel arguments"))?;
+        if self.shared.user_queues.contains(queue) {
+            return Err(DeviceError::WrongQueueKind(queue));
+        }
         let start = {
             let mut q = self.shared.queues.lock();
             let state = q
@@ -309,7 +340,7 @@ impl DeviceVm for SimVm {
     }
 
     fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError> {
-        let (pending, overflow) = {
+        let (pending, overflow, uq_overflow) = {
             let mut f = self.shared.faults.lock();
             let page = f
                 .by_id
@@ -324,25 +355,61 @@ impl DeviceVm for SimVm {
                     w.run.set_error(status, GpuVa(*page));
                 }
             }
-            (pending, std::mem::take(&mut f.overflow))
+            (
+                pending,
+                std::mem::take(&mut f.overflow),
+                std::mem::take(&mut f.uq_overflow),
+            )
         };
         if let Some((page, p)) = pending {
             match reply {
-                FaultAction::Replay => p.waiters.into_iter().for_each(|w| self.shared.pool.push(w)),
+                FaultAction::Replay => {
+                    p.waiters.into_iter().for_each(|w| self.shared.pool.push(w));
+                    p.uq_waiters.iter().for_each(|w| w.queue.fault_replayed());
+                }
                 FaultAction::Cancel(status) => {
                     for w in p.waiters {
                         fail_wave(w, status, GpuVa(page));
+                    }
+                    for w in p.uq_waiters {
+                        w.queue.fault_cancelled(status, GpuVa(page), w.access);
                     }
                 }
             }
         }
         overflow.into_iter().for_each(|w| self.shared.pool.push(w));
+        uq_overflow.iter().for_each(|q| q.fault_replayed());
         Ok(())
+    }
+
+    fn create_user_queue(&self, desc: UserQueueDesc) -> Result<QueueId, DeviceError> {
+        self.check_live()?;
+        check_user_queue(&desc)?;
+        let mut q = self.shared.queues.lock();
+        if q.map.len() + self.shared.user_queues.len() >= self.shared.sim.max_queues_per_vm as usize
+        {
+            return Err(DeviceError::Limit("queues"));
+        }
+        let id = QueueId(q.next_id);
+        q.next_id = q.next_id.wrapping_add(1).max(1);
+        user_queue::create(&self.shared, &self.shared.cp, id, desc);
+        Ok(id)
+    }
+
+    fn kick(&self) {
+        self.shared.user_queues.kick_all(None);
+    }
+
+    fn user_queue_counters(&self) -> UserQueueCounters {
+        self.shared.user_queues.counters()
     }
 
     fn shutdown(&self) {
         if self.shared.shut_down.swap(true, Ordering::AcqRel) {
             return;
+        }
+        for q in self.shared.user_queues.ids() {
+            user_queue::destroy(&self.shared, q);
         }
         let queues: Vec<QueueId> = self.shared.queues.lock().map.keys().copied().collect();
         for q in queues {
@@ -501,6 +568,7 @@ fn stall(wave: Wave, page: GpuVa, access: AccessFlags) {
             access,
             merged: 1,
             waiters: vec![wave],
+            uq_waiters: Vec::new(),
         },
     );
     f.by_id.insert(id, page.raw());
@@ -592,6 +660,8 @@ fn complete_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>, status: DispatchStat
     if let Some(next) = next {
         start_run(vm, &next);
     }
+    // A user queue may poll memory this dispatch wrote.
+    vm.user_queues.kick_all(None);
 }
 
 /// Completes a dispatch that never started.
@@ -665,7 +735,7 @@ fn take_stalled_waves(vm: &VmShared, queue: QueueId) -> Vec<Wave> {
             p.waiters.drain(..).partition(|w| w.run.queue == queue);
         p.waiters = others;
         taken.extend(mine);
-        if p.waiters.is_empty() {
+        if p.waiters.is_empty() && p.uq_waiters.is_empty() {
             ended.push((*page, p.id));
         }
     }
@@ -679,4 +749,120 @@ fn take_stalled_waves(vm: &VmShared, queue: QueueId) -> Vec<Wave> {
     f.overflow = others;
     taken.extend(mine);
     taken
+}
+
+/// Device-side checks of a user queue's geometry (the codec checked the
+/// wire form; the context checks the aperture).
+fn check_user_queue(desc: &UserQueueDesc) -> Result<(), DeviceError> {
+    use guest_proto::uq::{
+        MAX_USER_RING_SIZE, MIN_USER_RING_SIZE, QUEUE_POINTER_ALIGN, STATUS_BLOCK_ALIGN,
+        STATUS_BLOCK_SIZE, USER_RING_ALIGN,
+    };
+    let size = desc.ring_size;
+    if !size.is_power_of_two() || !(MIN_USER_RING_SIZE..=MAX_USER_RING_SIZE).contains(&size) {
+        return Err(DeviceError::InvalidDispatch("user queue ring size"));
+    }
+    let aligned = [
+        ("ring", desc.ring.raw(), USER_RING_ALIGN),
+        ("rptr", desc.rptr.raw(), QUEUE_POINTER_ALIGN),
+        ("doorbell", desc.doorbell.raw(), QUEUE_POINTER_ALIGN),
+        (
+            "status",
+            desc.status.map_or(0, GpuVa::raw),
+            STATUS_BLOCK_ALIGN,
+        ),
+    ];
+    for (what, value, align) in aligned {
+        if value % align != 0 {
+            return Err(DeviceError::Misaligned { what, value });
+        }
+    }
+    let ranges = [
+        (desc.ring, size),
+        (desc.rptr, 8),
+        (desc.doorbell, 8),
+        (desc.status.unwrap_or(GpuVa(0)), STATUS_BLOCK_SIZE),
+    ];
+    for (va, len) in ranges {
+        match va.checked_add(len) {
+            Some(end) if PageTable::in_range(GpuVa(end.raw() - 1)) => {}
+            _ => return Err(DeviceError::VaOutOfRange { va, len }),
+        }
+    }
+    Ok(())
+}
+
+/// Parks user queue `q` on the fault of `page` (it was marked stalled
+/// first), or makes it ready again if the page is mapped now.
+pub(crate) fn stall_user_queue(
+    vm: &Arc<VmShared>,
+    q: &Arc<UserQueue>,
+    page: GpuVa,
+    access: AccessFlags,
+) {
+    let mut f = vm.faults.lock();
+    // Checked under the fault lock, which destroy takes after setting it.
+    if q.is_dead() {
+        return;
+    }
+    if vm.pt.read().walk(page).allows(access) {
+        drop(f);
+        q.fault_replayed();
+        return;
+    }
+    let waiter = UqWaiter {
+        queue: q.clone(),
+        access,
+    };
+    if let Some(p) = f.by_page.get_mut(&page.raw()) {
+        p.access = p.access.union(access);
+        p.merged = p.merged.saturating_add(1);
+        p.uq_waiters.push(waiter);
+        return;
+    }
+    if f.by_page.len() >= vm.config.max_pending_faults as usize {
+        f.uq_overflow.push(q.clone());
+        return;
+    }
+    let id = FaultId(f.next_id);
+    f.next_id += 1;
+    f.by_page.insert(
+        page.raw(),
+        PendingFault {
+            id,
+            access,
+            merged: 1,
+            waiters: Vec::new(),
+            uq_waiters: vec![waiter],
+        },
+    );
+    f.by_id.insert(id, page.raw());
+    f.undelivered.push(DeviceFault {
+        id,
+        queue: q.id,
+        va: page,
+        access,
+        merged: 1,
+    });
+    let batch = std::mem::take(&mut f.undelivered);
+    drop(f);
+    vm.events.faults(&batch);
+}
+
+/// Removes user queue `q` from every fault (ending faults left with no
+/// waiter) and from the overflow list.
+pub(crate) fn forget_user_queue(vm: &VmShared, q: &Arc<UserQueue>) {
+    let mut f = vm.faults.lock();
+    let mut ended = Vec::new();
+    for (page, p) in f.by_page.iter_mut() {
+        p.uq_waiters.retain(|w| !Arc::ptr_eq(&w.queue, q));
+        if p.waiters.is_empty() && p.uq_waiters.is_empty() {
+            ended.push((*page, p.id));
+        }
+    }
+    for (page, id) in ended {
+        f.by_page.remove(&page);
+        f.by_id.remove(&id);
+    }
+    f.uq_overflow.retain(|x| !Arc::ptr_eq(x, q));
 }

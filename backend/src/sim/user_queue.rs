@@ -1,0 +1,561 @@
+//! User-mode queues of one simulated VM (protocol 1.1, section 14).
+//!
+//! A user queue is a ring in guest memory that the device reads itself.
+//! This module holds what the two engines share: the queue (its geometry,
+//! its scheduling state, the engine state behind an execution lock), a
+//! slice of execution, the status block written when the queue stops, the
+//! queue's place in the VM's fault unit, and destruction.
+//!
+//! # Locks and guarantees
+//! - `exec` is held for a whole slice; every access of the queue to guest
+//!   memory happens under it. Destroy sets `dead`, ends the queue's faults
+//!   and then takes `exec`: when it returns, no slice runs and none will
+//!   start, so the guest may free the queue's memory.
+//! - `sched` is taken briefly, never while calling [`VmEvents`] or taking
+//!   the command processor's lock (the processor takes `sched` under its
+//!   own lock while it looks for due queues).
+//! - Faults: a slice that cannot translate an address ends; the queue is
+//!   marked stalled *before* it joins the fault, so a reply that races the
+//!   join still wakes it. Replay makes it ready; cancel records the stop,
+//!   which the next slice writes (status block, interrupt) on the command
+//!   processor's thread.
+//!
+//! [`VmEvents`]: crate::device::VmEvents
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use guest_proto::uq::{QueueStatusBlock, QueueStopStatus, STATUS_STATE_OFFSET, UserQueueKind};
+use guest_proto::{AccessFlags, DispatchStatus, GpuVa, QueueId};
+use parking_lot::Mutex;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::aql::AqlEngine;
+use super::cp::CommandProcessor;
+use super::doorbell;
+use super::gpu_access::{self, Stop};
+use super::sdma::SdmaEngine;
+use super::tlb::Tlb;
+use super::vm::VmShared;
+use crate::device::{Interrupt, UserQueueCounters, UserQueueDesc};
+
+/// Most packets one slice executes.
+pub(crate) const SLICE_PACKETS: u32 = 64;
+/// Most bytes of copy or fill data one slice moves.
+pub(crate) const SLICE_BYTES: u64 = 1 << 20;
+
+/// How a queue stands with the command processor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunState {
+    /// Look at it as soon as possible.
+    Ready,
+    /// A slice of it is running (the command processor picked it).
+    Running,
+    /// Look at it at `next_look`.
+    Idle,
+    /// Stalled on a fault: no look until the fault ends.
+    Stalled,
+    /// Stopped or destroyed: never again.
+    Stopped,
+}
+
+/// A stop requested from outside a slice (a fault that ended badly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StopRequest {
+    status: QueueStopStatus,
+    page: GpuVa,
+    access: AccessFlags,
+}
+
+#[derive(Debug)]
+pub(crate) struct Sched {
+    pub(crate) state: RunState,
+    pub(crate) next_look: Instant,
+    last_progress: Option<Instant>,
+    pending_stop: Option<StopRequest>,
+    /// Kicked while running: look again right after the slice.
+    kicked: bool,
+}
+
+impl Sched {
+    /// Whether the command processor should run a slice at `now`; if so,
+    /// the queue becomes `Running`.
+    pub(crate) fn take_if_due(&mut self, now: Instant) -> bool {
+        let due = match self.state {
+            RunState::Ready => true,
+            RunState::Idle => self.next_look <= now,
+            RunState::Running | RunState::Stalled | RunState::Stopped => false,
+        };
+        if due {
+            self.state = RunState::Running;
+            self.kicked = false;
+        }
+        due
+    }
+}
+
+/// Everything a stop writes into the status block (14.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StopInfo {
+    pub(crate) status: QueueStopStatus,
+    pub(crate) fault_va: GpuVa,
+    pub(crate) packet: u64,
+    pub(crate) access: Option<AccessFlags>,
+    pub(crate) detail: u64,
+}
+
+impl StopInfo {
+    /// A stop for a packet or doorbell problem.
+    pub(crate) fn packet(status: QueueStopStatus, packet: u64, detail: u64) -> StopInfo {
+        StopInfo {
+            status,
+            fault_va: GpuVa(0),
+            packet,
+            access: None,
+            detail,
+        }
+    }
+}
+
+/// How a slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SliceEnd {
+    /// The slice's budget ran out; there may be more work.
+    Budget,
+    /// The doorbell says there is nothing to do.
+    Idle,
+    /// A packet waits for memory (a poll, a barrier, an unwritten slot, a
+    /// packet the doorbell does not cover yet).
+    Waiting,
+    /// An access needs a page: a retry fault.
+    Fault {
+        /// The page.
+        page: GpuVa,
+        /// The access.
+        access: AccessFlags,
+    },
+    /// The queue stops.
+    Stop(StopInfo),
+}
+
+impl SliceEnd {
+    /// The end for an access that did not happen, at packet `packet`.
+    pub(crate) fn from_stop(stop: Stop, packet: u64) -> SliceEnd {
+        match stop {
+            Stop::Fault { page, access } => SliceEnd::Fault { page, access },
+            Stop::Error(va) => SliceEnd::Stop(StopInfo {
+                status: QueueStopStatus::DeviceError,
+                fault_va: va,
+                packet,
+                access: None,
+                detail: 0,
+            }),
+        }
+    }
+}
+
+/// What a slice produced besides memory effects.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pub(crate) interrupts: Vec<Interrupt>,
+    pub(crate) packets: u64,
+    pub(crate) copy_bytes: u64,
+    pub(crate) doorbell_polls: u64,
+}
+
+/// What an engine gets for one slice.
+pub(crate) struct SliceCtx<'a> {
+    pub(crate) vm: &'a VmShared,
+    pub(crate) desc: &'a UserQueueDesc,
+    pub(crate) queue: QueueId,
+    pub(crate) tlb: &'a mut Tlb,
+    pub(crate) out: Outbox,
+    pub(crate) packets_left: u32,
+    pub(crate) bytes_left: u64,
+    /// When the VM was created: the device clock's zero.
+    pub(crate) created: Instant,
+}
+
+impl SliceCtx<'_> {
+    /// Runs one step of memory accesses (see `gpu_access`).
+    pub(crate) fn step<R>(&mut self, f: impl FnOnce(&mut super::kernels::Mmu<'_>) -> R) -> R {
+        gpu_access::step(self.vm, self.tlb, f)
+    }
+
+    /// Loads the doorbell (counted).
+    pub(crate) fn load_doorbell(&mut self) -> Result<u64, Stop> {
+        self.out.doorbell_polls += 1;
+        let va = self.desc.doorbell;
+        self.step(|m| gpu_access::load_u64(m, va))
+    }
+
+    /// Stores the read pointer (release).
+    pub(crate) fn store_rptr(&mut self, value: u64) -> Result<(), Stop> {
+        let va = self.desc.rptr;
+        self.step(|m| gpu_access::store_u64(m, va, value))
+    }
+
+    /// A packet completed.
+    pub(crate) fn completed(&mut self) {
+        self.out.packets += 1;
+        self.packets_left = self.packets_left.saturating_sub(1);
+    }
+
+    /// The device clock: nanoseconds since the VM was created.
+    pub(crate) fn clock_ns(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the slice's budget is spent.
+    pub(crate) fn spent(&self) -> bool {
+        self.packets_left == 0 || self.bytes_left == 0
+    }
+}
+
+/// The engine of a queue.
+#[derive(Debug)]
+pub(crate) enum Engine {
+    Sdma(SdmaEngine),
+    Aql(AqlEngine),
+}
+
+impl Engine {
+    fn run(&mut self, ctx: &mut SliceCtx<'_>) -> SliceEnd {
+        match self {
+            Engine::Sdma(e) => e.run(ctx),
+            Engine::Aql(e) => e.run(ctx),
+        }
+    }
+
+    /// Where the queue is (the status block's `packet`).
+    fn position(&self) -> u64 {
+        match self {
+            Engine::Sdma(e) => e.packet_position(),
+            Engine::Aql(e) => e.packet_position(),
+        }
+    }
+}
+
+/// One user queue.
+pub(crate) struct UserQueue {
+    pub(crate) id: QueueId,
+    pub(crate) desc: UserQueueDesc,
+    vm: Weak<VmShared>,
+    pub(crate) sched: Mutex<Sched>,
+    exec: Mutex<Engine>,
+    dead: AtomicBool,
+    cp: Arc<CommandProcessor>,
+}
+
+impl std::fmt::Debug for UserQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserQueue")
+            .field("id", &self.id)
+            .field("desc", &self.desc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserQueue {
+    /// Whether the queue was destroyed.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Makes the queue look at its doorbell at once (unless it is stalled
+    /// or stopped).
+    pub(crate) fn kick(&self) {
+        let woke = {
+            let mut s = self.sched.lock();
+            match s.state {
+                RunState::Idle => {
+                    s.state = RunState::Ready;
+                    true
+                }
+                RunState::Running => {
+                    s.kicked = true;
+                    false
+                }
+                RunState::Ready | RunState::Stalled | RunState::Stopped => false,
+            }
+        };
+        if woke {
+            self.cp.notify();
+        }
+    }
+
+    /// The fault the queue stalled on ended with a replay.
+    pub(crate) fn fault_replayed(&self) {
+        {
+            let mut s = self.sched.lock();
+            match s.state {
+                RunState::Stalled | RunState::Idle => s.state = RunState::Ready,
+                RunState::Running => s.kicked = true,
+                RunState::Ready | RunState::Stopped => {}
+            }
+        }
+        self.cp.notify();
+    }
+
+    /// The fault the queue stalled on ended badly: stop it (the next slice
+    /// writes the status block).
+    pub(crate) fn fault_cancelled(&self, status: DispatchStatus, page: GpuVa, access: AccessFlags) {
+        let Some(status) = QueueStopStatus::from_dispatch(status) else {
+            // Cancelled: the queue is being destroyed.
+            return;
+        };
+        {
+            let mut s = self.sched.lock();
+            if s.state == RunState::Stopped {
+                return;
+            }
+            s.pending_stop.get_or_insert(StopRequest {
+                status,
+                page,
+                access,
+            });
+            if s.state != RunState::Running {
+                s.state = RunState::Ready;
+            }
+        }
+        self.cp.notify();
+    }
+}
+
+/// The user queues of one VM and their counters.
+#[derive(Debug)]
+pub(crate) struct VmQueues {
+    queues: Mutex<BTreeMap<QueueId, Arc<UserQueue>>>,
+    packets: AtomicU64,
+    copy_bytes: AtomicU64,
+    doorbell_polls: AtomicU64,
+    created: Instant,
+}
+
+impl VmQueues {
+    pub(crate) fn new() -> VmQueues {
+        VmQueues {
+            queues: Mutex::new(BTreeMap::new()),
+            packets: AtomicU64::new(0),
+            copy_bytes: AtomicU64::new(0),
+            doorbell_polls: AtomicU64::new(0),
+            created: Instant::now(),
+        }
+    }
+
+    /// How many user queues exist.
+    pub(crate) fn len(&self) -> usize {
+        self.queues.lock().len()
+    }
+
+    /// Whether `id` is a user queue.
+    pub(crate) fn contains(&self, id: QueueId) -> bool {
+        self.queues.lock().contains_key(&id)
+    }
+
+    /// The counters.
+    pub(crate) fn counters(&self) -> UserQueueCounters {
+        UserQueueCounters {
+            packets: self.packets.load(Ordering::Relaxed),
+            copy_bytes: self.copy_bytes.load(Ordering::Relaxed),
+            doorbell_polls: self.doorbell_polls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes every queue except `except` look at its doorbell now.
+    pub(crate) fn kick_all(&self, except: Option<QueueId>) {
+        let queues: Vec<Arc<UserQueue>> = self
+            .queues
+            .lock()
+            .values()
+            .filter(|q| Some(q.id) != except)
+            .cloned()
+            .collect();
+        for q in queues {
+            q.kick();
+        }
+    }
+
+    /// The ids of every user queue.
+    pub(crate) fn ids(&self) -> Vec<QueueId> {
+        self.queues.lock().keys().copied().collect()
+    }
+}
+
+/// Creates user queue `id` of `vm` and hands it to the command processor.
+pub(crate) fn create(
+    vm: &Arc<VmShared>,
+    cp: &Arc<CommandProcessor>,
+    id: QueueId,
+    desc: UserQueueDesc,
+) -> Arc<UserQueue> {
+    let engine = match desc.kind {
+        UserQueueKind::Sdma => Engine::Sdma(SdmaEngine::new()),
+        UserQueueKind::Aql => Engine::Aql(AqlEngine::new()),
+    };
+    let now = Instant::now();
+    let q = Arc::new(UserQueue {
+        id,
+        desc,
+        vm: Arc::downgrade(vm),
+        sched: Mutex::new(Sched {
+            // The first look is at once: the guest may have rung the
+            // doorbell before the queue existed.
+            state: RunState::Ready,
+            next_look: now,
+            last_progress: None,
+            pending_stop: None,
+            kicked: false,
+        }),
+        exec: Mutex::new(engine),
+        dead: AtomicBool::new(false),
+        cp: cp.clone(),
+    });
+    vm.user_queues.queues.lock().insert(id, q.clone());
+    cp.register(q.clone());
+    q
+}
+
+/// Destroys user queue `id`; false if `vm` has no such user queue. Returns
+/// when the queue makes no further access.
+pub(crate) fn destroy(vm: &VmShared, id: QueueId) -> bool {
+    let Some(q) = vm.user_queues.queues.lock().remove(&id) else {
+        return false;
+    };
+    q.dead.store(true, Ordering::Release);
+    q.sched.lock().state = RunState::Stopped;
+    q.cp.unregister(&q);
+    super::vm::forget_user_queue(vm, &q);
+    // Waits for a slice in progress; none starts after `dead`.
+    drop(q.exec.lock());
+    true
+}
+
+/// Runs one slice of `q` on the command processor's thread.
+pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb) {
+    let Some(vm) = q.vm.upgrade() else {
+        return;
+    };
+    let mut ctx = SliceCtx {
+        vm: &vm,
+        desc: &q.desc,
+        queue: q.id,
+        tlb,
+        out: Outbox::default(),
+        packets_left: SLICE_PACKETS,
+        bytes_left: SLICE_BYTES,
+        created: vm.user_queues.created,
+    };
+    let end = {
+        let mut engine = q.exec.lock();
+        if q.is_dead() {
+            return;
+        }
+        let requested = q.sched.lock().pending_stop.take();
+        let end = match requested {
+            Some(r) => SliceEnd::Stop(StopInfo {
+                status: r.status,
+                fault_va: r.page,
+                packet: engine.position(),
+                access: Some(r.access),
+                detail: 0,
+            }),
+            None => engine.run(&mut ctx),
+        };
+        if let SliceEnd::Stop(info) = end {
+            write_status_block(&mut ctx, info);
+            ctx.out.interrupts.push(Interrupt::QueueStopped {
+                queue: q.id,
+                status: info.status,
+            });
+        }
+        end
+    };
+    let out = std::mem::take(&mut ctx.out);
+    drop(ctx);
+    let counters = &vm.user_queues;
+    counters.packets.fetch_add(out.packets, Ordering::Relaxed);
+    counters
+        .copy_bytes
+        .fetch_add(out.copy_bytes, Ordering::Relaxed);
+    counters
+        .doorbell_polls
+        .fetch_add(out.doorbell_polls, Ordering::Relaxed);
+
+    let now = Instant::now();
+    let stall = {
+        let mut s = q.sched.lock();
+        if out.packets > 0 {
+            s.last_progress = Some(now);
+        }
+        let mut stall = None;
+        if s.state != RunState::Stopped {
+            match end {
+                SliceEnd::Budget => s.state = RunState::Ready,
+                SliceEnd::Idle | SliceEnd::Waiting => {
+                    // Kicked (or stopped) during the slice: look again at once.
+                    s.state = if s.kicked || s.pending_stop.is_some() {
+                        RunState::Ready
+                    } else {
+                        RunState::Idle
+                    };
+                    s.next_look = doorbell::next_look(q.cp.epoch(), now, s.last_progress);
+                }
+                SliceEnd::Fault { page, access } => {
+                    s.state = RunState::Stalled;
+                    stall = Some((page, access));
+                }
+                SliceEnd::Stop(_) => s.state = RunState::Stopped,
+            }
+        }
+        stall
+    };
+    for irq in out.interrupts {
+        vm.events.interrupt(irq);
+    }
+    if out.packets > 0 {
+        // A packet completing may satisfy another queue's poll or barrier.
+        vm.user_queues.kick_all(Some(q.id));
+    }
+    if let Some((page, access)) = stall {
+        super::vm::stall_user_queue(&vm, q, page, access);
+    }
+}
+
+/// Writes the status block (14.6) through the VM, without faulting: bytes
+/// 4..64, then `state` with release ordering.
+fn write_status_block(ctx: &mut SliceCtx<'_>, info: StopInfo) {
+    log::debug!("user queue {:?} stopped: {info:?}", ctx.queue);
+    let Some(va) = ctx.desc.status else {
+        return;
+    };
+    let block = QueueStatusBlock {
+        status: info.status,
+        fault_va: info.fault_va,
+        packet: info.packet,
+        access: info.access,
+        detail: info.detail,
+    }
+    .encode();
+    let written = ctx.step(|m| {
+        let at = m.translate(va.raw(), AccessFlags::WRITE).ok()?;
+        let body = block.get(4..).unwrap_or_default();
+        m.mem.write_slice(body, GuestAddress(at.0 + 4)).ok()?;
+        let state = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+        m.mem
+            .store(
+                state,
+                GuestAddress(at.0 + STATUS_STATE_OFFSET),
+                Ordering::Release,
+            )
+            .ok()
+    });
+    if written.is_none() {
+        log::warn!(
+            "user queue {:?}: status block at {va} is not mapped writable; not written",
+            ctx.queue
+        );
+    }
+}
