@@ -1,5 +1,5 @@
 //! Faults resolved by the guest kernel (protocol 1.1, `docs/protocol.md`
-//! section 14): `SVM_ATTACH` / `SVM_DETACH`, the kernel reply region, the
+//! section 15): `SVM_ATTACH` / `SVM_DETACH`, the kernel reply region, the
 //! kernel's fault ring `state`, and the rings only the kernel submits on.
 //!
 //! A guest kernel driver that mirrors a process's address space into the

@@ -1,5 +1,5 @@
 //! Protocol 1.1, faults resolved by the guest kernel (`docs/protocol.md`
-//! section 14): layouts built by hand from the tables, every rejection with
+//! section 15): layouts built by hand from the tables, every rejection with
 //! its status, the kernel reply offsets, and properties over random input.
 
 // Test code: a panic here is a failed test, not a crashed daemon.

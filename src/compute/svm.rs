@@ -1,5 +1,5 @@
 //! Protocol 1.1: the guest kernel owns a session's faults
-//! (docs/protocol.md section 14).
+//! (docs/protocol.md section 15).
 //!
 //! A guest kernel driver that mirrors a process's address space with HMM
 //! and MMU notifiers (guest/kernel/) takes a session's faults over with

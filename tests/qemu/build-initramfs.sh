@@ -4,7 +4,8 @@
 # (unpacked by setup.sh) and the guest test program as /nc-guest. Its /init
 # runs the scenarios named on the kernel command line (nc.scenarios=a,b,...)
 # with NC_EXPECT_PROFILE set from nc.profile=compat|native (the transport
-# profile this boot must come up with), and powers off.
+# profile this boot must come up with) and NC_EXPECT_RESOLVER (kernel with
+# the rebuilt virtio-gpu, user with Debian's), and powers off.
 # virtio-gpu is the module setup.sh rebuilt with our patch series
 # (work/kernel/rebuilt, with its uAPI test program as /svm-test), or
 # Debian's own with NC_STOCK_VIRTIO_GPU=1. NC_VIRTIO_GPU_KO and
@@ -60,6 +61,13 @@ dmesg | grep -a "\[drm\] features:" | sed 's/^/NC-DMESG /'
 profile=$(sed -n 's/.*nc\.profile=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ -n "$profile" ]; then
     export NC_EXPECT_PROFILE="$profile"
+fi
+# The rebuilt driver (with a 1.1 daemon) resolves faults in the kernel,
+# Debian's leaves it to the user-space resolver; discovery checks which.
+if [ "$(cat /nc-module)" = rebuilt ]; then
+    export NC_EXPECT_RESOLVER=kernel
+else
+    export NC_EXPECT_RESOLVER=user
 fi
 echo "NC-PROFILE expected=${profile:-any}"
 ko=/lib/modules/$(uname -r)/kernel/virtio-gpu.ko

@@ -30,6 +30,19 @@ for m in "$kdir/lib/modules/$version/kernel/"*; do
         *) cp "$m" "$root/lib/modules/$version/kernel/" ;;
     esac
 done
+# virtio-gpu: the module setup.sh rebuilt with our patch series (the
+# thunk's faults, userptrs and SVM prefetches then go through the guest
+# kernel's resolver), or Debian's with NC_STOCK_VIRTIO_GPU=1 (the thunk
+# falls back to the user-space resolver), as build-initramfs.sh does.
+if [ "${NC_STOCK_VIRTIO_GPU:-0}" != 1 ]; then
+    rebuilt=${NC_VIRTIO_GPU_KO:-$kdir/rebuilt/virtio-gpu.ko}
+    [ -f "$rebuilt" ] || { echo "build-rocm-initramfs: no rebuilt virtio-gpu.ko: run setup.sh (or NC_STOCK_VIRTIO_GPU=1)" >&2; exit 1; }
+    rm -f "$root/lib/modules/$version/kernel/virtio-gpu.ko"
+    cp "$rebuilt" "$root/lib/modules/$version/kernel/virtio-gpu.ko"
+    echo rebuilt > "$root/nc-module"
+else
+    echo debian > "$root/nc-module"
+fi
 touch "$root/lib/modules/$version/"{modules.order,modules.builtin,modules.builtin.modinfo}
 /sbin/depmod -b "$root" "$version"
 
@@ -97,6 +110,7 @@ modprobe virtio-gpu || echo "NC-ERROR modprobe virtio-gpu failed"
 i=0
 while [ ! -e /dev/dri/renderD128 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/dri/renderD128 ] || echo "NC-ERROR no render node"
+echo "NC-MODULE virtio_gpu $(cat /nc-module) taint=$(cat /sys/module/virtio_gpu/taint)"
 scenarios=$(sed -n 's/.*nc\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline)
 # The profile the suite booted for (hsa-tests' agents case checks it).
 export NC_PROFILE=$(sed -n 's/.*nc\.profile=\([^ ]*\).*/\1/p' /proc/cmdline)

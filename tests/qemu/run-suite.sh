@@ -87,18 +87,35 @@ boot() { # profile scenarios log timeout [initramfs]
 common="discovery,binds,unified,offset,isolation,bad-address,killed,whole-process"
 # Only the native profile has the event ring and guest-memory blobs.
 native_only="event-poll,rings,blob-memory"
-# The rebuilt driver's SVM uAPI (guest/kernel/tests/svm-test.c); svm-dmesg
-# last: no kernel warning during the whole boot.
-svm="svm-uapi,svm-register,svm-notifier,svm-mm,svm-enable,svm-prefetch,svm-filter,svm-dmesg"
+# The rebuilt driver: nc-guest's comparisons of the kernel's fault resolver
+# with the user-space one on the same scenarios ("kernel-X" must be right,
+# "user-X" must show the corruption or stale view, see guest/nc-guest/src/
+# svm.rs; reported as kernel/X and user-resolver/X, with their figures),
+# then the SVM uAPI and the end-to-end scenarios of
+# guest/kernel/tests/svm-test.c; svm-dmesg last: no kernel warning during
+# the whole boot.
+compare="unified,remap,dontneed,fork,exit"
+svm="svm-uapi,svm-register,svm-notifier,svm-mm,svm-enable,svm-prefetch,svm-filter"
+svm="$svm,svm-e2e-unified,svm-e2e-remap,svm-e2e-dontneed,svm-e2e-fork,svm-e2e-exit,svm-e2e-holes,svm-dmesg"
 want=rebuilt
 [ "${NC_STOCK_VIRTIO_GPU:-0}" = 1 ] && want=debian
 for profile in compat native; do
     first=$common
     [ "$profile" = native ] && first="$first,$native_only"
-    [ "$want" = rebuilt ] && first="$first,$svm"
+    pairs=""
+    if [ "$want" = rebuilt ]; then
+        for c in ${compare//,/ }; do pairs="$pairs,kernel-$c,user-$c"; done
+        first="$first$pairs,$svm"
+    fi
     echo "== $profile boot 1: $first"
     boot "$profile" "$first" "$out/$profile-1.log" 900
-    for s in ${first//,/ }; do report "$profile" "$s" "$out/$profile-1.log"; done
+    for s in ${first//,/ }; do
+        case "$s" in
+            kernel-*) report "$profile" "kernel/${s#kernel-}" "$out/$profile-1.log" "$s" ;;
+            user-*) report "$profile" "user-resolver/${s#user-}" "$out/$profile-1.log" "$s" ;;
+            *) report "$profile" "$s" "$out/$profile-1.log" ;;
+        esac
+    done
     # Which virtio-gpu the guest loaded: the rebuilt one is out of tree and
     # unsigned, so the kernel taints with O (and E).
     module=$(grep -a "^NC-MODULE virtio_gpu " "$out/$profile-1.log" | tail -n1 || true)

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 #
-# boot.sh [-k MODULE.ko] [-d DAEMON] SCENARIOS
+# boot.sh [-k MODULE.ko] [-d DAEMON] [-p compat|native] SCENARIOS
 # Boots the QEMU suite's guest once against a fresh daemon with a given
 # virtio-gpu module (default: the one setup.sh rebuilt; e.g. the output of
-# `guest/kernel/build.sh dev DIR` while working on the series), runs
-# SCENARIOS (comma separated: svm-* from tests/svm-test.c, others from
-# nc-guest) and prints the RESULT lines and the kernel's warnings.
+# `guest/kernel/build.sh dev DIR` while working on the series), in the
+# given transport profile (default compat), runs SCENARIOS (comma
+# separated: svm-* from tests/svm-test.c, others from nc-guest) and prints
+# the RESULT lines and the kernel's warnings.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
-ko="" daemon="$root/target/release/vhost-gpu-nc"
-while getopts k:d: o; do
+ko="" daemon="$root/target/release/vhost-gpu-nc" profile=compat
+while getopts k:d:p: o; do
     case $o in
         k) ko=$OPTARG ;;
         d) daemon=$OPTARG ;;
+        p) profile=$OPTARG ;;
         *) exit 2 ;;
     esac
 done
@@ -43,6 +45,6 @@ RUST_LOG=${RUST_LOG:-info} "$daemon" --socket-path "$out/sock" --fault-timeout-m
 dpid=$!
 for _ in $(seq 100); do [ -S "$out/sock" ] && break; sleep 0.05; done
 sleep 0.2
-"$root/tests/qemu/run-qemu.sh" "$out/sock" "$out/initrd.gz" "$scenarios" "$out/console.log" 600 || true
+"$root/tests/qemu/run-qemu.sh" "$profile" "$out/sock" "$out/initrd.gz" "$scenarios" "$out/console.log" 600 || true
 grep -a -E "^(RESULT|NC-MODULE|NC-ERROR|NC-EXIT)|WARNING|BUG|Oops|virtio_gpu|Call Trace" "$out/console.log" || true
 if [ -n "${BOOT_LOG:-}" ]; then cp "$out/console.log" "$BOOT_LOG"; cp "$out/daemon.log" "$BOOT_LOG.daemon"; fi
