@@ -289,7 +289,7 @@ pub fn user_unified() -> Outcome {
 /// them; the parent munmaps and maps new pages at the same address; the
 /// GPU fills again. Returns (the child's verdict, words of the new mapping
 /// the second fill wrote, the session).
-fn remap(resolver: Resolver) -> Result<(i32, usize, usize, Session), String> {
+fn remap(resolver: Resolver) -> Result<(i32, usize, usize, u64, Session), String> {
     let size = 2 * MIB;
     let area = Area::map(size, true)?;
     let (mut s, q) = setup(resolver, area.addr, size)?;
@@ -327,6 +327,7 @@ fn remap(resolver: Resolver) -> Result<(i32, usize, usize, Session), String> {
     })?;
     area.remap_private()?;
     area.fill(0x5a5a_5a5a);
+    let raised = s.query().step("DEVICE_QUERY")?.faults_raised;
     let st = s
         .run(q, fill(area.addr, area.words(), 0x2222_2222), WAIT)
         .step("second fill")?;
@@ -336,21 +337,23 @@ fn remap(resolver: Resolver) -> Result<(i32, usize, usize, Session), String> {
         format!("second fill {:?}", st.status)
     })?;
     let written = area.count(0x2222_2222);
-    Ok((verdict, written, area.words(), s))
+    let faulted = s.query().step("DEVICE_QUERY")?.faults_raised - raised;
+    Ok((verdict, written, area.words(), faulted, s))
 }
 
 /// munmap + mmap: the GPU writes the new pages, never the old ones.
 pub fn kernel_remap() -> Outcome {
-    let (verdict, written, words, s) = remap(Resolver::Kernel)?;
+    let (verdict, written, words, faulted, s) = remap(Resolver::Kernel)?;
     ensure(verdict == 0, || {
         format!("the GPU wrote the old pages (child verdict {verdict})")
     })?;
     ensure(written == words, || {
         format!("{written} of {words} new words written")
     })?;
+    ensure(faulted > 0, || "the second fill did not fault".into())?;
     let k = s.kernel_stats().ok_or("no kernel counters")?;
     Ok(format!(
-        "new pages written, the old pages' canary intact (checked by another process); invalidation to unbound {:.2} ms ({} unbinds)",
+        "the second fill faulted ({faulted} faults) and wrote the new pages, the old pages' canary intact (checked by another process); invalidation to unbound {:.2} ms ({} unbinds)",
         k.unbind_ns as f64 / k.unbinds.max(1) as f64 / 1e6,
         k.unbinds
     ))
@@ -359,13 +362,13 @@ pub fn kernel_remap() -> Outcome {
 /// munmap + mmap with the user-space resolver: nothing unbinds the old
 /// pages, so the GPU writes them (another process's memory now).
 pub fn user_remap() -> Outcome {
-    let (verdict, written, words, _s) = remap(Resolver::User)?;
+    let (verdict, written, words, faulted, _s) = remap(Resolver::User)?;
     ensure(verdict != 0 || written != words, || {
         "the user-space resolver got munmap + mmap right: the comparison shows nothing".into()
     })?;
     ensure(verdict == 3, || format!("child verdict {verdict}"))?;
     Ok(format!(
-        "old page written (corruption shown): the other process's canary was overwritten by the GPU, {written} of {words} words of the new mapping written"
+        "old page written (corruption shown): the second fill raised {faulted} faults and overwrote the other process's canary, {written} of {words} words of the new mapping written"
     ))
 }
 
