@@ -12,7 +12,9 @@
 #      the compat (stock QEMU) and native (patched QEMU) profiles;
 #   4. the package and the libvirt launch path: the .deb in a scratch root,
 #      the vhost-user discovery contract, Debian's libvirt booting a domain
-#      with <driver name='vhostuser'/> against the installed daemon.
+#      with <driver name='vhostuser'/> against the installed daemon;
+#   5. every cargo-fuzz target for a short fixed time (fuzz/run.sh; a longer
+#      run of one target: fuzz/run.sh 3600 TARGET).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -26,6 +28,7 @@ guest/kernel/virtio-gpu/checkpatch.sh
 
 echo "== cargo fmt / clippy / doc"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
@@ -37,3 +40,6 @@ tests/qemu/run-suite.sh
 
 echo "== package + libvirt"
 tests/libvirt/run.sh
+
+echo "== fuzz: every target for ${NC_FUZZ_SECONDS:-60} s"
+fuzz/run.sh "${NC_FUZZ_SECONDS:-60}"
