@@ -538,8 +538,10 @@ fn compat_user_queue_copies_traps_and_idles_cheaply() {
         baseline * 100.0,
         cp_share * 100.0
     );
+    // Near 0: the release build measures about 0.2% (benches/user_queues.rs);
+    // this is a debug build, maybe on a loaded machine.
     assert!(
-        cp_share < 0.005,
+        cp_share < 0.02,
         "idle queues cost {:.2}% CPU",
         cp_share * 100.0
     );

@@ -10,8 +10,11 @@ use guest_proto::command::DecodeLimits;
 use guest_proto::fault::{FaultRecord, FaultRingHeader};
 use guest_proto::header::{ReplyHeader, RequestHeader};
 use guest_proto::reply::Reply;
+use guest_proto::aql::AqlPacket;
+use guest_proto::sdma::{self, SdmaPacket};
 use guest_proto::signal::SignalSlot;
 use guest_proto::stream::RequestStream;
+use guest_proto::uq::QueueStatusBlock;
 use guest_proto::{PAGE_SIZE, Request};
 use libfuzzer_sys::fuzz_target;
 
@@ -39,6 +42,11 @@ fn walk(request: &Request<'_>) {
             assert!(init.signal_slots().is_some());
         }
         Request::Dispatch(d) => assert_eq!(d.kernel.validate(), Ok(())),
+        Request::UserQueueCreate(q) => {
+            for (va, len) in q.ranges() {
+                assert!(va.checked_add(len).is_some());
+            }
+        }
         _ => {}
     }
 }
@@ -77,4 +85,22 @@ fuzz_target!(|data: &[u8]| {
     let _ = FaultRecord::decode(data);
     let _ = FaultRingHeader::decode(data);
     let _ = SignalSlot::decode(data);
+    let _ = QueueStatusBlock::decode(data);
+    // The device's other path (1.1): ring contents of user queues.
+    let dwords: Vec<u32> = data
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(&header) = dwords.first() {
+        if let Ok(n) = sdma::packet_dwords(header) {
+            if let Some(packet) = dwords.get(..n as usize) {
+                if let Ok(p) = SdmaPacket::decode(packet) {
+                    assert_eq!(SdmaPacket::decode(&p.encode()), Ok(p));
+                }
+            }
+        }
+    }
+    if let Some(slot) = data.get(..64).and_then(|s| <&[u8; 64]>::try_from(s).ok()) {
+        let _ = AqlPacket::decode(slot);
+    }
 });
