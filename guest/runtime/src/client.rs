@@ -180,8 +180,9 @@ impl Backoff {
     }
 }
 
-/// Offset of the fault ring header's `interrupts` counter (protocol 1.1).
-pub const FAULT_RING_INTERRUPTS_OFFSET: u64 = 16;
+/// Offset of the fault ring header's `interrupts` counter (protocol 1.1,
+/// 8.1: 20; offset 16 is the guest kernel's ring `state`, 15.5).
+pub use guest_proto::fault::FAULT_RING_INTERRUPTS_OFFSET;
 
 /// How long a reply may take.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -490,7 +491,7 @@ impl<C: Channel> Client<C> {
     }
 
     /// The fault ring header's `interrupts` counter (protocol 1.1: offset
-    /// 16, incremented by the device for every interrupt; 0 on a 1.0
+    /// 20, incremented by the device for every interrupt; 0 on a 1.0
     /// device, which leaves the field reserved).
     pub fn interrupts(&self) -> Result<u32> {
         self.channel
@@ -530,6 +531,56 @@ impl<C: Channel> Client<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    /// A session buffer in a vector.
+    struct Buffer(RefCell<Vec<u8>>);
+
+    impl Channel for Buffer {
+        fn submit(&mut self, _stream: &[u8], _ring: Option<u32>) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+            let off = off as usize;
+            buf.copy_from_slice(&self.0.borrow()[off..off + buf.len()]);
+            Ok(())
+        }
+
+        fn write(&self, off: u64, bytes: &[u8]) -> io::Result<()> {
+            let off = off as usize;
+            self.0.borrow_mut()[off..off + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        }
+
+        fn load_u32(&self, off: u64) -> io::Result<u32> {
+            let mut b = [0u8; 4];
+            self.read(off, &mut b)?;
+            Ok(u32::from_le_bytes(b))
+        }
+
+        fn load_u64(&self, off: u64) -> io::Result<u64> {
+            let mut b = [0u8; 8];
+            self.read(off, &mut b)?;
+            Ok(u64::from_le_bytes(b))
+        }
+
+        fn store_u32(&self, off: u64, value: u32) -> io::Result<()> {
+            self.write(off, &value.to_le_bytes())
+        }
+    }
+
+    #[test]
+    fn interrupts_are_read_at_offset_20_of_the_ring_header() {
+        let layout = SessionLayout::COMPACT;
+        let buf = Buffer(RefCell::new(vec![0u8; layout.bytes() as usize]));
+        // What the device writes (8.1): interrupts at 20; 16 is the
+        // kernel ring's state, never the session ring's counter.
+        buf.store_u32(layout.ring_off + 16, 2).unwrap();
+        buf.store_u32(layout.ring_off + 20, 7).unwrap();
+        let c = Client::new(buf, layout, DecodeLimits::PROTOCOL, None);
+        assert_eq!(c.interrupts().unwrap(), 7);
+    }
 
     #[test]
     fn backoff_spins_then_sleeps_at_most_2ms() {
