@@ -4,13 +4,13 @@
 
 #![no_main]
 
+use guest_proto::aql::AqlPacket;
 use guest_proto::bind::BindOp;
 use guest_proto::capset::Capset;
 use guest_proto::command::DecodeLimits;
 use guest_proto::fault::{FaultRecord, FaultRingHeader};
 use guest_proto::header::{ReplyHeader, RequestHeader};
 use guest_proto::reply::Reply;
-use guest_proto::aql::AqlPacket;
 use guest_proto::sdma::{self, SdmaPacket};
 use guest_proto::signal::SignalSlot;
 use guest_proto::stream::RequestStream;
