@@ -94,6 +94,8 @@ fn index(va: GpuVa, level: u32) -> usize {
 pub struct PageTable {
     root: Node,
     mapped_pages: u64,
+    /// Tables visited by updates so far (see [`PageTable::tables_visited`]).
+    visited: u64,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -109,6 +111,7 @@ impl Default for PageTable {
         PageTable {
             root: Node::new(0),
             mapped_pages: 0,
+            visited: 0,
         }
     }
 }
@@ -142,6 +145,7 @@ impl PageTable {
     pub fn set(&mut self, va: GpuVa, pte: Pte) -> Pte {
         let mut node = &mut self.root;
         for level in 0..LEVELS {
+            self.visited += 1;
             match node {
                 Node::Dir(d) => {
                     let Some(slot) = d.get_mut(index(va, level)) else {
@@ -184,7 +188,7 @@ impl PageTable {
                 }
             }
         }
-        prune(&mut self.root);
+        self.visited += prune(&mut self.root);
         cleared
     }
 
@@ -211,21 +215,53 @@ impl PageTable {
 
     /// Drops every table.
     pub fn clear(&mut self) {
+        let visited = self.visited;
         *self = PageTable::default();
+        self.visited = visited;
+    }
+
+    /// Tables visited by [`set`](Self::set) and
+    /// [`clear_range`](Self::clear_range) since the page tables were
+    /// created: the work updates did, for tests and statistics.
+    pub fn tables_visited(&self) -> u64 {
+        self.visited
+    }
+
+    /// Tables allocated, the root included.
+    pub fn tables(&self) -> usize {
+        self.root.count()
+    }
+
+    /// Host bytes the tables take (their storage as allocated; walks every
+    /// table, for tests and statistics).
+    pub fn table_bytes(&self) -> usize {
+        self.root.count() * (std::mem::size_of::<Node>() + ENTRIES * 8)
     }
 }
 
-fn prune(node: &mut Node) {
+impl Node {
+    fn count(&self) -> usize {
+        1 + match self {
+            Node::Dir(d) => d.iter().flatten().map(|c| c.count()).sum::<usize>(),
+            Node::Leaf(_) => 0,
+        }
+    }
+}
+
+/// Prunes emptied tables below `node`; returns the tables visited.
+fn prune(node: &mut Node) -> u64 {
+    let mut visited = 1;
     if let Node::Dir(d) = node {
         for slot in d.iter_mut() {
             if let Some(child) = slot {
-                prune(child);
+                visited += prune(child);
                 if child.is_empty() {
                     *slot = None;
                 }
             }
         }
     }
+    visited
 }
 
 #[cfg(test)]
