@@ -1,12 +1,28 @@
 //! The cost of binding, measured as work done rather than wall time (so the
 //! bounds hold on a loaded machine): page-table updates visit only the
 //! tables on their path whatever the size of the tree, page tables take
-//! host memory in proportion to the pages mapped.
+//! host memory in proportion to the pages mapped, and the context layer
+//! leaves the device alone when a bind changes nothing there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use gpu_backend::context::{
+    BoundBytesQuota, ComputeContext, ContextConfig, ContextError, ResourceMemory,
+};
+use gpu_backend::device::QueueDesc;
+use gpu_backend::gpuvm::{ResourceSizes, VaLayout};
 use gpu_backend::sim::page_table::{LEVELS, PageTable, Pte};
-use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms};
+use gpu_backend::sim::{SimConfig, SimGpu};
+use gpu_backend::{
+    Device, DeviceError, DeviceInfo, DeviceVm, FaultAction, KernelLaunch, VmConfig, VmEvents,
+};
+use guest_proto::bind::{BindOp, PageList};
+use guest_proto::{FaultId, GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, QueueId, ResourceId};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// Page `i` of a scattered sequence: a bijection onto 2^34 pages from
 /// 2^46 on, so nearly every page has a last-level table to itself.
@@ -116,4 +132,150 @@ fn page_table_memory_is_proportional_to_mapped_pages() {
         dense_per_page <= 8.5,
         "{dense_per_page} bytes of page table per contiguous page"
     );
+}
+
+/// Counts the page-table calls a context makes on its device VM.
+#[derive(Default)]
+struct Calls {
+    maps: AtomicU64,
+    unmaps: AtomicU64,
+}
+
+struct CountingDevice {
+    inner: Arc<SimGpu>,
+    calls: Arc<Calls>,
+}
+
+struct CountingVm {
+    inner: Arc<dyn DeviceVm>,
+    calls: Arc<Calls>,
+}
+
+impl Device for CountingDevice {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+
+    fn create_vm(
+        &self,
+        config: VmConfig,
+        events: Arc<dyn VmEvents>,
+    ) -> Result<Arc<dyn DeviceVm>, DeviceError> {
+        Ok(Arc::new(CountingVm {
+            inner: self.inner.create_vm(config, events)?,
+            calls: self.calls.clone(),
+        }))
+    }
+}
+
+impl DeviceVm for CountingVm {
+    fn map(&self, va: GpuVa, pages: &[GuestPhysAddr], perms: Perms) -> Result<(), DeviceError> {
+        self.calls.maps.fetch_add(1, Ordering::Relaxed);
+        self.inner.map(va, pages, perms)
+    }
+
+    fn unmap(&self, va: GpuVa, len: u64) -> Result<(), DeviceError> {
+        self.calls.unmaps.fetch_add(1, Ordering::Relaxed);
+        self.inner.unmap(va, len)
+    }
+
+    fn create_queue(&self, desc: QueueDesc) -> Result<QueueId, DeviceError> {
+        self.inner.create_queue(desc)
+    }
+
+    fn destroy_queue(&self, queue: QueueId) -> Result<(), DeviceError> {
+        self.inner.destroy_queue(queue)
+    }
+
+    fn dispatch(&self, queue: QueueId, dispatch: KernelLaunch) -> Result<(), DeviceError> {
+        self.inner.dispatch(queue, dispatch)
+    }
+
+    fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError> {
+        self.inner.reply_fault(fault, reply)
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+struct NoResources;
+
+impl ResourceSizes for NoResources {
+    fn resource_size(&self, _: ResourceId) -> Option<u64> {
+        None
+    }
+}
+
+impl ResourceMemory for NoResources {
+    fn pages(
+        &self,
+        id: ResourceId,
+        _: u64,
+        _: usize,
+        _: &mut Vec<GuestPhysAddr>,
+    ) -> Result<(), ContextError> {
+        Err(ContextError::UnknownResource(id))
+    }
+}
+
+/// A bind over a range nothing is mapped in does not unmap on the device
+/// first (each such unmap takes the page-table lock for writing, draining
+/// running waves), and a bind that is already satisfied does not touch the
+/// device at all (tearing its translations down would make running work
+/// fault on pages that were fine, see `gpuvm`'s module docs).
+#[test]
+fn binds_touch_the_device_only_where_something_changes() {
+    let calls = Arc::new(Calls::default());
+    let device = CountingDevice {
+        inner: SimGpu::new(SimConfig {
+            compute_units: 1,
+            ..SimConfig::default()
+        }),
+        calls: calls.clone(),
+    };
+    let mem = GuestMemoryAtomic::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+    );
+    let config = ContextConfig {
+        layout: VaLayout::protocol_default(),
+        fault_timeout: Duration::from_secs(1),
+        max_pending_faults: 16,
+        max_queue_depth: 4,
+        max_queues: 2,
+        bound_quota: Arc::new(BoundBytesQuota::new(1 << 30)),
+        waker: None,
+    };
+    let mut c = ComputeContext::new(&device, mem, config).unwrap();
+    let counts = || {
+        (
+            calls.maps.load(Ordering::Relaxed),
+            calls.unmaps.load(Ordering::Relaxed),
+        )
+    };
+    let pages = [GuestPhysAddr(0x1000), GuestPhysAddr(0x2000)];
+    fn map(va: u64, pages: &[GuestPhysAddr]) -> BindOp<'_> {
+        BindOp::MapPages {
+            va: GpuVa(va),
+            perms: Perms::RW,
+            pages: PageList::new(pages),
+        }
+    }
+    c.bind(&map(0x10_0000, &pages), &NoResources).unwrap();
+    assert_eq!(counts(), (1, 0), "a fresh range: one map, no unmap");
+    c.bind(&map(0x10_0000, &pages), &NoResources).unwrap();
+    c.bind(&map(0x10_1000, &pages[1..]), &NoResources).unwrap();
+    assert_eq!(counts(), (1, 0), "already satisfied: nothing to do");
+    let other = [GuestPhysAddr(0x3000)];
+    c.bind(&map(0x10_1000, &other), &NoResources).unwrap();
+    assert_eq!(counts(), (2, 1), "a replacement unmaps, then maps");
+    let unmap = BindOp::Unmap {
+        va: GpuVa(0x20_0000),
+        size: PAGE_SIZE,
+    };
+    c.bind(&unmap, &NoResources).unwrap();
+    assert_eq!(counts(), (2, 1), "unmapping nothing");
+    assert_eq!(c.gpuvm().len(), 2);
+    assert_eq!(c.stats().bound_bytes, 2 * PAGE_SIZE);
 }
