@@ -157,7 +157,9 @@ impl SimGpu {
             ..config
         };
         let pool = Arc::new(Pool {
-            sched: Mutex::new(Scheduler::default()),
+            sched: Mutex::new(Scheduler::new(
+                u64::try_from(config.time_slice.as_nanos()).unwrap_or(u64::MAX),
+            )),
             wakeup: Condvar::new(),
             stop: AtomicBool::new(false),
         });
