@@ -100,8 +100,18 @@ impl Pool {
         self.wakeup.notify_one();
     }
 
-    fn pop(&self) -> Option<Wave> {
+    /// Charges a compute unit's last slice, queues its wave again if it
+    /// goes on, and takes the next wave to run (waiting for one), all under
+    /// one hold of the lock. `None` once the device stops.
+    fn next(&self, charge: Option<(Key, u64)>, again: Option<Wave>) -> Option<Wave> {
         let mut sched = self.sched.lock();
+        if let Some((key, ns)) = charge {
+            sched.charge(key, ns);
+        }
+        if let Some(wave) = again {
+            let key = wave.key();
+            sched.push(key, wave);
+        }
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
@@ -111,11 +121,6 @@ impl Pool {
             }
             self.wakeup.wait(&mut sched);
         }
-    }
-
-    /// Charges device time used by a wave of `key`.
-    pub(crate) fn charge(&self, key: Key, ns: u64) {
-        self.sched.lock().charge(key, ns);
     }
 
     /// Forgets a destroyed queue, which has no wave left.

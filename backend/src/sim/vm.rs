@@ -85,13 +85,16 @@ pub(crate) struct DispatchRun {
     dispatch: KernelLaunch,
     total: u64,
     per_wave: u64,
+    /// `state.error.is_some()`, readable without the lock (waves look at
+    /// every step); set under the lock.
+    failed: AtomicBool,
     state: Mutex<RunState>,
     done: Condvar,
 }
 
 impl DispatchRun {
     fn failed(&self) -> bool {
-        self.state.lock().error.is_some()
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Records the dispatch's first error.
@@ -99,6 +102,7 @@ impl DispatchRun {
         let mut st = self.state.lock();
         if st.error.is_none() {
             st.error = Some((status, va));
+            self.failed.store(true, Ordering::Release);
         }
     }
 
@@ -112,8 +116,9 @@ impl DispatchRun {
     }
 
     /// A wave of the dispatch leaves its compute unit at `now`; returns the
-    /// dispatch's device time so far.
-    fn slice_ends(&self, now: Instant) -> Duration {
+    /// dispatch's device time so far and, with `claim`, the next range of
+    /// work items for the wave (under the same lock).
+    fn slice_ends(&self, now: Instant, claim: bool) -> (Duration, Option<(u64, u64)>) {
         let mut st = self.state.lock();
         st.running = st.running.saturating_sub(1);
         let current = st
@@ -124,7 +129,12 @@ impl DispatchRun {
             st.device_time = total;
             st.running_since = None;
         }
-        total
+        let next = if claim {
+            Self::claim(&mut st, self.total, self.per_wave)
+        } else {
+            None
+        };
+        (total, next)
     }
 
     /// Claims the next range of work items for a wave.
@@ -443,6 +453,7 @@ fn new_run(queue: QueueId, priority: u8, dispatch: KernelLaunch) -> Arc<Dispatch
         dispatch,
         total,
         per_wave,
+        failed: AtomicBool::new(false),
         state: Mutex::new(RunState {
             next: 0,
             live: 0,
@@ -492,20 +503,25 @@ enum SliceEnd {
 }
 
 /// A compute unit: runs waves, one time slice at a time, until the pool
-/// stops.
+/// stops. The time a slice used is charged, and a wave that goes on is
+/// queued again, when the unit next takes the scheduler's lock for its
+/// next wave: one lock round per slice.
 pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
     let mut tlb = Tlb::default();
-    while let Some(mut wave) = pool.pop() {
+    let mut charge = None;
+    let mut again = None;
+    while let Some(mut wave) = pool.next(charge.take(), again.take()) {
         let start = Instant::now();
         wave.run.slice_begins(start);
         let outcome = run_wave(&mut wave, &mut tlb, start + config.time_slice);
         let end = Instant::now();
-        let device_time = wave.run.slice_ends(end);
+        let finished = matches!(outcome, SliceEnd::Finished);
+        let (device_time, next_range) = wave.run.slice_ends(end, finished);
         let used = end.saturating_duration_since(start);
-        pool.charge(
+        charge = Some((
             wave.key(),
             u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
-        );
+        ));
         if config
             .dispatch_timeout
             .is_some_and(|limit| device_time > limit)
@@ -513,9 +529,15 @@ pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
             watchdog_expired(&wave, device_time);
         }
         match outcome {
-            SliceEnd::Finished => next_range_or_end(wave),
+            SliceEnd::Finished => match next_range {
+                Some((first, last)) => {
+                    wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, first, last);
+                    again = Some(wave);
+                }
+                None => end_wave(wave),
+            },
             SliceEnd::Preempted if wave.run.failed() => end_wave(wave),
-            SliceEnd::Preempted => pool.push(wave),
+            SliceEnd::Preempted => again = Some(wave),
             SliceEnd::Fault { page, access } => stall(wave, page, access),
             SliceEnd::Error(status, va) => fail_wave(wave, status, va),
         }
@@ -585,22 +607,6 @@ fn run_wave(wave: &mut Wave, tlb: &mut Tlb, deadline: Instant) -> SliceEnd {
         if steps % STEPS_PER_CLOCK_CHECK == 0 && Instant::now() >= deadline {
             return SliceEnd::Preempted;
         }
-    }
-}
-
-/// The wave finished its range: take the next one, or end.
-fn next_range_or_end(mut wave: Wave) {
-    let claimed = {
-        let mut st = wave.run.state.lock();
-        DispatchRun::claim(&mut st, wave.run.total, wave.run.per_wave)
-    };
-    match claimed {
-        Some((start, end)) => {
-            wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, start, end);
-            let pool = wave.vm.pool.clone();
-            pool.push(wave);
-        }
-        None => end_wave(wave),
     }
 }
 
