@@ -49,6 +49,10 @@ pub enum DispatchStatus {
     /// The device failed the dispatch for another reason (for example a
     /// bound page that is no longer guest RAM).
     DeviceError = 5,
+    /// The dispatch used more device time than the device's watchdog
+    /// allows (a runaway kernel) and was killed; time stalled on faults or
+    /// waiting for a compute unit does not count.
+    WatchdogTimeout = 6,
 }
 
 impl DispatchStatus {
@@ -61,6 +65,7 @@ impl DispatchStatus {
             3 => DispatchStatus::FaultFatal,
             4 => DispatchStatus::Cancelled,
             5 => DispatchStatus::DeviceError,
+            6 => DispatchStatus::WatchdogTimeout,
             _ => return None,
         })
     }

@@ -241,7 +241,7 @@ pub struct QueueCountersReply {
 }
 
 /// Why a user queue stopped (the status block's `status`, 14.6). The
-/// values 1 ..= 5 are those of [`DispatchStatus`]; 16 and up are for
+/// values 1 ..= 6 are those of [`DispatchStatus`]; 16 and up are for
 /// packets and doorbells.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[repr(u32)]
@@ -256,6 +256,8 @@ pub enum QueueStopStatus {
     /// The device failed an access for another reason (a bound page that
     /// is no longer guest RAM).
     DeviceError = 5,
+    /// The queue's work ran past the device's watchdog limit.
+    WatchdogTimeout = 6,
     /// An unknown or malformed packet.
     BadPacket = 16,
     /// A packet the device cannot execute (an AQL kernel dispatch: there
@@ -274,6 +276,7 @@ impl QueueStopStatus {
             2 => QueueStopStatus::FaultTimedOut,
             3 => QueueStopStatus::FaultFatal,
             5 => QueueStopStatus::DeviceError,
+            6 => QueueStopStatus::WatchdogTimeout,
             16 => QueueStopStatus::BadPacket,
             17 => QueueStopStatus::UnsupportedPacket,
             18 => QueueStopStatus::BadDoorbell,
@@ -295,6 +298,7 @@ impl QueueStopStatus {
             DispatchStatus::FaultTimedOut => Some(QueueStopStatus::FaultTimedOut),
             DispatchStatus::FaultFatal => Some(QueueStopStatus::FaultFatal),
             DispatchStatus::DeviceError => Some(QueueStopStatus::DeviceError),
+            DispatchStatus::WatchdogTimeout => Some(QueueStopStatus::WatchdogTimeout),
             DispatchStatus::Ok | DispatchStatus::Cancelled => None,
         }
     }

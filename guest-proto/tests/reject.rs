@@ -1507,8 +1507,8 @@ fn fault_ring_shape_rejections() {
 #[test]
 fn signal_slot_rejections() {
     let mut b = [0u8; 32];
-    w32(&mut b, 8, 6);
-    assert_eq!(SignalSlot::decode(&b), Err(invalid("signal.status", 6)));
+    w32(&mut b, 8, 7);
+    assert_eq!(SignalSlot::decode(&b), Err(invalid("signal.status", 7)));
     let mut b = [0u8; 32];
     w32(&mut b, 12, 1);
     assert_eq!(

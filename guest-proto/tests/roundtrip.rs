@@ -368,7 +368,7 @@ fn kernel_args_round_trip() {
 
 #[test]
 fn signal_slots_round_trip() {
-    for raw in 0..=5 {
+    for raw in 0..=6 {
         let slot = SignalSlot {
             value: u64::MAX - u64::from(raw),
             status: DispatchStatus::from_u32(raw).unwrap(),

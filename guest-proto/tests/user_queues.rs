@@ -225,6 +225,7 @@ fn status_block_layout() {
         (QueueStopStatus::FaultTimedOut, 2),
         (QueueStopStatus::FaultFatal, 3),
         (QueueStopStatus::DeviceError, 5),
+        (QueueStopStatus::WatchdogTimeout, 6),
         (QueueStopStatus::BadPacket, 16),
         (QueueStopStatus::UnsupportedPacket, 17),
         (QueueStopStatus::BadDoorbell, 18),
@@ -233,7 +234,7 @@ fn status_block_layout() {
         assert_eq!(s.as_u32(), n);
         assert_eq!(QueueStopStatus::from_u32(n), Some(s));
     }
-    for n in [0, 4, 6, 15, 19, u32::MAX] {
+    for n in [0, 4, 7, 15, 19, u32::MAX] {
         assert_eq!(QueueStopStatus::from_u32(n), None);
     }
     assert_eq!(

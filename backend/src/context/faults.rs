@@ -32,10 +32,15 @@ pub trait FaultRing {
     fn push(&mut self, record: &WireRecord) -> bool;
 }
 
-/// Fault counters of a context, as `DEVICE_QUERY` reports them.
+/// Fault counters of a context, as `DEVICE_QUERY` reports them. They count
+/// guest faults (one per record, however many device faults merged into
+/// it), and always add up: `raised` = `resolved` + `rejected` +
+/// `timed_out` + `cancelled` + the faults still pending.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounters {
-    /// Records written to the fault ring (prefetch records included).
+    /// Guest faults raised (prefetch records included), whether their
+    /// record is in the ring yet or still waits for room: a fault can end
+    /// (time out, be cancelled) before its record was ever written.
     pub raised: u64,
     /// Guest faults answered `RESOLVED`.
     pub resolved: u64,
@@ -56,9 +61,6 @@ struct PendingFault {
     granule: Granule,
     raised_at: Instant,
     written: bool,
-    /// Counted in `raised` already (a re-posted record is not counted
-    /// twice).
-    counted: bool,
 }
 
 /// A fault granule: its first byte and its size as a power of two.
@@ -189,6 +191,7 @@ impl FaultTracker {
     }
 
     fn insert(&mut self, record: WireRecord, device: Vec<FaultId>, granule: Granule, now: Instant) {
+        self.counters.raised += 1;
         self.backlog.push_back(record.fault_id);
         self.pending.insert(
             record.fault_id,
@@ -198,7 +201,6 @@ impl FaultTracker {
                 granule,
                 raised_at: now,
                 written: false,
-                counted: false,
             },
         );
     }
@@ -217,10 +219,6 @@ impl FaultTracker {
             }
             pending.written = true;
             self.backlog.pop_front();
-            if !pending.counted {
-                pending.counted = true;
-                self.counters.raised += 1;
-            }
             written += 1;
         }
         written
@@ -470,6 +468,25 @@ mod tests {
         assert_eq!(ends.len(), 3);
         assert_eq!((t.pending(), t.deferred()), (0, 0));
         assert_eq!(t.counters().rejected, 3);
+    }
+
+    #[test]
+    fn faults_that_time_out_before_their_record_is_written_were_raised() {
+        let now = Instant::now();
+        let mut t = FaultTracker::new(16, Duration::from_millis(10));
+        for i in 0..6u64 {
+            t.add_device_fault(&dev(i, 0x10_0000 + i * 0x1000, AccessFlags::READ), 12, now);
+        }
+        let mut ring = VecRing {
+            records: vec![],
+            capacity: 2,
+            dropped: 0,
+        };
+        assert_eq!(t.flush(&mut ring), 2);
+        assert_eq!(t.expire(now + Duration::from_millis(10)).len(), 6);
+        let c = t.counters();
+        assert_eq!((c.raised, c.timed_out), (6, 6));
+        assert_eq!(t.deferred(), 0);
     }
 
     #[test]

@@ -394,6 +394,11 @@ impl ComputeContext {
         } else {
             self.vm.prepare_map(req.clone(), res)?
         };
+        if plan.is_empty() {
+            // Already mapped exactly so (see `gpuvm`): the device keeps its
+            // translations, so running work does not fault on them again.
+            return Ok(());
+        }
         // Reserved mappings are the daemon's, never charged to the guest.
         let charge = if reserved {
             0
@@ -407,10 +412,16 @@ impl ComputeContext {
             });
         }
         let device_vm = self.device_vm.clone();
-        let result = device_vm
-            .unmap(va, size)
-            .map_err(ContextError::from)
-            .and_then(|()| map_on_device(device_vm.as_ref(), &req, res));
+        // Only a plan that removes something needs the range cleared on the
+        // device first; over an unmapped range that would only drain the
+        // running waves for nothing.
+        let replaces = plan.ops().iter().any(|op| !matches!(op, Op::Map(_)));
+        let cleared = if replaces {
+            device_vm.unmap(va, size).map_err(ContextError::from)
+        } else {
+            Ok(())
+        };
+        let result = cleared.and_then(|()| map_on_device(device_vm.as_ref(), &req, res));
         match result {
             Ok(()) => {
                 // The plan's map adds `size` and its unmaps and remaps

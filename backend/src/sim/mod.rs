@@ -10,6 +10,9 @@
 //!   as it returns;
 //! - compute queues run the protocol's kernel set on a pool of worker
 //!   threads, one per compute unit, in *waves* of work items ([`kernels`]);
+//! - waves are time-sliced: fair between VMs, weighted by queue priority
+//!   within a VM ([`sched`]), and every dispatch has a watchdog on the
+//!   device time it uses ([`vm`]);
 //! - a wave that touches an unmapped or under-privileged page stalls and
 //!   raises a *retry fault*, like amdgpu with XNACK on or NVIDIA UVM: faults
 //!   are deduplicated per page, delivered in batches, and each ends exactly
@@ -30,21 +33,24 @@ pub mod doorbell;
 mod gpu_access;
 pub mod kernels;
 pub mod page_table;
+pub mod sched;
 mod sdma;
 pub mod tlb;
 mod user_queue;
 pub mod vm;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::device::{Device, DeviceError, DeviceInfo, DeviceVm, VmConfig, VmEvents};
 use cp::CommandProcessor;
+use guest_proto::QueueId;
 use guest_proto::kernel::ALL_KERNELS_MASK;
+use sched::{Key, Scheduler};
 use vm::{SimVm, Wave};
 
 /// Settings of the simulated GPU.
@@ -57,7 +63,28 @@ pub struct SimConfig {
     pub max_waves_per_dispatch: u32,
     /// Queues one VM may have.
     pub max_queues_per_vm: u32,
+    /// Longest a wave runs before it goes back to the scheduler (a step in
+    /// progress, at most a page per array, always completes). Default 1 ms:
+    /// short against a guest's poll interval and a fault round trip's
+    /// budget, long against the cost of a switch (a lock and a queue
+    /// operation, well under a microsecond).
+    pub time_slice: Duration,
+    /// The watchdog: most device time one dispatch may use (see [`vm`] for
+    /// what counts); `None` disables it. Default 10 s, amdgpu's job timeout
+    /// under SR-IOV and passthrough (`lockup_timeout`), where one tenant's
+    /// job must not hold a shared GPU for long; it is also the protocol's
+    /// default fault timeout, so the two ways a dispatch can hang end alike.
+    /// Every kernel of the protocol finishes far sooner on any buffer a
+    /// guest can bind (a 1 GiB `FILL` takes well under a second), so only a
+    /// runaway dispatch — typically a `POINTER_CHASE` around a cycle — hits
+    /// it.
+    pub dispatch_timeout: Option<Duration>,
 }
+
+/// [`SimConfig::time_slice`]'s default.
+pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(1);
+/// [`SimConfig::dispatch_timeout`]'s default.
+pub const DEFAULT_DISPATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for SimConfig {
     fn default() -> SimConfig {
@@ -65,34 +92,57 @@ impl Default for SimConfig {
             compute_units: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_waves_per_dispatch: 64,
             max_queues_per_vm: 64,
+            time_slice: DEFAULT_TIME_SLICE,
+            dispatch_timeout: Some(DEFAULT_DISPATCH_TIMEOUT),
         }
     }
 }
 
 /// The waves ready to run, shared by the compute units.
 pub(crate) struct Pool {
-    ready: Mutex<VecDeque<Wave>>,
+    sched: Mutex<Scheduler<Wave>>,
     wakeup: Condvar,
     stop: AtomicBool,
 }
 
 impl Pool {
     pub(crate) fn push(&self, wave: Wave) {
-        self.ready.lock().push_back(wave);
+        let key = wave.key();
+        self.sched.lock().push(key, wave);
         self.wakeup.notify_one();
     }
 
-    fn pop(&self) -> Option<Wave> {
-        let mut ready = self.ready.lock();
+    /// Charges a compute unit's last slice, queues its wave again if it
+    /// goes on, and takes the next wave to run (waiting for one), all under
+    /// one hold of the lock. `None` once the device stops.
+    fn next(&self, charge: Option<(Key, u64)>, again: Option<Wave>) -> Option<Wave> {
+        let mut sched = self.sched.lock();
+        if let Some((key, ns)) = charge {
+            sched.charge(key, ns);
+        }
+        if let Some(wave) = again {
+            let key = wave.key();
+            sched.push(key, wave);
+        }
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            if let Some(w) = ready.pop_front() {
+            if let Some((_, w)) = sched.pop() {
                 return Some(w);
             }
-            self.wakeup.wait(&mut ready);
+            self.wakeup.wait(&mut sched);
         }
+    }
+
+    /// Forgets a destroyed queue, which has no wave left.
+    pub(crate) fn forget_queue(&self, vm: u64, queue: QueueId) {
+        self.sched.lock().forget_queue(vm, queue);
+    }
+
+    /// Forgets a released VM, which has no wave left.
+    pub(crate) fn forget_vm(&self, vm: u64) {
+        self.sched.lock().forget_vm(vm);
     }
 }
 
@@ -121,10 +171,13 @@ impl SimGpu {
         let config = SimConfig {
             compute_units: config.compute_units.max(1),
             max_waves_per_dispatch: config.max_waves_per_dispatch.max(1),
+            time_slice: config.time_slice.max(Duration::from_micros(10)),
             ..config
         };
         let pool = Arc::new(Pool {
-            ready: Mutex::new(VecDeque::new()),
+            sched: Mutex::new(Scheduler::new(
+                u64::try_from(config.time_slice.as_nanos()).unwrap_or(u64::MAX),
+            )),
             wakeup: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -133,7 +186,7 @@ impl SimGpu {
                 let pool = pool.clone();
                 std::thread::Builder::new()
                     .name(format!("sim-cu{cu}"))
-                    .spawn(move || vm::compute_unit(&pool))
+                    .spawn(move || vm::compute_unit(&pool, config))
                     .map_err(|e| log::error!("cannot start compute unit {cu}: {e}"))
                     .ok()
             })
@@ -164,7 +217,7 @@ impl Drop for SimGpu {
         {
             // Under the lock: a compute unit between its check of `stop` and
             // its wait cannot miss the wakeup.
-            let _ready = self.pool.ready.lock();
+            let _sched = self.pool.sched.lock();
             self.pool.stop.store(true, Ordering::Release);
         }
         self.pool.wakeup.notify_all();
@@ -194,5 +247,85 @@ impl Device for SimGpu {
             self.config,
             self.cp.clone(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::device::{DeviceFault, KernelLaunch, QueueDesc};
+    use guest_proto::{DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    #[derive(Default)]
+    struct Done(Mutex<u64>, Condvar);
+
+    impl VmEvents for Done {
+        fn faults(&self, _: &[DeviceFault]) {}
+
+        fn dispatch_done(&self, _: QueueId, _: u64, status: DispatchStatus) {
+            assert_eq!(status, DispatchStatus::Ok);
+            *self.0.lock() += 1;
+            self.1.notify_all();
+        }
+    }
+
+    /// The scheduler's per-queue and per-VM state goes with the queue and
+    /// the VM: a guest creating and destroying queues (and contexts) in a
+    /// loop does not grow it.
+    #[test]
+    fn scheduler_state_goes_with_queues_and_vms() {
+        let gpu = SimGpu::new(SimConfig {
+            compute_units: 2,
+            ..SimConfig::default()
+        });
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        for round in 0..20u64 {
+            let events = Arc::new(Done::default());
+            let config = VmConfig {
+                memory: mem.clone(),
+                max_pending_faults: 4,
+                max_queue_depth: 4,
+            };
+            let vm = gpu.create_vm(config, events.clone()).unwrap();
+            vm.map(GpuVa(0x10_0000), &[GuestPhysAddr(0x1000)], Perms::RW)
+                .unwrap();
+            for i in 0..20u64 {
+                let q = vm.create_queue(QueueDesc { priority: 3 }).unwrap();
+                let launch = KernelLaunch {
+                    kernel: Kernel::Fill {
+                        dst: GpuVa(0x10_0000),
+                        count: 1024,
+                        value: 1,
+                    },
+                    completion: None,
+                    tag: i,
+                };
+                vm.dispatch(q, launch).unwrap();
+                let mut done = events.0.lock();
+                while *done <= i {
+                    events.1.wait(&mut done);
+                }
+                drop(done);
+                vm.destroy_queue(q).unwrap();
+                // A queue that never ran anything.
+                let idle = vm.create_queue(QueueDesc { priority: 0 }).unwrap();
+                vm.destroy_queue(idle).unwrap();
+                let (_, queues) = gpu.pool.sched.lock().entities();
+                assert_eq!(queues, 0, "round {round}, queue {i}");
+            }
+            drop(vm);
+            // The VM goes when its last wave does, which a compute unit
+            // may still hold for a moment.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while gpu.pool.sched.lock().entities() != (0, 0) {
+                assert!(std::time::Instant::now() < deadline, "round {round}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }

@@ -24,10 +24,31 @@
 //! an address waits on the page's fault next to any waves (one fault per
 //! page, whoever faulted first), replay makes it ready again and cancel
 //! stops it. Their ids come from the same space as the compute queues'.
+//!
+//! # Time slices and the watchdog
+//! A wave runs for at most [`SimConfig::time_slice`] and then goes back to
+//! the scheduler ([`super::sched`]), which shares the compute units fairly
+//! between VMs and by priority between the queues of a VM; a step in
+//! progress always completes, so a slice ends between steps, where a
+//! replay could resume too.
+//!
+//! Every dispatch has a watchdog ([`SimConfig::dispatch_timeout`]). It
+//! counts the dispatch's *device time*: wall-clock time during which at
+//! least one of its waves is on a compute unit. Time waiting for a compute
+//! unit (other work's slices) does not count, so a busy device never times
+//! out a dispatch on behalf of someone else, and neither does time stalled
+//! on faults: the guest's fault timeout bounds those. A dispatch past the
+//! limit fails with [`DispatchStatus::WatchdogTimeout`]: its waves are
+//! killed like a cancel's (waves on the compute units at the end of their
+//! slice, stalled ones at once, faults only they waited on end), the
+//! queue's next dispatch starts, and every other queue runs on. The
+//! watchdog is checked at the end of every slice, so it fires at most one
+//! slice late.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use guest_proto::signal::{SIGNAL_ERROR_VA_OFFSET, SIGNAL_STATUS_OFFSET};
 use guest_proto::{
@@ -39,6 +60,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use super::cp::CommandProcessor;
 use super::kernels::{self, StepOutcome, WaveProgress};
 use super::page_table::{PageTable, Pte};
+use super::sched::{Key, MAX_PRIORITY};
 use super::tlb::Tlb;
 use super::user_queue::{self, UserQueue, VmQueues};
 use super::{Pool, SimConfig};
@@ -56,21 +78,32 @@ struct RunState {
     /// The first error, with the faulting VA.
     error: Option<(DispatchStatus, GpuVa)>,
     finished: bool,
+    /// Waves on a compute unit now.
+    running: u32,
+    /// Since when at least one wave has been on a compute unit.
+    running_since: Option<Instant>,
+    /// Device time of the intervals with a wave on a compute unit that
+    /// have ended.
+    device_time: Duration,
 }
 
 /// A dispatch being executed.
 pub(crate) struct DispatchRun {
     queue: QueueId,
+    priority: u8,
     dispatch: KernelLaunch,
     total: u64,
     per_wave: u64,
+    /// `state.error.is_some()`, readable without the lock (waves look at
+    /// every step); set under the lock.
+    failed: AtomicBool,
     state: Mutex<RunState>,
     done: Condvar,
 }
 
 impl DispatchRun {
     fn failed(&self) -> bool {
-        self.state.lock().error.is_some()
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Records the dispatch's first error.
@@ -78,7 +111,39 @@ impl DispatchRun {
         let mut st = self.state.lock();
         if st.error.is_none() {
             st.error = Some((status, va));
+            self.failed.store(true, Ordering::Release);
         }
+    }
+
+    /// A wave of the dispatch goes on a compute unit at `now`.
+    fn slice_begins(&self, now: Instant) {
+        let mut st = self.state.lock();
+        if st.running == 0 {
+            st.running_since = Some(now);
+        }
+        st.running += 1;
+    }
+
+    /// A wave of the dispatch leaves its compute unit at `now`; returns the
+    /// dispatch's device time so far and, with `claim`, the next range of
+    /// work items for the wave (under the same lock).
+    fn slice_ends(&self, now: Instant, claim: bool) -> (Duration, Option<(u64, u64)>) {
+        let mut st = self.state.lock();
+        st.running = st.running.saturating_sub(1);
+        let current = st
+            .running_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        let total = st.device_time.saturating_add(current);
+        if st.running == 0 {
+            st.device_time = total;
+            st.running_since = None;
+        }
+        let next = if claim {
+            Self::claim(&mut st, self.total, self.per_wave)
+        } else {
+            None
+        };
+        (total, next)
     }
 
     /// Claims the next range of work items for a wave.
@@ -98,6 +163,17 @@ pub(crate) struct Wave {
     vm: Arc<VmShared>,
     run: Arc<DispatchRun>,
     progress: WaveProgress,
+}
+
+impl Wave {
+    /// Whose wave it is, for the scheduler.
+    pub(crate) fn key(&self) -> Key {
+        Key {
+            vm: self.vm.id,
+            queue: self.run.queue,
+            priority: self.run.priority,
+        }
+    }
 }
 
 /// A user queue stalled on a fault, with the access it needs.
@@ -127,6 +203,7 @@ struct FaultUnit {
 }
 
 struct QueueState {
+    priority: u8,
     pending: VecDeque<KernelLaunch>,
     running: Option<Arc<DispatchRun>>,
 }
@@ -278,7 +355,7 @@ impl DeviceVm for SimVm {
         Ok(())
     }
 
-    fn create_queue(&self, _desc: QueueDesc) -> Result<QueueId, DeviceError> {
+    fn create_queue(&self, desc: QueueDesc) -> Result<QueueId, DeviceError> {
         self.check_live()?;
         let mut q = self.shared.queues.lock();
         if q.map.len() + self.shared.user_queues.len() >= self.shared.sim.max_queues_per_vm as usize
@@ -290,6 +367,7 @@ impl DeviceVm for SimVm {
         q.map.insert(
             id,
             QueueState {
+                priority: desc.priority.min(MAX_PRIORITY),
                 pending: VecDeque::new(),
                 running: None,
             },
@@ -325,7 +403,7 @@ impl DeviceVm for SimVm {
                 return Err(DeviceError::Limit("queue depth"));
             }
             if state.running.is_none() {
-                let run = new_run(&self.shared, queue, dispatch);
+                let run = new_run(queue, state.priority, dispatch);
                 state.running = Some(run.clone());
                 Some(run)
             } else {
@@ -427,19 +505,30 @@ impl Drop for SimVm {
     }
 }
 
-fn new_run(vm: &VmShared, queue: QueueId, dispatch: KernelLaunch) -> Arc<DispatchRun> {
+impl Drop for VmShared {
+    /// The last wave of the VM is gone too (waves hold the VM).
+    fn drop(&mut self) {
+        self.pool.forget_vm(self.id);
+    }
+}
+
+fn new_run(queue: QueueId, priority: u8, dispatch: KernelLaunch) -> Arc<DispatchRun> {
     let (total, per_wave) = kernels::work_items(&dispatch.kernel);
-    let _ = vm;
     Arc::new(DispatchRun {
         queue,
+        priority,
         dispatch,
         total,
         per_wave,
+        failed: AtomicBool::new(false),
         state: Mutex::new(RunState {
             next: 0,
             live: 0,
             error: None,
             finished: false,
+            running: 0,
+            running_since: None,
+            device_time: Duration::ZERO,
         }),
         done: Condvar::new(),
     })
@@ -468,28 +557,101 @@ fn start_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>) {
     waves.into_iter().for_each(|w| vm.pool.push(w));
 }
 
-/// A compute unit: runs waves until the pool stops.
-pub(crate) fn compute_unit(pool: &Pool) {
+/// How a wave's time slice ended.
+enum SliceEnd {
+    /// The wave's range is done (or its dispatch failed).
+    Finished,
+    /// The slice is used up; the wave has more to do.
+    Preempted,
+    /// An address could not be translated.
+    Fault { page: GpuVa, access: AccessFlags },
+    /// The dispatch fails.
+    Error(DispatchStatus, GpuVa),
+}
+
+/// A compute unit: runs waves, one time slice at a time, until the pool
+/// stops. The time a slice used is charged, and a wave that goes on is
+/// queued again, when the unit next takes the scheduler's lock for its
+/// next wave: one lock round per slice.
+pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
     let mut tlb = Tlb::default();
-    while let Some(mut wave) = pool.pop() {
-        let outcome = run_wave(&mut wave, &mut tlb);
+    let mut charge = None;
+    let mut again = None;
+    while let Some(mut wave) = pool.next(charge.take(), again.take()) {
+        let start = Instant::now();
+        wave.run.slice_begins(start);
+        let outcome = run_wave(&mut wave, &mut tlb, start + config.time_slice);
+        let end = Instant::now();
+        let finished = matches!(outcome, SliceEnd::Finished);
+        let (device_time, next_range) = wave.run.slice_ends(end, finished);
+        let used = end.saturating_duration_since(start);
+        charge = Some((
+            wave.key(),
+            u64::try_from(used.as_nanos()).unwrap_or(u64::MAX),
+        ));
+        if config
+            .dispatch_timeout
+            .is_some_and(|limit| device_time > limit)
+        {
+            watchdog_expired(&wave, device_time);
+        }
         match outcome {
-            StepOutcome::Done => next_range_or_end(wave),
-            StepOutcome::Fault { page, access } => stall(wave, page, access),
-            StepOutcome::Error(status, va) => fail_wave(wave, status, va),
+            SliceEnd::Finished => match next_range {
+                Some((first, last)) => {
+                    wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, first, last);
+                    again = Some(wave);
+                }
+                None => end_wave(wave),
+            },
+            SliceEnd::Preempted if wave.run.failed() => end_wave(wave),
+            SliceEnd::Preempted => again = Some(wave),
+            SliceEnd::Fault { page, access } => stall(wave, page, access),
+            SliceEnd::Error(status, va) => fail_wave(wave, status, va),
         }
     }
 }
 
-/// Runs a wave until it finishes, faults or fails.
-fn run_wave(wave: &mut Wave, tlb: &mut Tlb) -> StepOutcome {
+/// Fails the wave's dispatch with `WatchdogTimeout` (unless it already
+/// failed) and kills its stalled waves; its other waves end when they next
+/// leave a compute unit or are picked.
+fn watchdog_expired(wave: &Wave, device_time: Duration) {
+    let vm = &wave.vm;
+    {
+        // Under the fault lock, like a cancel (see `stall`).
+        let _faults = vm.faults.lock();
+        if wave.run.failed() {
+            return;
+        }
+        wave.run
+            .set_error(DispatchStatus::WatchdogTimeout, GpuVa(0));
+    }
+    log::warn!(
+        "VM {} queue {:?}: dispatch {} ran for {device_time:?} of device time, past the watchdog limit; killed",
+        vm.id,
+        wave.run.queue,
+        wave.run.dispatch.tag
+    );
+    let run = wave.run.clone();
+    take_stalled_waves(vm, |w| Arc::ptr_eq(&w.run, &run))
+        .into_iter()
+        .for_each(end_wave);
+}
+
+/// Steps between two looks at the clock in [`run_wave`]: reading it costs
+/// tens of nanoseconds, a step (a page of each array, or 256 chase nodes)
+/// 0.3 to 10 µs.
+const STEPS_PER_CLOCK_CHECK: u32 = 8;
+
+/// Runs a wave until it finishes, faults or fails, or `deadline` passes.
+fn run_wave(wave: &mut Wave, tlb: &mut Tlb, deadline: Instant) -> SliceEnd {
     let vm = wave.vm.clone();
+    let mut steps = 0u32;
     loop {
         if vm.shut_down.load(Ordering::Acquire) {
-            return StepOutcome::Error(DispatchStatus::Cancelled, GpuVa(0));
+            return SliceEnd::Error(DispatchStatus::Cancelled, GpuVa(0));
         }
         if wave.run.failed() {
-            return StepOutcome::Done;
+            return SliceEnd::Finished;
         }
         let pt = vm.pt.read();
         let generation = vm.generation.load(Ordering::Acquire);
@@ -502,25 +664,16 @@ fn run_wave(wave: &mut Wave, tlb: &mut Tlb) -> StepOutcome {
             mem: &mem,
         };
         match kernels::step(&wave.run.dispatch.kernel, &mut wave.progress, &mut mmu) {
-            StepOutcome::Done if !wave.progress.finished() => continue,
-            other => return other,
+            StepOutcome::Done if wave.progress.finished() => return SliceEnd::Finished,
+            StepOutcome::Done => {}
+            StepOutcome::Fault { page, access } => return SliceEnd::Fault { page, access },
+            StepOutcome::Error(status, va) => return SliceEnd::Error(status, va),
         }
-    }
-}
-
-/// The wave finished its range: take the next one, or end.
-fn next_range_or_end(mut wave: Wave) {
-    let claimed = {
-        let mut st = wave.run.state.lock();
-        DispatchRun::claim(&mut st, wave.run.total, wave.run.per_wave)
-    };
-    match claimed {
-        Some((start, end)) => {
-            wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, start, end);
-            let pool = wave.vm.pool.clone();
-            pool.push(wave);
+        drop(pt);
+        steps = steps.wrapping_add(1);
+        if steps % STEPS_PER_CLOCK_CHECK == 0 && Instant::now() >= deadline {
+            return SliceEnd::Preempted;
         }
-        None => end_wave(wave),
     }
 }
 
@@ -646,7 +799,7 @@ fn complete_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>, status: DispatchStat
                 state.running = None;
                 match state.pending.pop_front() {
                     Some(d) if !vm.shut_down.load(Ordering::Acquire) => {
-                        let next = new_run(vm, run.queue, d);
+                        let next = new_run(run.queue, state.priority, d);
                         state.running = Some(next.clone());
                         Some(next)
                     }
@@ -708,6 +861,7 @@ fn destroy_queue(vm: &Arc<VmShared>, queue: QueueId) -> Result<(), DeviceError> 
         complete_unstarted(vm, queue, d, DispatchStatus::Cancelled);
     }
     let Some(run) = state.running else {
+        vm.pool.forget_queue(vm.id, queue);
         return Ok(());
     };
     {
@@ -715,24 +869,27 @@ fn destroy_queue(vm: &Arc<VmShared>, queue: QueueId) -> Result<(), DeviceError> 
         let _faults = vm.faults.lock();
         run.set_error(DispatchStatus::Cancelled, GpuVa(0));
     }
-    let stalled = take_stalled_waves(vm, queue);
+    let stalled = take_stalled_waves(vm, |w| w.run.queue == queue);
     stalled.into_iter().for_each(end_wave);
-    let mut st = run.state.lock();
-    while !st.finished {
-        run.done.wait(&mut st);
+    {
+        let mut st = run.state.lock();
+        while !st.finished {
+            run.done.wait(&mut st);
+        }
     }
+    // No wave of the queue is left anywhere: the scheduler may forget it.
+    vm.pool.forget_queue(vm.id, queue);
     Ok(())
 }
 
-/// Removes the waves of `queue` from every fault (ending faults left with
-/// none) and from the overflow list.
-fn take_stalled_waves(vm: &VmShared, queue: QueueId) -> Vec<Wave> {
+/// Removes the waves `mine` selects from every fault (ending faults left
+/// with none) and from the overflow list.
+fn take_stalled_waves(vm: &VmShared, mine: impl Fn(&Wave) -> bool) -> Vec<Wave> {
     let mut f = vm.faults.lock();
     let mut taken = Vec::new();
     let mut ended = Vec::new();
     for (page, p) in f.by_page.iter_mut() {
-        let (mine, others): (Vec<Wave>, Vec<Wave>) =
-            p.waiters.drain(..).partition(|w| w.run.queue == queue);
+        let (mine, others): (Vec<Wave>, Vec<Wave>) = p.waiters.drain(..).partition(&mine);
         p.waiters = others;
         taken.extend(mine);
         if p.waiters.is_empty() && p.uq_waiters.is_empty() {
@@ -743,9 +900,8 @@ fn take_stalled_waves(vm: &VmShared, queue: QueueId) -> Vec<Wave> {
         f.by_page.remove(&page);
         f.by_id.remove(&id);
     }
-    let (mine, others): (Vec<Wave>, Vec<Wave>) = std::mem::take(&mut f.overflow)
-        .into_iter()
-        .partition(|w| w.run.queue == queue);
+    let (mine, others): (Vec<Wave>, Vec<Wave>) =
+        std::mem::take(&mut f.overflow).into_iter().partition(&mine);
     f.overflow = others;
     taken.extend(mine);
     taken
