@@ -440,9 +440,9 @@ fn compat_user_queue_copies_traps_and_idles_cheaply() {
     // millisecond): the baseline of the same run.
     std::thread::sleep(Duration::from_millis(100));
     let window = Duration::from_secs(2);
-    let (cpu0, t0) = (d.cpu_time(), Instant::now());
+    let (cpu0, t0) = (thread_cpu_ns(d.pid(), None), Instant::now());
     std::thread::sleep(window);
-    let baseline = (d.cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let baseline = (thread_cpu_ns(d.pid(), None) - cpu0) as f64 / 1e9 / t0.elapsed().as_secs_f64();
     let queues = 16u64;
     let ring_va = 0x4000_0000u64;
     let ctl_va = 0x4800_0000u64;
@@ -523,14 +523,14 @@ fn compat_user_queue_copies_traps_and_idles_cheaply() {
     // the command processor thread's own (schedstat: nanoseconds on CPU).
     std::thread::sleep(Duration::from_millis(100));
     let (cpu0, cp0, t0) = (
-        d.cpu_time(),
-        thread_cpu_ns(d.pid(), "sim-cp"),
+        thread_cpu_ns(d.pid(), None),
+        thread_cpu_ns(d.pid(), Some("sim-cp")),
         Instant::now(),
     );
     std::thread::sleep(window);
     let elapsed = t0.elapsed().as_secs_f64();
-    let share = (d.cpu_time() - cpu0).as_secs_f64() / elapsed;
-    let cp_share = (thread_cpu_ns(d.pid(), "sim-cp") - cp0) as f64 / 1e9 / elapsed;
+    let share = (thread_cpu_ns(d.pid(), None) - cpu0) as f64 / 1e9 / elapsed;
+    let cp_share = (thread_cpu_ns(d.pid(), Some("sim-cp")) - cp0) as f64 / 1e9 / elapsed;
     eprintln!(
         "16 idle user queues: daemon CPU {:.2}% (baseline without queues {:.2}%), \
          command processor thread {:.3}% of one core",
@@ -570,13 +570,14 @@ fn compat_user_queue_copies_traps_and_idles_cheaply() {
     assert!(d.alive());
 }
 
-/// CPU time (ns) of the daemon's threads named `name`, from schedstat.
-fn thread_cpu_ns(pid: i32, name: &str) -> u64 {
+/// CPU time (ns, schedstat: not quantized to clock ticks) of the daemon's
+/// threads named `name`, or of all of them.
+fn thread_cpu_ns(pid: i32, name: Option<&str>) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = entry.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() != name {
+        if name.is_some_and(|n| comm.trim() != n) {
             continue;
         }
         let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();

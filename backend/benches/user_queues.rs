@@ -170,6 +170,16 @@ impl Sdma {
             std::hint::spin_loop();
         }
     }
+
+    /// Waits sleeping, leaving the cores to the engine (a spinning waiter
+    /// would take one of the two cores of the machine from it).
+    fn wait_done_sleeping(&self, r: &Rig) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while r.u64(self.ctl) != self.wptr {
+            assert!(Instant::now() < deadline, "queue stuck");
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -210,7 +220,7 @@ fn copy_bandwidth() {
         });
         done += n;
     }
-    let runs = 7;
+    let runs = 15;
     let mut engine = Vec::new();
     let mut guest_memcpy = Vec::new();
     let mut heap_memcpy = Vec::new();
@@ -222,7 +232,7 @@ fn copy_bandwidth() {
         let t = Instant::now();
         q.doorbell(&r);
         r.vm.kick();
-        q.wait_done(&r);
+        q.wait_done_sleeping(&r);
         engine.push(t.elapsed());
 
         let mem = r.mem.memory();
@@ -253,6 +263,15 @@ fn copy_bandwidth() {
     };
     assert!(ok, "the copies moved the wrong bytes");
     let gbps = |d: Duration| COPY_BYTES as f64 / d.as_secs_f64() / 1e9;
+    // Each engine run is followed by a memcpy run: their ratio is robust to
+    // the machine's load drifting during the benchmark.
+    let mut ratios: Vec<f64> = engine
+        .iter()
+        .zip(&guest_memcpy)
+        .map(|(e, g)| g.as_secs_f64() / e.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let pair_ratio = ratios[ratios.len() / 2];
     let (e, g, h) = (median(engine), median(guest_memcpy), median(heap_memcpy));
     println!(
         "SDMA COPY_LINEAR 64 MiB through the GPU VM (16 packets): median {:?} = {:.2} GB/s",
@@ -267,8 +286,11 @@ fn copy_bandwidth() {
         gbps(h)
     );
     println!(
-        "  engine / memcpy of the same buffers: {:.0}% (goal >= 50%)",
-        100.0 * g.as_secs_f64() / e.as_secs_f64()
+        "  engine / memcpy of the same buffers: {:.0}% of the medians, {:.0}% median of the {} \
+         back-to-back pairs (goal >= 50%)",
+        100.0 * g.as_secs_f64() / e.as_secs_f64(),
+        100.0 * pair_ratio,
+        runs
     );
 }
 
@@ -367,7 +389,68 @@ fn first_packet_latency() {
         busy.push(one(&r, &mut q, true));
         big.wait_done(&r);
     }
-    report("while another queue copies 16 MiB, kick", busy);
+    report("while a queue of the same VM copies 16 MiB, kick", busy);
+
+    // Busy, another context: a second VM's queue copies meanwhile (VMs
+    // share the device equally, so the wait is at most about a slice).
+    let vm2 = r
+        ._gpu
+        .create_vm(
+            VmConfig {
+                memory: r.mem.clone(),
+                max_pending_faults: 64,
+                max_queue_depth: 16,
+            },
+            Arc::new(NoEvents),
+        )
+        .unwrap();
+    let ring2 = r.alloc(1 << 16);
+    let ctl2 = r.alloc(P);
+    for (gpa, bytes) in [
+        (ring2, 1 << 16),
+        (ctl2, P),
+        (src, 16 << 20),
+        (dst, 16 << 20),
+    ] {
+        let pages: Vec<GuestPhysAddr> =
+            (0..bytes / P).map(|i| GuestPhysAddr(gpa + i * P)).collect();
+        for chunk in pages.chunks(512) {
+            vm2.map(va(chunk[0].raw()), chunk, Perms::RW).unwrap();
+        }
+    }
+    vm2.create_user_queue(UserQueueDesc {
+        kind: UserQueueKind::Sdma,
+        priority: 0,
+        ring: va(ring2),
+        ring_size: 1 << 16,
+        rptr: va(ctl2),
+        doorbell: va(ctl2 + 8),
+        status: Some(va(ctl2 + 64)),
+    })
+    .unwrap();
+    let mut other = Sdma {
+        ring: ring2,
+        ctl: ctl2,
+        size: 1 << 16,
+        wptr: 0,
+    };
+    let mut busy = Vec::new();
+    for _ in 0..40 {
+        other.write(
+            &r,
+            &[SdmaPacket::CopyLinear {
+                src: va(src),
+                dst: va(dst),
+                bytes: 4 << 20,
+            }; 4],
+        );
+        other.doorbell(&r);
+        vm2.kick();
+        std::thread::sleep(Duration::from_micros(300));
+        busy.push(one(&r, &mut q, true));
+        other.wait_done(&r);
+    }
+    report("while another VM's queue copies 16 MiB, kick", busy);
 }
 
 /// CPU time (ns, schedstat) of this process's threads named `name`, or

@@ -1370,3 +1370,124 @@ fn shutdown_with_queues_stalled_and_waiting() {
         Err(DeviceError::Shutdown)
     );
 }
+
+/// A second VM on the rig's GPU, sharing its guest RAM.
+fn second_vm(r: &Rig) -> Arc<dyn DeviceVm> {
+    r.gpu
+        .create_vm(
+            VmConfig {
+                memory: r.mem.clone(),
+                max_pending_faults: 16,
+                max_queue_depth: 16,
+            },
+            Arc::new(Recorder::default()),
+        )
+        .unwrap()
+}
+
+#[test]
+fn user_queue_priority_is_a_scheduling_weight() {
+    // One compute unit: two SDMA queues of one VM compete for it.
+    let mut r = rig();
+    let mut high = r.sdma(P, 15);
+    let mut low = r.sdma(P, 0);
+    let bytes = 32 << 20;
+    let (src, _) = r.filled(bytes, 1, true);
+    let dst_high = r.alloc_mapped(bytes);
+    let dst_low = r.alloc_mapped(bytes);
+    let low_done = r.alloc_mapped(P);
+    let mut low_packets = copies(src, dst_low, bytes);
+    low_packets.push(SdmaPacket::Fence {
+        addr: va(low_done),
+        data: 1,
+    });
+    low.submit(&r, &low_packets);
+    high.submit(&r, &copies(src, dst_high, bytes));
+    high.wait_done(&r);
+    // Weights 16 : 1: when the high queue has copied 32 MiB the low one
+    // has copied about 2 MiB; with no weights it would be about 32.
+    let total = r.vm.user_queue_counters().copy_bytes;
+    let low_copied = total - bytes;
+    assert!(
+        low_copied < bytes / 3,
+        "the priority-0 queue copied {low_copied} bytes while the priority-15 one copied {bytes}"
+    );
+    assert_eq!(r.u32(low_done), 0);
+    low.wait_done(&r);
+    assert_eq!(r.u32(low_done), 1, "the low queue was not starved");
+}
+
+#[test]
+fn a_runaway_kernel_of_another_vm_does_not_starve_a_user_queue() {
+    let mut r = rig();
+    let vm2 = second_vm(&r);
+    // VM 2: a POINTER_CHASE around a one-node cycle holds the compute unit
+    // for its whole watchdog limit unless it is time-sliced.
+    let node = r.alloc(P);
+    vm2.map(va(node), &[GuestPhysAddr(node)], Perms::RW)
+        .unwrap();
+    r.store_u64(node, va(node).raw());
+    let kq = vm2.create_queue(QueueDesc { priority: 15 }).unwrap();
+    vm2.dispatch(
+        kq,
+        KernelLaunch {
+            kernel: Kernel::PointerChase {
+                head: va(node),
+                max_steps: 1 << 36,
+                result: va(node + 64),
+            },
+            completion: None,
+            tag: 1,
+        },
+    )
+    .unwrap();
+    // VM 1: a user queue copies 16 MiB meanwhile.
+    let mut q = r.sdma(P, 0);
+    let bytes = 16 << 20;
+    let (src, data) = r.filled(bytes, 3, true);
+    let dst = r.alloc_mapped(bytes);
+    let start = Instant::now();
+    q.submit(&r, &copies(src, dst, bytes));
+    q.wait_done(&r);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "the copy took {took:?}");
+    assert!(r.read(dst, bytes as usize) == data);
+    vm2.destroy_queue(kq).unwrap();
+}
+
+#[test]
+fn a_long_copy_does_not_starve_another_vms_kernels() {
+    let mut r = rig();
+    let mut big = r.sdma(P, 15);
+    let bytes = 64 << 20;
+    let (src, _) = r.filled(bytes, 4, true);
+    let dst = r.alloc_mapped(bytes);
+    big.submit(&r, &copies(src, dst, bytes));
+    wait_until("the copy to start", || {
+        r.vm.user_queue_counters().copy_bytes > 0
+    });
+    let vm2 = second_vm(&r);
+    let buf = r.alloc(P);
+    vm2.map(va(buf), &[GuestPhysAddr(buf)], Perms::RW).unwrap();
+    let kq = vm2.create_queue(QueueDesc { priority: 0 }).unwrap();
+    vm2.dispatch(
+        kq,
+        KernelLaunch {
+            kernel: Kernel::Fill {
+                dst: va(buf),
+                count: 1024,
+                value: 0xF1F1_F1F1,
+            },
+            completion: None,
+            tag: 1,
+        },
+    )
+    .unwrap();
+    wait_until("the other VM's fill", || r.u32(buf + 4092) == 0xF1F1_F1F1);
+    let copied = r.vm.user_queue_counters().copy_bytes;
+    big.wait_done(&r);
+    assert!(
+        copied < bytes,
+        "the fill waited for the whole copy ({copied} bytes)"
+    );
+}

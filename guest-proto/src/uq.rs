@@ -256,7 +256,9 @@ pub enum QueueStopStatus {
     /// The device failed an access for another reason (a bound page that
     /// is no longer guest RAM).
     DeviceError = 5,
-    /// The queue's work ran past the device's watchdog limit.
+    /// Reserved: the value of `DispatchStatus::WatchdogTimeout`. User
+    /// queues have no watchdog (a poll may legitimately wait forever); the
+    /// value only keeps the two status spaces aligned.
     WatchdogTimeout = 6,
     /// An unknown or malformed packet.
     BadPacket = 16,

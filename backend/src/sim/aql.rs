@@ -92,6 +92,38 @@ impl AqlEngine {
         }
     }
 
+    /// Whether a slice would find work: a packet in progress (a barrier
+    /// whose condition now holds, or anything else), a doorbell past the
+    /// position, or a written slot at it. Loads only.
+    pub(crate) fn has_work(&mut self, ctx: &mut SliceCtx<'_>) -> bool {
+        if let Some(cur) = self.cur {
+            return match (cur.phase, cur.packet) {
+                (Phase::Run, AqlPacket::Barrier { kind, deps, .. }) => {
+                    barrier_holds(ctx, kind, &deps).unwrap_or(true)
+                }
+                _ => true,
+            };
+        }
+        let index = self.next;
+        let slots = ctx.desc.ring_size / AQL_PACKET_SIZE as u64;
+        if self.known.is_none_or(|k| k < index) {
+            match ctx.load_doorbell() {
+                Ok(d) => {
+                    if doorbell::aql_doorbell(d, index, slots) == AqlDoorbell::Bad {
+                        return true;
+                    }
+                }
+                Err(_) => return true,
+            }
+        }
+        // Covered by the doorbell or not, the slot runs once it is written.
+        let slot = slot_va(ctx, index);
+        match ctx.step(|m| gpu_access::load_u32(m, slot)) {
+            Ok(first) => (first as u16 & 0xFF) as u8 != packet_type::INVALID,
+            Err(_) => true,
+        }
+    }
+
     fn fetch(&mut self, ctx: &mut SliceCtx<'_>) -> Result<Current, SliceEnd> {
         let index = self.next;
         let slots = ctx.desc.ring_size / AQL_PACKET_SIZE as u64;
@@ -150,6 +182,32 @@ fn slot_va(ctx: &SliceCtx<'_>, index: u64) -> GpuVa {
     GpuVa(ctx.desc.ring.raw() + (index % slots) * AQL_PACKET_SIZE as u64)
 }
 
+/// Whether a barrier's condition holds: AND, every dependency signal is
+/// 0; OR, one is (or there is none).
+fn barrier_holds(
+    ctx: &mut SliceCtx<'_>,
+    kind: BarrierKind,
+    deps: &[Option<SignalHandle>],
+) -> Result<bool, super::gpu_access::Stop> {
+    let mut any_zero = false;
+    let mut all_zero = true;
+    let mut count = 0;
+    for dep in deps.iter().flatten() {
+        let va = dep.value_va();
+        let v = ctx.step(|m| gpu_access::load_u64(m, va))?;
+        count += 1;
+        if v == 0 {
+            any_zero = true;
+        } else {
+            all_zero = false;
+        }
+    }
+    Ok(match kind {
+        BarrierKind::And => all_zero,
+        BarrierKind::Or => count == 0 || any_zero,
+    })
+}
+
 fn completion_of(packet: &AqlPacket) -> Option<SignalHandle> {
     match *packet {
         AqlPacket::Barrier { completion, .. } | AqlPacket::Pm4Ib { completion } => completion,
@@ -165,29 +223,10 @@ fn step(cur: &mut Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
         match cur.phase {
             Phase::Run => {
                 if let AqlPacket::Barrier { kind, deps, .. } = cur.packet {
-                    let mut any_zero = false;
-                    let mut all_zero = true;
-                    let mut count = 0;
-                    for dep in deps.iter().flatten() {
-                        let va = dep.value_va();
-                        match ctx.step(|m| gpu_access::load_u64(m, va)) {
-                            Ok(v) => {
-                                count += 1;
-                                if v == 0 {
-                                    any_zero = true;
-                                } else {
-                                    all_zero = false;
-                                }
-                            }
-                            Err(s) => return fail(s),
-                        }
-                    }
-                    let satisfied = match kind {
-                        BarrierKind::And => all_zero,
-                        BarrierKind::Or => count == 0 || any_zero,
-                    };
-                    if !satisfied {
-                        return Some(SliceEnd::Waiting);
+                    match barrier_holds(ctx, kind, &deps) {
+                        Ok(true) => {}
+                        Ok(false) => return Some(SliceEnd::Waiting),
+                        Err(s) => return fail(s),
                     }
                 }
                 cur.phase = if completion_of(&cur.packet).is_some() {

@@ -1,18 +1,21 @@
-//! The command processor: one thread that runs every user queue of the
-//! simulated GPU (protocol 1.1, 14.11).
+//! The command processor: the thread that watches the doorbells of every
+//! idle user queue of the simulated GPU (protocol 1.1, 14.11).
 //!
-//! Like a GPU's CP and SDMA engines it serves many queues: it looks at the
-//! queues that are due (ready, or whose doorbell budget says it is time),
-//! runs one bounded slice of each, highest priority first and round robin
-//! among equals, and sleeps until the next queue is due or somebody kicks
-//! it. A slice is at most [`SLICE_PACKETS`] packets or [`SLICE_BYTES`] of
-//! copy data, so one long `COPY_LINEAR` never holds the other queues of
-//! any VM back.
+//! There is no MMIO here, so nothing tells the device that a guest stored
+//! to a doorbell. A queue with nothing to do is *idle*; when the doorbell
+//! budget ([`doorbell`]) says it is time, this thread *looks* at it (loads
+//! the doorbell, or what its waiting packet waits for; no effect) on its
+//! own TLB, through the VM's page tables like any access. A queue with
+//! work goes to the compute units' scheduler, where its slices compete
+//! with every other queue's (`sched.rs`); the rest stay idle. Every idle
+//! queue shares one grid of look times, so the thread wakes once per
+//! period whatever the number of queues, and idle queues never reach the
+//! compute units.
 //!
-//! [`SLICE_PACKETS`]: super::user_queue::SLICE_PACKETS
-//! [`SLICE_BYTES`]: super::user_queue::SLICE_BYTES
+//! [`doorbell`]: super::doorbell
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -39,16 +42,23 @@ fn precise_timers() {
 #[derive(Default)]
 struct State {
     queues: Vec<Arc<UserQueue>>,
-    /// Rotates the start of each round among queues of equal priority.
-    round: usize,
     stop: bool,
 }
+
+/// [`CommandProcessor::sleep_until`] while the thread is awake or sleeps
+/// without a deadline.
+const AWAKE: u64 = 0;
 
 /// The command processor shared by every VM of a simulated GPU.
 pub(crate) struct CommandProcessor {
     state: Mutex<State>,
     wakeup: Condvar,
     epoch: Instant,
+    /// Nanoseconds after `epoch` the thread sleeps until, or [`AWAKE`]:
+    /// lets a compute unit skip the lock when a queue it made idle is due
+    /// no earlier than the thread looks anyway (the common case: every
+    /// idle queue is on the same grid).
+    sleep_until: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -66,6 +76,7 @@ impl CommandProcessor {
             state: Mutex::new(State::default()),
             wakeup: Condvar::new(),
             epoch: Instant::now(),
+            sleep_until: AtomicU64::new(AWAKE),
             thread: Mutex::new(None),
         });
         let worker = cp.clone();
@@ -92,17 +103,29 @@ impl CommandProcessor {
         self.epoch
     }
 
-    /// Wakes the thread to look for due queues.
-    pub(crate) fn notify(&self) {
-        // Under the lock: the thread between its scan and its wait cannot
-        // miss this.
+    fn ns(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// A queue became idle until `t` (its state is already `Idle`): wakes
+    /// the thread if it would sleep past that. The thread clears
+    /// `sleep_until` before it scans and sets it after, so a queue the scan
+    /// missed always sees a value to compare with; the notification itself
+    /// is under the lock, so the thread between its scan and its wait
+    /// cannot miss it.
+    pub(crate) fn notify_if_earlier(&self, t: Instant) {
+        let until = self.sleep_until.load(Ordering::SeqCst);
+        if until != AWAKE && self.ns(t) >= until {
+            return;
+        }
         let _state = self.state.lock();
         self.wakeup.notify_one();
     }
 
     pub(crate) fn register(&self, q: Arc<UserQueue>) {
         self.state.lock().queues.push(q);
-        self.wakeup.notify_one();
     }
 
     pub(crate) fn unregister(&self, q: &Arc<UserQueue>) {
@@ -124,33 +147,32 @@ impl CommandProcessor {
 
     fn run(&self) {
         let mut tlb = Tlb::default();
-        loop {
-            let Some(batch) = self.next_batch() else {
-                return;
-            };
-            for q in batch {
-                user_queue::run_slice(&q, &mut tlb);
+        while let Some(due) = self.next_due() {
+            // Look at each; the ones with work go to the scheduler at once.
+            let busy: Vec<Arc<UserQueue>> = due
+                .into_iter()
+                .filter(|q| user_queue::look(q, &mut tlb))
+                .collect();
+            if let Some(first) = busy.first() {
+                let pool = first.pool().clone();
+                pool.push_queues(busy);
             }
         }
     }
 
-    /// Waits until queues are due; returns them in service order, or
-    /// `None` when the processor stops.
-    fn next_batch(&self) -> Option<Vec<Arc<UserQueue>>> {
+    /// Waits until idle queues are due for a look; returns them (now
+    /// `Running`: the processor looks at them), or `None` when it stops.
+    fn next_due(&self) -> Option<Vec<Arc<UserQueue>>> {
         let mut st = self.state.lock();
         loop {
             if st.stop {
                 return None;
             }
+            self.sleep_until.store(AWAKE, Ordering::SeqCst);
             let now = Instant::now();
             let mut due = Vec::new();
             let mut earliest: Option<Instant> = None;
-            let n = st.queues.len();
-            let start = if n == 0 { 0 } else { st.round % n };
-            for i in 0..n {
-                let Some(q) = st.queues.get((start + i) % n) else {
-                    continue;
-                };
+            for q in &st.queues {
                 let mut s = q.sched.lock();
                 if s.take_if_due(now) {
                     due.push(q.clone());
@@ -159,13 +181,11 @@ impl CommandProcessor {
                 }
             }
             if !due.is_empty() {
-                st.round = st.round.wrapping_add(1);
-                // Stable: equal priorities keep the rotated order.
-                due.sort_by_key(|q| std::cmp::Reverse(q.desc.priority));
                 return Some(due);
             }
             match earliest {
                 Some(t) => {
+                    self.sleep_until.store(self.ns(t), Ordering::SeqCst);
                     self.wakeup.wait_until(&mut st, t);
                 }
                 None => self.wakeup.wait(&mut st),

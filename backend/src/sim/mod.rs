@@ -20,9 +20,11 @@
 //!   ([`vm`]);
 //! - user-mode queues (protocol 1.1): a command processor thread (`cp.rs`)
 //!   watches their doorbells in guest memory under a CPU budget
-//!   ([`doorbell`]) and runs a copy engine (`sdma.rs`) and an AQL packet
-//!   processor (`aql.rs`) whose every access goes through the VM exactly
-//!   like a wave's (`gpu_access.rs`), faults included (`user_queue.rs`).
+//!   ([`doorbell`]); a queue with work is a queue like any other for the
+//!   scheduler ([`sched`]), and its slices run a copy engine (`sdma.rs`) or
+//!   an AQL packet processor (`aql.rs`) on the compute units, every access
+//!   through the VM exactly like a wave's (`gpu_access.rs`), faults
+//!   included (`user_queue.rs`).
 //!
 //! Guest memory is touched only through vm-memory, so an address outside
 //! guest RAM fails the work instead of reaching host memory.
@@ -51,6 +53,7 @@ use cp::CommandProcessor;
 use guest_proto::QueueId;
 use guest_proto::kernel::ALL_KERNELS_MASK;
 use sched::{Key, Scheduler};
+use user_queue::UserQueue;
 use vm::{SimVm, Wave};
 
 /// Settings of the simulated GPU.
@@ -98,31 +101,81 @@ impl Default for SimConfig {
     }
 }
 
-/// The waves ready to run, shared by the compute units.
+/// What a compute unit runs a slice of: a wave of a dispatch, or a user
+/// queue (protocol 1.1) that has work. Both are scheduled alike.
+pub(crate) enum Work {
+    /// A wave.
+    Wave(Wave),
+    /// A user queue.
+    Queue(Arc<UserQueue>),
+}
+
+impl Work {
+    fn key(&self) -> Key {
+        match self {
+            Work::Wave(w) => w.key(),
+            Work::Queue(q) => q.key(),
+        }
+    }
+}
+
+/// The work ready to run, shared by the compute units.
 pub(crate) struct Pool {
-    sched: Mutex<Scheduler<Wave>>,
+    sched: Mutex<Scheduler<Work>>,
     wakeup: Condvar,
     stop: AtomicBool,
 }
 
 impl Pool {
     pub(crate) fn push(&self, wave: Wave) {
-        let key = wave.key();
-        self.sched.lock().push(key, wave);
+        self.push_work(Work::Wave(wave));
+    }
+
+    /// Makes a user queue's next slice ready.
+    pub(crate) fn push_queue(&self, queue: Arc<UserQueue>) {
+        self.push_work(Work::Queue(queue));
+    }
+
+    /// Makes several user queues' next slices ready under one hold of the
+    /// lock (the command processor's tick).
+    pub(crate) fn push_queues(&self, queues: Vec<Arc<UserQueue>>) {
+        let n = queues.len();
+        {
+            let mut sched = self.sched.lock();
+            for q in queues {
+                let work = Work::Queue(q);
+                let key = work.key();
+                sched.push(key, work);
+            }
+        }
+        match n {
+            0 => {}
+            1 => {
+                self.wakeup.notify_one();
+            }
+            _ => {
+                self.wakeup.notify_all();
+            }
+        }
+    }
+
+    fn push_work(&self, work: Work) {
+        let key = work.key();
+        self.sched.lock().push(key, work);
         self.wakeup.notify_one();
     }
 
-    /// Charges a compute unit's last slice, queues its wave again if it
-    /// goes on, and takes the next wave to run (waiting for one), all under
-    /// one hold of the lock. `None` once the device stops.
-    fn next(&self, charge: Option<(Key, u64)>, again: Option<Wave>) -> Option<Wave> {
+    /// Charges a compute unit's last slice, queues its work again if it
+    /// goes on, and takes the next work to run (waiting for some), all
+    /// under one hold of the lock. `None` once the device stops.
+    fn next(&self, charge: Option<(Key, u64)>, again: Option<Work>) -> Option<Work> {
         let mut sched = self.sched.lock();
         if let Some((key, ns)) = charge {
             sched.charge(key, ns);
         }
-        if let Some(wave) = again {
-            let key = wave.key();
-            sched.push(key, wave);
+        if let Some(work) = again {
+            let key = work.key();
+            sched.push(key, work);
         }
         loop {
             if self.stop.load(Ordering::Acquire) {

@@ -91,6 +91,37 @@ impl SdmaEngine {
         }
     }
 
+    /// Whether a slice would find work: a packet in progress (a poll whose
+    /// condition now holds, or anything else), or a doorbell past the
+    /// position. Loads only.
+    pub(crate) fn has_work(&mut self, ctx: &mut SliceCtx<'_>) -> bool {
+        match self.cur {
+            Some(Current {
+                phase: Phase::Exec,
+                packet:
+                    SdmaPacket::PollMemory {
+                        addr,
+                        reference,
+                        mask,
+                        func,
+                    },
+                ..
+            }) => match ctx.step(|m| gpu_access::load_u32(m, addr)) {
+                Ok(v) => func.holds(v & mask, reference),
+                Err(_) => true,
+            },
+            Some(_) => true,
+            None if self.pos != self.known => true,
+            None => match ctx.load_doorbell() {
+                Ok(d) => !matches!(
+                    doorbell::sdma_doorbell(d, self.pos, ctx.desc.ring_size),
+                    SdmaDoorbell::Idle
+                ),
+                Err(_) => true,
+            },
+        }
+    }
+
     /// Accepts a new doorbell value, or says why not.
     fn look_at_doorbell(&mut self, ctx: &mut SliceCtx<'_>) -> Result<bool, SliceEnd> {
         let d = ctx

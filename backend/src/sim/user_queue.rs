@@ -6,19 +6,32 @@
 //! slice of execution, the status block written when the queue stops, the
 //! queue's place in the VM's fault unit, and destruction.
 //!
+//! # Scheduling
+//! A queue with work (or due for a look at its doorbell) is *queued* in
+//! the compute units' scheduler (`sched.rs`) like a compute queue: keyed by
+//! its VM, id and priority, its slices charged the device time they use,
+//! so VMs share the device equally and a queue's priority weighs it
+//! against the VM's other queues, user or compute. A slice runs on a
+//! compute unit for at most one time slice, 64 packets or 1 MiB of data,
+//! then goes back to the scheduler if there is more. A queue with nothing
+//! to do is *idle*: the command processor (`cp.rs`) looks at it when the
+//! doorbell budget says it is time ([`look`]) and queues it if it has work;
+//! a kick queues it at once.
+//!
 //! # Locks and guarantees
 //! - `exec` is held for a whole slice; every access of the queue to guest
 //!   memory happens under it. Destroy sets `dead`, ends the queue's faults
 //!   and then takes `exec`: when it returns, no slice runs and none will
 //!   start, so the guest may free the queue's memory.
-//! - `sched` is taken briefly, never while calling [`VmEvents`] or taking
-//!   the command processor's lock (the processor takes `sched` under its
-//!   own lock while it looks for due queues).
+//! - `sched` is taken briefly, never while calling [`VmEvents`], pushing
+//!   to the scheduler or taking the command processor's lock (the
+//!   processor takes `sched` under its own lock while it looks for due
+//!   queues). The state machine makes a queue be in the scheduler at most
+//!   once and run on at most one compute unit.
 //! - Faults: a slice that cannot translate an address ends; the queue is
 //!   marked stalled *before* it joins the fault, so a reply that races the
-//!   join still wakes it. Replay makes it ready; cancel records the stop,
-//!   which the next slice writes (status block, interrupt) on the command
-//!   processor's thread.
+//!   join still wakes it. Replay queues it; cancel records the stop, which
+//!   the next slice writes (status block, interrupt).
 //!
 //! [`VmEvents`]: crate::device::VmEvents
 
@@ -32,10 +45,12 @@ use guest_proto::{AccessFlags, DispatchStatus, GpuVa, QueueId};
 use parking_lot::Mutex;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::Pool;
 use super::aql::AqlEngine;
 use super::cp::CommandProcessor;
 use super::doorbell;
 use super::gpu_access::{self, Stop};
+use super::sched::Key;
 use super::sdma::SdmaEngine;
 use super::tlb::Tlb;
 use super::vm::VmShared;
@@ -46,14 +61,15 @@ pub(crate) const SLICE_PACKETS: u32 = 64;
 /// Most bytes of copy or fill data one slice moves.
 pub(crate) const SLICE_BYTES: u64 = 1 << 20;
 
-/// How a queue stands with the command processor.
+/// How a queue stands with the scheduler and the command processor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RunState {
-    /// Look at it as soon as possible.
-    Ready,
-    /// A slice of it is running (the command processor picked it).
+    /// In the compute units' scheduler: a slice runs as soon as it is
+    /// picked.
+    Queued,
+    /// A slice of it runs on a compute unit.
     Running,
-    /// Look at it at `next_look`.
+    /// Nothing to do: the command processor queues it at `next_look`.
     Idle,
     /// Stalled on a fault: no look until the fault ends.
     Stalled,
@@ -77,17 +93,16 @@ pub(crate) struct Sched {
     pending_stop: Option<StopRequest>,
     /// Kicked while running: look again right after the slice.
     kicked: bool,
+    /// Its last slice ended waiting on memory (a poll, a barrier): work
+    /// elsewhere in the VM may satisfy it.
+    waiting: bool,
 }
 
 impl Sched {
-    /// Whether the command processor should run a slice at `now`; if so,
-    /// the queue becomes `Running`.
+    /// Whether an idle queue is due for a look at `now`; if so it becomes
+    /// `Running` (the command processor looks at it, see [`look`]).
     pub(crate) fn take_if_due(&mut self, now: Instant) -> bool {
-        let due = match self.state {
-            RunState::Ready => true,
-            RunState::Idle => self.next_look <= now,
-            RunState::Running | RunState::Stalled | RunState::Stopped => false,
-        };
+        let due = self.state == RunState::Idle && self.next_look <= now;
         if due {
             self.state = RunState::Running;
             self.kicked = false;
@@ -176,6 +191,8 @@ pub(crate) struct SliceCtx<'a> {
     pub(crate) bytes_left: u64,
     /// When the VM was created: the device clock's zero.
     pub(crate) created: Instant,
+    /// The end of the slice (the scheduler's time slice).
+    pub(crate) deadline: Instant,
 }
 
 impl SliceCtx<'_> {
@@ -210,7 +227,7 @@ impl SliceCtx<'_> {
 
     /// Whether the slice's budget is spent.
     pub(crate) fn spent(&self) -> bool {
-        self.packets_left == 0 || self.bytes_left == 0
+        self.packets_left == 0 || self.bytes_left == 0 || Instant::now() >= self.deadline
     }
 }
 
@@ -229,6 +246,17 @@ impl Engine {
         }
     }
 
+    /// Whether a slice would find something to do: loads only (the
+    /// doorbell, the awaited value or slot header), no effect. Anything
+    /// unusual (a fault, a lying doorbell) counts as work: the slice deals
+    /// with it.
+    fn has_work(&mut self, ctx: &mut SliceCtx<'_>) -> bool {
+        match self {
+            Engine::Sdma(e) => e.has_work(ctx),
+            Engine::Aql(e) => e.has_work(ctx),
+        }
+    }
+
     /// Where the queue is (the status block's `packet`).
     fn position(&self) -> u64 {
         match self {
@@ -242,11 +270,13 @@ impl Engine {
 pub(crate) struct UserQueue {
     pub(crate) id: QueueId,
     pub(crate) desc: UserQueueDesc,
+    vm_id: u64,
     vm: Weak<VmShared>,
     pub(crate) sched: Mutex<Sched>,
     exec: Mutex<Engine>,
     dead: AtomicBool,
     cp: Arc<CommandProcessor>,
+    pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for UserQueue {
@@ -264,44 +294,70 @@ impl UserQueue {
         self.dead.load(Ordering::Acquire)
     }
 
-    /// Makes the queue look at its doorbell at once (unless it is stalled
-    /// or stopped).
-    pub(crate) fn kick(&self) {
-        let woke = {
+    /// Whose queue it is, for the scheduler.
+    pub(crate) fn key(&self) -> Key {
+        Key {
+            vm: self.vm_id,
+            queue: self.id,
+            priority: self.desc.priority,
+        }
+    }
+
+    /// Puts the queue into the scheduler.
+    pub(crate) fn push(self: &Arc<Self>) {
+        self.pool.push_queue(self.clone());
+    }
+
+    /// The scheduler the queue's slices go to (one per GPU).
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Queues the queue if it is idle or stalled (`from_stall`), or makes a
+    /// running slice look again when it ends.
+    fn wake(self: &Arc<Self>, from_stall: bool) {
+        let push = {
             let mut s = self.sched.lock();
             match s.state {
                 RunState::Idle => {
-                    s.state = RunState::Ready;
+                    s.state = RunState::Queued;
+                    true
+                }
+                RunState::Stalled if from_stall => {
+                    s.state = RunState::Queued;
                     true
                 }
                 RunState::Running => {
                     s.kicked = true;
                     false
                 }
-                RunState::Ready | RunState::Stalled | RunState::Stopped => false,
+                RunState::Queued | RunState::Stalled | RunState::Stopped => false,
             }
         };
-        if woke {
-            self.cp.notify();
+        if push {
+            self.push();
         }
     }
 
+    /// Makes the queue look at its doorbell at once (unless it is stalled
+    /// or stopped).
+    pub(crate) fn kick(self: &Arc<Self>) {
+        self.wake(false);
+    }
+
     /// The fault the queue stalled on ended with a replay.
-    pub(crate) fn fault_replayed(&self) {
-        {
-            let mut s = self.sched.lock();
-            match s.state {
-                RunState::Stalled | RunState::Idle => s.state = RunState::Ready,
-                RunState::Running => s.kicked = true,
-                RunState::Ready | RunState::Stopped => {}
-            }
-        }
-        self.cp.notify();
+    pub(crate) fn fault_replayed(self: &Arc<Self>) {
+        self.wake(true);
     }
 
     /// The fault the queue stalled on ended badly: stop it (the next slice
     /// writes the status block).
-    pub(crate) fn fault_cancelled(&self, status: DispatchStatus, page: GpuVa, access: AccessFlags) {
+    pub(crate) fn fault_cancelled(
+        self: &Arc<Self>,
+        status: DispatchStatus,
+        page: GpuVa,
+        access: AccessFlags,
+    ) {
         let Some(status) = QueueStopStatus::from_dispatch(status) else {
             // Cancelled: the queue is being destroyed.
             return;
@@ -316,11 +372,8 @@ impl UserQueue {
                 page,
                 access,
             });
-            if s.state != RunState::Running {
-                s.state = RunState::Ready;
-            }
         }
-        self.cp.notify();
+        self.wake(true);
     }
 }
 
@@ -364,13 +417,23 @@ impl VmQueues {
         }
     }
 
-    /// Makes every queue except `except` look at its doorbell now.
-    pub(crate) fn kick_all(&self, except: Option<QueueId>) {
+    /// Makes every queue look at its doorbell now.
+    pub(crate) fn kick_all(&self) {
+        let queues: Vec<Arc<UserQueue>> = self.queues.lock().values().cloned().collect();
+        for q in queues {
+            q.kick();
+        }
+    }
+
+    /// Makes every queue except `except` whose packet waits on memory look
+    /// again now: work of the VM just completed and may have written what
+    /// it waits for. (Queues idle at their doorbell keep their budget.)
+    pub(crate) fn wake_waiters(&self, except: Option<QueueId>) {
         let queues: Vec<Arc<UserQueue>> = self
             .queues
             .lock()
             .values()
-            .filter(|q| Some(q.id) != except)
+            .filter(|q| Some(q.id) != except && q.sched.lock().waiting)
             .cloned()
             .collect();
         for q in queues {
@@ -384,10 +447,13 @@ impl VmQueues {
     }
 }
 
-/// Creates user queue `id` of `vm` and hands it to the command processor.
+/// Creates user queue `id` of `vm`, hands it to the command processor and
+/// queues its first look (the guest may have rung the doorbell before the
+/// queue existed).
 pub(crate) fn create(
     vm: &Arc<VmShared>,
     cp: &Arc<CommandProcessor>,
+    pool: &Arc<Pool>,
     id: QueueId,
     desc: UserQueueDesc,
 ) -> Arc<UserQueue> {
@@ -399,22 +465,24 @@ pub(crate) fn create(
     let q = Arc::new(UserQueue {
         id,
         desc,
+        vm_id: vm.id,
         vm: Arc::downgrade(vm),
         sched: Mutex::new(Sched {
-            // The first look is at once: the guest may have rung the
-            // doorbell before the queue existed.
-            state: RunState::Ready,
+            state: RunState::Queued,
             next_look: now,
             last_progress: None,
             pending_stop: None,
             kicked: false,
+            waiting: false,
         }),
         exec: Mutex::new(engine),
         dead: AtomicBool::new(false),
         cp: cp.clone(),
+        pool: pool.clone(),
     });
     vm.user_queues.queues.lock().insert(id, q.clone());
     cp.register(q.clone());
+    q.push();
     q
 }
 
@@ -430,14 +498,38 @@ pub(crate) fn destroy(vm: &VmShared, id: QueueId) -> bool {
     super::vm::forget_user_queue(vm, &q);
     // Waits for a slice in progress; none starts after `dead`.
     drop(q.exec.lock());
+    // Its entry goes now, or when a stale one leaves the scheduler.
+    q.pool.forget_queue(q.vm_id, q.id);
     true
 }
 
-/// Runs one slice of `q` on the command processor's thread.
-pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb) {
+/// A queue the scheduler handed out although it is gone: its scheduler
+/// state goes too.
+fn forget(q: &UserQueue) {
+    q.pool.forget_queue(q.vm_id, q.id);
+    if q.vm.strong_count() == 0 {
+        q.pool.forget_vm(q.vm_id);
+    }
+}
+
+/// Runs one slice of `q` on a compute unit, until `deadline` at most.
+/// Returns whether the queue has more work and goes back to the scheduler
+/// at once (the caller pushes it, with the slice's charge).
+pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb, deadline: Instant) -> bool {
     let Some(vm) = q.vm.upgrade() else {
-        return;
+        forget(q);
+        return false;
     };
+    {
+        let mut s = q.sched.lock();
+        if s.state != RunState::Queued || q.is_dead() {
+            drop(s);
+            forget(q);
+            return false;
+        }
+        s.state = RunState::Running;
+        s.kicked = false;
+    }
     let mut ctx = SliceCtx {
         vm: &vm,
         desc: &q.desc,
@@ -447,11 +539,12 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb) {
         packets_left: SLICE_PACKETS,
         bytes_left: SLICE_BYTES,
         created: vm.user_queues.created,
+        deadline,
     };
     let end = {
         let mut engine = q.exec.lock();
         if q.is_dead() {
-            return;
+            return false;
         }
         let requested = q.sched.lock().pending_stop.take();
         let end = match requested {
@@ -485,23 +578,32 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb) {
         .fetch_add(out.doorbell_polls, Ordering::Relaxed);
 
     let now = Instant::now();
+    let mut more = false;
+    let mut idle_until = None;
     let stall = {
         let mut s = q.sched.lock();
         if out.packets > 0 {
             s.last_progress = Some(now);
         }
         let mut stall = None;
+        // Destroy may have stopped it meanwhile.
         if s.state != RunState::Stopped {
             match end {
-                SliceEnd::Budget => s.state = RunState::Ready,
+                SliceEnd::Budget => {
+                    s.state = RunState::Queued;
+                    more = true;
+                }
                 SliceEnd::Idle | SliceEnd::Waiting => {
+                    s.waiting = end == SliceEnd::Waiting;
                     // Kicked (or stopped) during the slice: look again at once.
-                    s.state = if s.kicked || s.pending_stop.is_some() {
-                        RunState::Ready
+                    if s.kicked || s.pending_stop.is_some() {
+                        s.state = RunState::Queued;
+                        more = true;
                     } else {
-                        RunState::Idle
-                    };
-                    s.next_look = doorbell::next_look(q.cp.epoch(), now, s.last_progress);
+                        s.state = RunState::Idle;
+                        s.next_look = doorbell::next_look(q.cp.epoch(), now, s.last_progress);
+                        idle_until = Some(s.next_look);
+                    }
                 }
                 SliceEnd::Fault { page, access } => {
                     s.state = RunState::Stalled;
@@ -512,15 +614,68 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb) {
         }
         stall
     };
+    if let Some(t) = idle_until {
+        q.cp.notify_if_earlier(t);
+    }
     for irq in out.interrupts {
         vm.events.interrupt(irq);
     }
     if out.packets > 0 {
         // A packet completing may satisfy another queue's poll or barrier.
-        vm.user_queues.kick_all(Some(q.id));
+        vm.user_queues.wake_waiters(Some(q.id));
     }
     if let Some((page, access)) = stall {
         super::vm::stall_user_queue(&vm, q, page, access);
+    }
+    more
+}
+
+/// The command processor's look at an idle queue that is due (state
+/// `Running`, see [`Sched::take_if_due`]): loads its doorbell, or what its
+/// waiting packet waits for, on the processor's own thread and TLB. If
+/// there is work the queue becomes `Queued` and `true` says to push it to
+/// the scheduler; otherwise it stays idle until its next look. Looking
+/// here, rather than in a scheduled slice, keeps idle queues off the
+/// compute units: one thread wake-up per budget period for all of them.
+pub(crate) fn look(q: &Arc<UserQueue>, tlb: &mut Tlb) -> bool {
+    let Some(vm) = q.vm.upgrade() else {
+        return false;
+    };
+    let now = Instant::now();
+    let busy = {
+        let mut engine = q.exec.lock();
+        if q.is_dead() {
+            return false;
+        }
+        let mut ctx = SliceCtx {
+            vm: &vm,
+            desc: &q.desc,
+            queue: q.id,
+            tlb,
+            out: Outbox::default(),
+            packets_left: 0,
+            bytes_left: 0,
+            created: vm.user_queues.created,
+            deadline: now,
+        };
+        let busy = engine.has_work(&mut ctx);
+        vm.user_queues
+            .doorbell_polls
+            .fetch_add(ctx.out.doorbell_polls, Ordering::Relaxed);
+        busy
+    };
+    let mut s = q.sched.lock();
+    if s.state != RunState::Running {
+        // Destroyed meanwhile.
+        return false;
+    }
+    if busy || s.kicked || s.pending_stop.is_some() {
+        s.state = RunState::Queued;
+        true
+    } else {
+        s.state = RunState::Idle;
+        s.next_look = doorbell::next_look(q.cp.epoch(), Instant::now(), s.last_progress);
+        false
     }
 }
 

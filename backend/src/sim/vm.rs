@@ -63,7 +63,7 @@ use super::page_table::{PageTable, Pte};
 use super::sched::{Key, MAX_PRIORITY};
 use super::tlb::Tlb;
 use super::user_queue::{self, UserQueue, VmQueues};
-use super::{Pool, SimConfig};
+use super::{Pool, SimConfig, Work};
 use crate::device::{
     Completion, DeviceError, DeviceFault, DeviceVm, FaultAction, GuestRam, KernelLaunch, QueueDesc,
     UserQueueCounters, UserQueueDesc, VmConfig, VmEvents,
@@ -470,12 +470,12 @@ impl DeviceVm for SimVm {
         }
         let id = QueueId(q.next_id);
         q.next_id = q.next_id.wrapping_add(1).max(1);
-        user_queue::create(&self.shared, &self.shared.cp, id, desc);
+        user_queue::create(&self.shared, &self.shared.cp, &self.shared.pool, id, desc);
         Ok(id)
     }
 
     fn kick(&self) {
-        self.shared.user_queues.kick_all(None);
+        self.shared.user_queues.kick_all();
     }
 
     fn user_queue_counters(&self) -> UserQueueCounters {
@@ -577,7 +577,19 @@ pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
     let mut tlb = Tlb::default();
     let mut charge = None;
     let mut again = None;
-    while let Some(mut wave) = pool.next(charge.take(), again.take()) {
+    while let Some(work) = pool.next(charge.take(), again.take()) {
+        let mut wave = match work {
+            Work::Wave(wave) => wave,
+            Work::Queue(q) => {
+                // A user queue's slice: scheduled and charged like a wave's.
+                let start = Instant::now();
+                let more = user_queue::run_slice(&q, &mut tlb, start + config.time_slice);
+                let used = start.elapsed();
+                charge = Some((q.key(), u64::try_from(used.as_nanos()).unwrap_or(u64::MAX)));
+                again = more.then_some(Work::Queue(q));
+                continue;
+            }
+        };
         let start = Instant::now();
         wave.run.slice_begins(start);
         let outcome = run_wave(&mut wave, &mut tlb, start + config.time_slice);
@@ -599,12 +611,12 @@ pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
             SliceEnd::Finished => match next_range {
                 Some((first, last)) => {
                     wave.progress = WaveProgress::new(&wave.run.dispatch.kernel, first, last);
-                    again = Some(wave);
+                    again = Some(Work::Wave(wave));
                 }
                 None => end_wave(wave),
             },
             SliceEnd::Preempted if wave.run.failed() => end_wave(wave),
-            SliceEnd::Preempted => again = Some(wave),
+            SliceEnd::Preempted => again = Some(Work::Wave(wave)),
             SliceEnd::Fault { page, access } => stall(wave, page, access),
             SliceEnd::Error(status, va) => fail_wave(wave, status, va),
         }
@@ -814,7 +826,7 @@ fn complete_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>, status: DispatchStat
         start_run(vm, &next);
     }
     // A user queue may poll memory this dispatch wrote.
-    vm.user_queues.kick_all(None);
+    vm.user_queues.wake_waiters(None);
 }
 
 /// Completes a dispatch that never started.
