@@ -49,10 +49,10 @@ fn a_bound_page_costs_the_host_about_eight_bytes_of_page_table() {
         "1 GiB bound: page table {:.1} MiB = {per_page:.2} bytes per 4 KiB page; \
          baseline Vec<u64> page list {:.1} MiB = {base_per_page:.2} bytes per page; \
          64 GiB bound: {:.0} MiB of page table (+{:.0} MiB for a page-list binding)",
-        table as f64 / (1 << 20) as f64,
-        baseline as f64 / (1 << 20) as f64,
-        per_page * 64.0 * PAGES as f64 / (1 << 20) as f64,
-        base_per_page * 64.0 * PAGES as f64 / (1 << 20) as f64,
+        table as f64 / f64::from(1 << 20),
+        baseline as f64 / f64::from(1 << 20),
+        per_page * 64.0 * PAGES as f64 / f64::from(1 << 20),
+        base_per_page * 64.0 * PAGES as f64 / f64::from(1 << 20),
     );
     // One 8-byte entry per page plus the upper levels (1/512 of that).
     assert!(

@@ -92,7 +92,7 @@ fn an_inherited_listening_socket_is_served_like_a_socket_path() {
     assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited");
     // The daemon did not create the socket, so it leaves the file alone.
     // SAFETY: kill with a valid pid and signal.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(i32::try_from(d.child.id()).unwrap(), libc::SIGTERM) };
     let status = d
         .wait_exit(Duration::from_secs(10))
         .expect("no exit on SIGTERM");

@@ -320,7 +320,7 @@ fn reconnect_gets_fresh_state_and_sigterm_exits_cleanly() {
     );
     drop(vmm);
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
     let status = d.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(!d.socket.exists(), "socket removed");

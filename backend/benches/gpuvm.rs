@@ -57,7 +57,7 @@ fn stream() -> Vec<Request> {
             let page = rng.next() % WINDOW_PAGES;
             let pages = (1 + rng.next() % MAX_PAGES).min(WINDOW_PAGES - page);
             Request {
-                map: rng.next() % 2 == 0,
+                map: rng.next().is_multiple_of(2),
                 page,
                 pages,
             }

@@ -12,6 +12,10 @@
 //! - [`sim`]: the simulated GPU, the daemon's default device: multi-level page
 //!   tables, per-compute-unit TLBs, compute queues running the protocol's
 //!   kernel set, and retry faults with replay and cancel.
+// Everything that needs `unsafe` (memory maps, syscalls) lives in the daemon
+// or in vm-memory: the GPU side is safe Rust only.
+#![forbid(unsafe_code)]
+
 pub mod context;
 pub mod device;
 pub mod gpuvm;

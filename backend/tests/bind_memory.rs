@@ -6,9 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use gpu_backend::context::{
@@ -20,52 +18,11 @@ use guest_proto::bind::{BindOp, PageList};
 use guest_proto::{GpuVa, GuestPhysAddr, PAGE_SIZE, Perms, ResourceId};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every method forwards to the system allocator with the caller's
-// arguments unchanged and only adds bookkeeping on an atomic counter.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` came from this allocator with `layout`.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(
-                new_size as isize - layout.size() as isize,
-                Ordering::Relaxed,
-            );
-        }
-        p
-    }
-}
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 struct NoResources;
 
@@ -114,7 +71,7 @@ fn scattered_single_page_binds_cost_host_memory_in_proportion() {
     let mut c = ComputeContext::new(gpu.as_ref(), mem, config).unwrap();
     let n = 20_000u64;
     let page = [GuestPhysAddr(0x1000)];
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting_alloc::live_bytes();
     for i in 0..n {
         let op = BindOp::MapPages {
             va: scattered(i),
@@ -123,7 +80,7 @@ fn scattered_single_page_binds_cost_host_memory_in_proportion() {
         };
         c.bind(&op, &NoResources).unwrap();
     }
-    let per_page = (LIVE.load(Ordering::Relaxed) - before) / n as isize;
+    let per_page = (counting_alloc::live_bytes() - before) / isize::try_from(n).unwrap();
     assert_eq!(c.stats().bound_bytes, n * PAGE_SIZE);
     // Range manager (a mapping each) and page tables together.
     assert!(
@@ -137,6 +94,6 @@ fn scattered_single_page_binds_cost_host_memory_in_proportion() {
         };
         c.bind(&op, &NoResources).unwrap();
     }
-    let left = LIVE.load(Ordering::Relaxed) - before;
+    let left = counting_alloc::live_bytes() - before;
     assert!(left < 64 << 10, "{left} bytes still held after unmapping");
 }

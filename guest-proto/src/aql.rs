@@ -121,7 +121,7 @@ impl SignalHandle {
         if raw == 0 {
             return Ok(None);
         }
-        if raw % amd_signal::ALIGN != 0 || raw.checked_add(amd_signal::SIZE).is_none() {
+        if !raw.is_multiple_of(amd_signal::ALIGN) || raw.checked_add(amd_signal::SIZE).is_none() {
             return Err(AqlError::Bad { header });
         }
         Ok(Some(SignalHandle(GpuVa(raw))))

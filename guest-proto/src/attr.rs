@@ -227,7 +227,7 @@ fn check_range(va: GpuVa, size: u64) -> Result<(), DecodeError> {
             value: va.raw(),
         });
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(DecodeError::Misaligned {
             field: "size",
             value: size,

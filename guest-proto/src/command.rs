@@ -145,7 +145,7 @@ impl Region {
             offset: u64_at(bytes, at.saturating_add(8))?,
             size: u64_at(bytes, at.saturating_add(16))?,
         };
-        if region.offset % REGION_ALIGN != 0 {
+        if !region.offset.is_multiple_of(REGION_ALIGN) {
             return Err(DecodeError::Misaligned {
                 field: names.offset,
                 value: region.offset,
@@ -304,7 +304,7 @@ impl SessionInit {
 }
 
 fn check_reply_size(size: u64) -> Result<(), DecodeError> {
-    if size % 8 != 0 {
+    if !size.is_multiple_of(8) {
         return Err(DecodeError::Misaligned {
             field: "reply.size",
             value: size,
@@ -322,7 +322,7 @@ fn check_reply_size(size: u64) -> Result<(), DecodeError> {
 /// Slots in a signal area of `size` bytes: a multiple of 32, at least one
 /// slot, at most `max_slots`.
 fn signal_slots(size: u64, max_slots: u32) -> Result<u32, DecodeError> {
-    if size % SIGNAL_SLOT_SIZE != 0 {
+    if !size.is_multiple_of(SIGNAL_SLOT_SIZE) {
         return Err(DecodeError::Misaligned {
             field: "signals.size",
             value: size,

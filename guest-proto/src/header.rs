@@ -77,7 +77,7 @@ impl RequestHeader {
         if (len as usize) < REQUEST_HEADER_SIZE {
             return Err(FramingError::LenTooSmall { len });
         }
-        if len as usize % REQUEST_ALIGN != 0 {
+        if !(len as usize).is_multiple_of(REQUEST_ALIGN) {
             return Err(FramingError::LenMisaligned { len });
         }
         if len as usize > remaining {
@@ -102,7 +102,7 @@ impl RequestHeader {
         let fits = u64::from(self.reply_off)
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= buffer_size);
-        if self.reply_off as usize % REQUEST_ALIGN != 0 || !fits {
+        if !(self.reply_off as usize).is_multiple_of(REQUEST_ALIGN) || !fits {
             return Err(ReplyLost {
                 reply_off: self.reply_off,
                 len,

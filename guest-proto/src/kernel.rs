@@ -373,7 +373,7 @@ fn check_array(
     elements: u64,
     elem_size: u64,
 ) -> Result<(), KernelArgError> {
-    if base.raw() % elem_size != 0 {
+    if !base.raw().is_multiple_of(elem_size) {
         return Err(KernelArgError::Misaligned(name));
     }
     elements

@@ -308,9 +308,9 @@ impl AtomicOp {
             }
             AtomicOp::Add => old.wrapping_add(src),
             AtomicOp::Sub => old.wrapping_sub(src),
-            AtomicOp::SMin => (old as i64).min(src as i64) as u64,
+            AtomicOp::SMin => old.cast_signed().min(src.cast_signed()).cast_unsigned(),
             AtomicOp::UMin => old.min(src),
-            AtomicOp::SMax => (old as i64).max(src as i64) as u64,
+            AtomicOp::SMax => old.cast_signed().max(src.cast_signed()).cast_unsigned(),
             AtomicOp::UMax => old.max(src),
             AtomicOp::And => old & src,
             AtomicOp::Or => old | src,
@@ -344,9 +344,9 @@ impl AtomicOp {
             }
             AtomicOp::Add => old.wrapping_add(src),
             AtomicOp::Sub => old.wrapping_sub(src),
-            AtomicOp::SMin => (old as i32).min(src as i32) as u32,
+            AtomicOp::SMin => old.cast_signed().min(src.cast_signed()).cast_unsigned(),
             AtomicOp::UMin => old.min(src),
-            AtomicOp::SMax => (old as i32).max(src as i32) as u32,
+            AtomicOp::SMax => old.cast_signed().max(src.cast_signed()).cast_unsigned(),
             AtomicOp::UMax => old.max(src),
             AtomicOp::And => old & src,
             AtomicOp::Or => old | src,
@@ -496,7 +496,7 @@ impl SdmaPacket {
                     return Err(bad);
                 }
                 let dst = addr(dws, 1);
-                if dst.raw() % (1 << shift) != 0 {
+                if !dst.raw().is_multiple_of(1 << shift) {
                     return Err(bad);
                 }
                 SdmaPacket::ConstFill {
@@ -512,7 +512,7 @@ impl SdmaPacket {
                 } else {
                     let func = PollFunc::from_bits(bits(header, 28, 3)).ok_or(bad)?;
                     let a = addr(dws, 1);
-                    if a.raw() % 4 != 0 {
+                    if !a.raw().is_multiple_of(4) {
                         return Err(bad);
                     }
                     SdmaPacket::PollMemory {
@@ -530,7 +530,7 @@ impl SdmaPacket {
                 }
                 let (op, wide) = AtomicOp::from_code(bits(header, 25, 7)).ok_or(bad)?;
                 let a = addr(dws, 1);
-                if a.raw() % if wide { 8 } else { 4 } != 0 {
+                if !a.raw().is_multiple_of(if wide { 8 } else { 4 }) {
                     return Err(bad);
                 }
                 SdmaPacket::Atomic {
@@ -543,7 +543,7 @@ impl SdmaPacket {
             }
             opcode::FENCE => {
                 let a = addr(dws, 1);
-                if a.raw() % 4 != 0 {
+                if !a.raw().is_multiple_of(4) {
                     return Err(bad);
                 }
                 SdmaPacket::Fence {
@@ -556,7 +556,7 @@ impl SdmaPacket {
             },
             opcode::TIMESTAMP => {
                 let a = addr(dws, 1);
-                if a.raw() % 8 != 0 {
+                if !a.raw().is_multiple_of(8) {
                     return Err(bad);
                 }
                 SdmaPacket::Timestamp { addr: a }

@@ -78,7 +78,7 @@ pub fn kernel_reply_slot(
     let fits = u64::from(offset)
         .checked_add(u64::from(len))
         .is_some_and(|end| end <= region_size);
-    Some(if offset as usize % REQUEST_ALIGN == 0 && fits {
+    Some(if (offset as usize).is_multiple_of(REQUEST_ALIGN) && fits {
         Ok(ReplySlot::At { offset, len })
     } else {
         Err(ReplyLost {
@@ -193,7 +193,7 @@ impl SvmAttach {
 }
 
 fn check_reply_size(size: u64) -> Result<(), DecodeError> {
-    if size % 8 != 0 {
+    if !size.is_multiple_of(8) {
         return Err(DecodeError::Misaligned {
             field: "reply.size",
             value: size,

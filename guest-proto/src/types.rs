@@ -31,7 +31,7 @@ impl GpuVa {
 
     /// Whether the address is a multiple of [`PAGE_SIZE`].
     pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
 
     /// The start of the page holding this address.
@@ -78,7 +78,7 @@ impl GuestPhysAddr {
 
     /// Whether the address is a multiple of [`PAGE_SIZE`].
     pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
 }
 

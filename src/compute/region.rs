@@ -60,7 +60,7 @@ pub fn backing_pages(
     out: &mut Vec<GuestAddress>,
 ) -> Result<(), RegionError> {
     let size = (count as u64).saturating_mul(PAGE_SIZE);
-    if offset % PAGE_SIZE != 0 {
+    if !offset.is_multiple_of(PAGE_SIZE) {
         return Err(RegionError::Unaligned(offset));
     }
     let pieces = backing
@@ -235,7 +235,7 @@ impl GuestRegion {
     }
 
     fn aligned(&self, off: u64, align: u64) -> Option<GuestAddress> {
-        if (self.lead + off) % align != 0 || off.checked_add(align)? > self.size {
+        if !(self.lead + off).is_multiple_of(align) || off.checked_add(align)? > self.size {
             return None;
         }
         self.addr(off)

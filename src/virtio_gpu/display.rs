@@ -293,7 +293,7 @@ pub fn build_edid(width: u32, height: u32) -> [u8; 128] {
     let mut e = [0u8; 128];
     e[..8].copy_from_slice(&[0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x00]);
     // Manufacturer "VGN" (5-bit letters), product 1, serial 0.
-    let m = ((b'V' - b'@') as u16) << 10 | ((b'G' - b'@') as u16) << 5 | (b'N' - b'@') as u16;
+    let m = u16::from(b'V' - b'@') << 10 | u16::from(b'G' - b'@') << 5 | u16::from(b'N' - b'@');
     e[8..10].copy_from_slice(&m.to_be_bytes());
     e[10] = 1;
     e[16] = 1; // week

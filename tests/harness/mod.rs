@@ -103,7 +103,7 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        i32::try_from(self.child.id()).unwrap()
     }
 
     /// The captured log so far (empty if not captured).
@@ -916,7 +916,7 @@ fn send_with_fd(sock: &std::os::unix::net::UnixStream, bytes: &[u8], fd: i32) {
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
         assert_eq!(
             libc::sendmsg(sock.as_raw_fd(), &msg, 0),
-            bytes.len() as isize
+            isize::try_from(bytes.len()).unwrap()
         );
     }
 }

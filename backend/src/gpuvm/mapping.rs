@@ -156,7 +156,8 @@ impl Mapping {
     pub fn sub_mapping(&self, va: GpuVa, size: u64) -> Option<Mapping> {
         let skip = va.raw().checked_sub(self.va.raw())?;
         let end = skip.checked_add(size)?;
-        if size == 0 || end > self.size || skip % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if size == 0 || end > self.size || skip % PAGE_SIZE != 0 || !size.is_multiple_of(PAGE_SIZE)
+        {
             return None;
         }
         let backing = match &self.backing {

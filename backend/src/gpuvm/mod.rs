@@ -618,7 +618,7 @@ impl GpuVm {
 }
 
 fn check_aligned(what: &'static str, value: u64) -> Result<(), GpuVmError> {
-    if value % PAGE_SIZE == 0 {
+    if value.is_multiple_of(PAGE_SIZE) {
         Ok(())
     } else {
         Err(GpuVmError::Misaligned { what, value })

@@ -245,7 +245,7 @@ fn step(cur: &mut Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
                     let mailbox =
                         gpu_access::load_u64(m, sig.field(amd_signal::EVENT_MAILBOX_PTR))?;
                     let event_id = gpu_access::load_u32(m, sig.field(amd_signal::EVENT_ID))?;
-                    Ok((kind as i64, mailbox, event_id))
+                    Ok((kind.cast_signed(), mailbox, event_id))
                 });
                 let (kind, mailbox, event_id) = match read {
                     Ok(v) => v,

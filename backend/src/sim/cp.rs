@@ -24,21 +24,6 @@ use parking_lot::{Condvar, Mutex};
 use super::tlb::Tlb;
 use super::user_queue::{self, UserQueue};
 
-/// Asks the kernel to wake this thread within a microsecond of its
-/// timeouts: the default timer slack (50 us) would double the hot doorbell
-/// period (`doorbell::HOT_PERIOD`). Failure only costs latency.
-fn precise_timers() {
-    // SAFETY: PR_SET_TIMERSLACK takes an integer and affects only the
-    // calling thread's timer expiry; no memory is passed.
-    let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
-    if r != 0 {
-        log::debug!(
-            "command processor: timer slack unchanged: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 #[derive(Default)]
 struct State {
     queues: Vec<Arc<UserQueue>>,
@@ -85,7 +70,10 @@ impl CommandProcessor {
         match std::thread::Builder::new()
             .name("sim-cp".into())
             .spawn(move || {
-                precise_timers();
+                // Its timeouts are as precise as the creating thread's
+                // timer slack, which this thread inherits: the daemon sets
+                // 1 us before it creates the device (the default 50 us
+                // would double the hot doorbell period).
                 started.wait();
                 worker.run();
             }) {

@@ -55,7 +55,7 @@ pub enum SdmaDoorbell {
 /// Checks an SDMA doorbell value: a multiple of 4, not below the
 /// position, at most a ring ahead of it.
 pub fn sdma_doorbell(value: u64, position: u64, ring_size: u64) -> SdmaDoorbell {
-    if value % 4 != 0 || value < position || value - position > ring_size {
+    if !value.is_multiple_of(4) || value < position || value - position > ring_size {
         SdmaDoorbell::Bad
     } else if value == position {
         SdmaDoorbell::Idle

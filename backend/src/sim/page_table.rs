@@ -600,7 +600,7 @@ mod tests {
         };
         // Four leaves' worth in one directory, plus four far-apart pages.
         let window = |r: u64| {
-            if r % 64 == 0 {
+            if r.is_multiple_of(64) {
                 GpuVa((r % 4) << 39 | 0x7000)
             } else {
                 GpuVa(0x4000_0000 + (r % 2048) * 0x1000)

@@ -300,7 +300,7 @@ fn check_va_range(va: GpuVa, len: u64) -> Result<(), DeviceError> {
             value: va.raw(),
         });
     }
-    if len % PAGE_SIZE != 0 {
+    if !len.is_multiple_of(PAGE_SIZE) {
         return Err(DeviceError::Misaligned {
             what: "length",
             value: len,
@@ -683,7 +683,7 @@ fn run_wave(wave: &mut Wave, tlb: &mut Tlb, deadline: Instant) -> SliceEnd {
         }
         drop(pt);
         steps = steps.wrapping_add(1);
-        if steps % STEPS_PER_CLOCK_CHECK == 0 && Instant::now() >= deadline {
+        if steps.is_multiple_of(STEPS_PER_CLOCK_CHECK) && Instant::now() >= deadline {
             return SliceEnd::Preempted;
         }
     }
@@ -842,7 +842,7 @@ fn complete_unstarted(vm: &VmShared, queue: QueueId, d: &KernelLaunch, status: D
 fn write_signal(vm: &VmShared, c: Completion, status: DispatchStatus, error_va: GpuVa) {
     let pt = vm.pt.read();
     let pte = pt.walk(c.signal);
-    if !pte.allows(AccessFlags::WRITE) || c.signal.raw() % 8 != 0 {
+    if !pte.allows(AccessFlags::WRITE) || !c.signal.raw().is_multiple_of(8) {
         log::warn!("signal at {} is not mapped writable; not written", c.signal);
         return;
     }

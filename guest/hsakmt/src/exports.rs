@@ -685,7 +685,7 @@ pub extern "C" fn hsaKmtUpdateQueue(
 #[unsafe(no_mangle)]
 pub extern "C" fn hsaKmtSetQueueCUMask(queue: u64, count: u32, mask: *mut u32) -> HsakmtStatus {
     run(|t| {
-        if count == 0 || mask.is_null() || count % 32 != 0 {
+        if count == 0 || mask.is_null() || !count.is_multiple_of(32) {
             return Err(HSAKMT_STATUS_INVALID_PARAMETER);
         }
         // Every CU serves every queue on this device; the mask is kept by

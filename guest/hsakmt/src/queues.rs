@@ -238,7 +238,7 @@ fn raise_queue_error(events: &crate::events::Events, amd_queue: u64, code: i64) 
 /// Reads a `u64` of this process's memory that ROCr owns, after checking
 /// it is mapped readable (a hostile pointer must not crash the thunk).
 fn read_u64(addr: u64) -> Option<u64> {
-    if addr % 8 != 0 || !mapped(addr, false) {
+    if !addr.is_multiple_of(8) || !mapped(addr, false) {
         return None;
     }
     // SAFETY: `addr` is 8-aligned and lies in a readable mapping of this
@@ -250,7 +250,7 @@ fn read_u64(addr: u64) -> Option<u64> {
 }
 
 fn write_i64(addr: u64, v: i64) -> bool {
-    if addr % 8 != 0 || !mapped(addr, true) {
+    if !addr.is_multiple_of(8) || !mapped(addr, true) {
         return false;
     }
     // SAFETY: as in `read_u64`, in a writable mapping; a release store as
@@ -296,7 +296,7 @@ pub fn create(
     if !thunk.user_queues {
         return Err(HSAKMT_STATUS_NOT_SUPPORTED);
     }
-    if ring == 0 || ring % 256 != 0 || !ring_size.is_power_of_two() {
+    if ring == 0 || !ring.is_multiple_of(256) || !ring_size.is_power_of_two() {
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
     }
     let mut dev = thunk.dev();

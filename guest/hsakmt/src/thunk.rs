@@ -689,7 +689,7 @@ pub fn covered(maps: &[guest_runtime::procmaps::MapEntry], start: u64, end: u64)
 }
 
 fn svm_range(start: u64, size: u64) -> Result<u64, HsakmtStatus> {
-    if start % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
+    if !start.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) || size == 0 {
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
     }
     let end = start
