@@ -215,7 +215,7 @@ fn the_wire_attributes_convert_to_an_update() {
         access: Some(Perms::RW),
         fault_policy: None,
         granule_shift: Some(21),
-        prefetch: Some(true),
+        prefault: Some(true),
     };
     assert_eq!(
         AttrUpdate::from(&wire),

@@ -3,7 +3,7 @@
 //!
 //! Attributes are policy the device applies to faults in the range (may
 //! the GPU be granted this access, is a fault forwarded or fatal, how big
-//! is a fault granule) plus the one-shot prefetch request. They are
+//! is a fault granule) plus the one-shot prefault request. They are
 //! independent of mappings. A request carries at most one value per
 //! attribute type, so the decoded form is a struct of optional values
 //! rather than a list: the device applies it atomically, order does not
@@ -32,8 +32,8 @@ pub mod attr_type {
     pub const FAULT_POLICY: u32 = 2;
     /// [`super::RangeAttrs::granule_shift`]
     pub const GRANULARITY: u32 = 3;
-    /// [`super::RangeAttrs::prefetch`]
-    pub const PREFETCH: u32 = 4;
+    /// [`super::RangeAttrs::prefault`]
+    pub const PREFAULT: u32 = 4;
 }
 
 impl FaultPolicy {
@@ -64,8 +64,8 @@ pub struct RangeAttrs {
     pub fault_policy: Option<FaultPolicy>,
     /// `GRANULARITY`: log2 of the fault granule, 12 ..= 30.
     pub granule_shift: Option<u8>,
-    /// `PREFETCH`: `true` posts prefetch records for the unbound granules.
-    pub prefetch: Option<bool>,
+    /// `PREFAULT`: `true` posts prefault records for the unbound granules.
+    pub prefault: Option<bool>,
 }
 
 impl RangeAttrs {
@@ -74,7 +74,7 @@ impl RangeAttrs {
         u32::from(self.access.is_some())
             + u32::from(self.fault_policy.is_some())
             + u32::from(self.granule_shift.is_some())
-            + u32::from(self.prefetch.is_some())
+            + u32::from(self.prefault.is_some())
     }
 
     /// The attributes as wire `(type, value)` pairs, in type order.
@@ -86,7 +86,7 @@ impl RangeAttrs {
                 .map(|p| (attr_type::FAULT_POLICY, p.to_wire())),
             self.granule_shift
                 .map(|s| (attr_type::GRANULARITY, u64::from(s))),
-            self.prefetch.map(|p| (attr_type::PREFETCH, u64::from(p))),
+            self.prefault.map(|p| (attr_type::PREFAULT, u64::from(p))),
         ]
         .into_iter()
         .flatten()
@@ -117,13 +117,13 @@ impl RangeAttrs {
                     .ok_or(invalid)?;
                 replace_once(&mut self.granule_shift, shift, duplicate)
             }
-            attr_type::PREFETCH => {
-                let prefetch = match value {
+            attr_type::PREFAULT => {
+                let prefault = match value {
                     0 => false,
                     1 => true,
                     _ => return Err(invalid),
                 };
-                replace_once(&mut self.prefetch, prefetch, duplicate)
+                replace_once(&mut self.prefault, prefault, duplicate)
             }
             _ => Err(DecodeError::InvalidValue {
                 field: "attr.type",

@@ -83,8 +83,8 @@ impl Features {
     pub const RANGE_ATTRS: Features = Features(1 << 1);
     /// `VM_BIND` accepts `MAP_PAGES`.
     pub const BIND_PAGES: Features = Features(1 << 2);
-    /// The `PREFETCH` range attribute posts prefetch records.
-    pub const PREFETCH: Features = Features(1 << 3);
+    /// The `PREFAULT` range attribute posts prefault records.
+    pub const PREFAULT: Features = Features(1 << 3);
     /// 1.1: `SVM_ATTACH`/`SVM_DETACH`, faults resolved by the guest kernel
     /// (section 15).
     pub const KERNEL_SVM: Features = Features(1 << 4);

@@ -38,7 +38,7 @@ pub const MIN_FAULT_RING_CAPACITY: u32 = 16;
 /// Largest ring capacity the protocol can express: indices run modulo
 /// 2^32, so the capacity must divide it.
 pub const MAX_FAULT_RING_CAPACITY: u32 = 1 << 31;
-/// `queue_id` of a prefetch record.
+/// `queue_id` of a prefault record.
 pub const NO_QUEUE: u32 = 0xFFFF_FFFF;
 /// Most entries in one `FAULT_REPLY`.
 pub const MAX_FAULT_REPLY_ENTRIES: u32 = 4096;
@@ -186,8 +186,8 @@ impl FaultRingHeader {
     }
 }
 
-/// `flags` bit of a prefetch record.
-pub const FAULT_FLAG_PREFETCH: u8 = 1;
+/// `flags` bit of a prefault record.
+pub const FAULT_FLAG_PREFAULT: u8 = 1;
 
 /// Why a fault record exists.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -201,10 +201,10 @@ pub enum FaultCause {
         /// Accesses merged into this record, at least 1.
         merged: u32,
     },
-    /// A `PREFETCH` range attribute asked for it; no work waits. On the
-    /// wire: `queue_id = 0xFFFF_FFFF`, `access = 0`, `flags = PREFETCH`,
+    /// A `PREFAULT` range attribute asked for it; no work waits. On the
+    /// wire: `queue_id = 0xFFFF_FFFF`, `access = 0`, `flags = PREFAULT`,
     /// `merged = 0`.
-    Prefetch,
+    Prefault,
 }
 
 /// One 32-byte fault record (8.1).
@@ -217,7 +217,7 @@ pub struct FaultRecord {
     pub va: GpuVa,
     /// log2 of the range's fault granule, 12 ..= 30.
     pub granule_shift: u8,
-    /// Access fault or prefetch request.
+    /// Access fault or prefault request.
     pub cause: FaultCause,
 }
 
@@ -230,7 +230,7 @@ impl FaultRecord {
                 access,
                 merged,
             } => (queue.0, access.bits(), 0, merged),
-            FaultCause::Prefetch => (NO_QUEUE, 0, FAULT_FLAG_PREFETCH, 0),
+            FaultCause::Prefault => (NO_QUEUE, 0, FAULT_FLAG_PREFAULT, 0),
         };
         let mut b = [0u8; FAULT_RECORD_SIZE as usize];
         put_u64(&mut b, 0, self.fault_id.0);
@@ -290,7 +290,7 @@ impl FaultRecord {
                     merged,
                 }
             }
-            FAULT_FLAG_PREFETCH => {
+            FAULT_FLAG_PREFAULT => {
                 if queue != NO_QUEUE {
                     return Err(invalid("record.queue_id", u64::from(queue)));
                 }
@@ -300,7 +300,7 @@ impl FaultRecord {
                 if merged != 0 {
                     return Err(invalid("record.merged", u64::from(merged)));
                 }
-                FaultCause::Prefetch
+                FaultCause::Prefault
             }
             _ => return Err(invalid("record.flags", u64::from(flags))),
         };

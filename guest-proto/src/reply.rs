@@ -36,7 +36,7 @@ pub struct SessionInitReply {
 /// `DEVICE_QUERY` reply payload: counters of the session.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
 pub struct DeviceQueryReply {
-    /// Fault records delivered, prefetch records included.
+    /// Fault records delivered, prefault records included.
     pub faults_raised: u64,
     /// Faults that ended resolved.
     pub faults_resolved: u64,

@@ -64,7 +64,7 @@ fn capset_payload() {
         version_minor: 2,
         features: Features::RECOVERABLE_FAULTS
             .union(Features::RANGE_ATTRS)
-            .union(Features::PREFETCH),
+            .union(Features::PREFAULT),
         va_bits: 48,
         page_shift: 12,
         compute_units: 4,
@@ -254,7 +254,7 @@ fn range_attr_request() {
             access: Some(Perms::READ),
             fault_policy: Some(FaultPolicy::Fatal),
             granule_shift: Some(16),
-            prefetch: Some(true),
+            prefault: Some(true),
         },
     };
     assert_eq!(Request::decode(&b).unwrap(), Request::RangeAttr(expected));
@@ -649,14 +649,14 @@ fn fault_record() {
     w32(&mut p, 16, 0xFFFF_FFFF);
     w8(&mut p, 21, 1);
     w8(&mut p, 22, 21);
-    let prefetch = FaultRecord {
+    let prefault = FaultRecord {
         fault_id: FaultId(0x43),
         va: GpuVa(0x20000),
         granule_shift: 21,
-        cause: FaultCause::Prefetch,
+        cause: FaultCause::Prefault,
     };
-    assert_eq!(FaultRecord::decode(&p), Ok(prefetch));
-    assert_eq!(prefetch.encode(), p);
+    assert_eq!(FaultRecord::decode(&p), Ok(prefault));
+    assert_eq!(prefault.encode(), p);
 }
 
 #[test]

@@ -276,14 +276,14 @@ fn range_attr() -> impl Strategy<Value = RangeAttr> {
             t.2.is_some() || t.3.is_some() || t.4.is_some() || t.5.is_some()
         })
         .prop_map(
-            |(va, size, access, fault_policy, granule_shift, prefetch)| RangeAttr {
+            |(va, size, access, fault_policy, granule_shift, prefault)| RangeAttr {
                 va,
                 size,
                 attrs: RangeAttrs {
                     access,
                     fault_policy,
                     granule_shift,
-                    prefetch,
+                    prefault,
                 },
             },
         )

@@ -865,7 +865,7 @@ fn range_attr_rejections() {
             Status::InvalidArgument,
         ),
         (
-            "prefetch 2",
+            "prefault 2",
             base(&[(4, 2)]),
             invalid("attr.value", 2),
             Status::InvalidArgument,
@@ -1394,7 +1394,7 @@ fn fault_record_rejections() {
         w32(&mut b, 24, 1);
         b
     };
-    let prefetch = || {
+    let prefault = || {
         let mut b = vec![0u8; 32];
         w64(&mut b, 8, 0x10000);
         w32(&mut b, 16, 0xFFFF_FFFF);
@@ -1403,7 +1403,7 @@ fn fault_record_rejections() {
         b
     };
     assert!(FaultRecord::decode(&access()).is_ok());
-    assert!(FaultRecord::decode(&prefetch()).is_ok());
+    assert!(FaultRecord::decode(&prefault()).is_ok());
     let cases: Vec<(&str, Vec<u8>, DecodeError)> = vec![
         (
             "short",
@@ -1470,18 +1470,18 @@ fn fault_record_rejections() {
             },
         ),
         (
-            "prefetch with a queue",
-            with(prefetch(), |b| w32(b, 16, 0)),
+            "prefault with a queue",
+            with(prefault(), |b| w32(b, 16, 0)),
             invalid("record.queue_id", 0),
         ),
         (
-            "prefetch with an access",
-            with(prefetch(), |b| w8(b, 20, 1)),
+            "prefault with an access",
+            with(prefault(), |b| w8(b, 20, 1)),
             invalid("record.access", 1),
         ),
         (
-            "prefetch with merges",
-            with(prefetch(), |b| w32(b, 24, 1)),
+            "prefault with merges",
+            with(prefault(), |b| w32(b, 24, 1)),
             invalid("record.merged", 1),
         ),
     ];

@@ -338,7 +338,7 @@ fn fault_ring_round_trips() {
             fault_id: FaultId(0),
             va: GpuVa(0),
             granule_shift: 12,
-            cause: FaultCause::Prefetch,
+            cause: FaultCause::Prefault,
         },
     ];
     for r in records {

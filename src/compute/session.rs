@@ -281,9 +281,9 @@ impl ComputeSession {
                     fault_policy: a.fault_policy,
                     granule_shift: a.granule_shift,
                 };
-                let prefetch = a.prefetch == Some(true);
+                let prefault = a.prefault == Some(true);
                 self.ctx
-                    .set_attrs(attr.va, attr.size, update, prefetch)
+                    .set_attrs(attr.va, attr.size, update, prefault)
                     .map(|()| ReplyPayload::RangeAttr)
                     .map_err(|e| e.status())
             }

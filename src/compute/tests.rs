@@ -555,7 +555,7 @@ fn unanswered_faults_time_out_and_late_answers_are_unknown() {
 }
 
 #[test]
-fn range_attributes_make_faults_fatal_or_prefetch_granules() {
+fn range_attributes_make_faults_fatal_or_prefault_granules() {
     use guest_proto::FaultPolicy;
     use guest_proto::attr::{RangeAttr, RangeAttrs};
     let mut g = Guest::with(ComputeConfig::default());
@@ -600,7 +600,7 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
         g.take_faults(&mut c).is_empty(),
         "fatal faults are never written"
     );
-    // Prefetch: one record per unbound 64 KiB granule, none where bound.
+    // Prefault: one record per unbound 64 KiB granule, none where bound.
     let page = g.alloc(4096);
     let pages = [GuestPhysAddr(page)];
     let bound = BindOp::MapPages {
@@ -611,7 +611,7 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
     assert_eq!(g.bind(&mut c, bound).status, Status::Ok);
     let pf = RangeAttrs {
         granule_shift: Some(16),
-        prefetch: Some(true),
+        prefault: Some(true),
         ..RangeAttrs::default()
     };
     assert_eq!(
@@ -626,7 +626,7 @@ fn range_attributes_make_faults_fatal_or_prefetch_granules() {
     );
     assert!(
         f.iter()
-            .all(|r| r.cause == FaultCause::Prefetch && r.granule_shift == 16)
+            .all(|r| r.cause == FaultCause::Prefault && r.granule_shift == 16)
     );
     // Outside the aperture (the reserved range) attributes are refused.
     let reserved = RangeAttrs {

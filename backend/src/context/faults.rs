@@ -38,7 +38,7 @@ pub trait FaultRing {
 /// `timed_out` + `cancelled` + the faults still pending.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounters {
-    /// Guest faults raised (prefetch records included), whether their
+    /// Guest faults raised (prefault records included), whether their
     /// record is in the ring yet or still waits for room: a fault can end
     /// (time out, be cancelled) before its record was ever written.
     pub raised: u64,
@@ -161,10 +161,10 @@ impl FaultTracker {
         self.by_granule.insert(granule, record.fault_id);
     }
 
-    /// Queues a prefetch record for the granule of `va` (the record names
+    /// Queues a prefault record for the granule of `va` (the record names
     /// `va`'s page, the first unbound one); false when the
     /// pending cap is reached or the granule already has a pending fault.
-    pub fn add_prefetch(&mut self, va: GpuVa, granule_shift: u8, now: Instant) -> bool {
+    pub fn add_prefault(&mut self, va: GpuVa, granule_shift: u8, now: Instant) -> bool {
         let granule = Granule::of(va, granule_shift);
         if self.pending.len() >= self.max_pending || self.by_granule.contains_key(&granule) {
             return false;
@@ -173,13 +173,13 @@ impl FaultTracker {
             fault_id: self.take_id(),
             va: va.page_down(),
             granule_shift,
-            cause: FaultCause::Prefetch,
+            cause: FaultCause::Prefault,
         };
         self.insert(record, Vec::new(), granule, now);
         true
     }
 
-    /// Whether more prefetch records may be queued.
+    /// Whether more prefault records may be queued.
     pub fn has_room(&self) -> bool {
         self.pending.len() < self.max_pending
     }
@@ -321,7 +321,7 @@ fn merge_access(record: &mut WireRecord, access: AccessFlags, merged: u32) {
     }
 }
 
-/// A queue id that no queue has: the `queue_id` of prefetch records.
+/// A queue id that no queue has: the `queue_id` of prefault records.
 pub const NO_QUEUE: QueueId = QueueId(u32::MAX);
 
 #[cfg(test)]
@@ -490,20 +490,20 @@ mod tests {
     }
 
     #[test]
-    fn prefetch_respects_the_cap_and_existing_faults() {
+    fn prefault_respects_the_cap_and_existing_faults() {
         let now = Instant::now();
         let mut t = FaultTracker::new(2, Duration::from_secs(1));
         t.add_device_fault(&dev(1, 0x3000, AccessFlags::READ), 12, now);
-        assert!(!t.add_prefetch(GpuVa(0x3000), 12, now));
-        assert!(t.add_prefetch(GpuVa(0x4000), 12, now));
-        assert!(!t.add_prefetch(GpuVa(0x5000), 12, now));
+        assert!(!t.add_prefault(GpuVa(0x3000), 12, now));
+        assert!(t.add_prefault(GpuVa(0x4000), 12, now));
+        assert!(!t.add_prefault(GpuVa(0x5000), 12, now));
         let mut ring = VecRing {
             records: vec![],
             capacity: 8,
             dropped: 0,
         };
         t.flush(&mut ring);
-        assert_eq!(ring.records[1].cause, FaultCause::Prefetch);
+        assert_eq!(ring.records[1].cause, FaultCause::Prefault);
         assert_eq!(
             t.answer(ring.records[1].fault_id, GuestAnswer::Resolved),
             Some(vec![])

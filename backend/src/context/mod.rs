@@ -482,7 +482,7 @@ impl ComputeContext {
             .release(before.saturating_sub(self.vm.bound_bytes()));
     }
 
-    /// Sets range attributes; with `prefetch`, queues one prefetch record
+    /// Sets range attributes; with `prefault`, queues one prefault record
     /// for every granule of the range that has an unbound page (as many as
     /// the pending cap allows).
     pub fn set_attrs(
@@ -490,7 +490,7 @@ impl ComputeContext {
         va: GpuVa,
         size: u64,
         update: AttrUpdate,
-        prefetch: bool,
+        prefault: bool,
     ) -> Result<(), ContextError> {
         self.check_live()?;
         // One request adds at most two stored ranges (the split ends) and
@@ -499,13 +499,13 @@ impl ComputeContext {
             return Err(ContextError::AttrQuota(MAX_ATTR_RANGES));
         }
         self.vm.set_attrs(va, size, update)?;
-        if prefetch {
-            self.queue_prefetch(va, size);
+        if prefault {
+            self.queue_prefault(va, size);
         }
         Ok(())
     }
 
-    fn queue_prefetch(&mut self, va: GpuVa, size: u64) {
+    fn queue_prefault(&mut self, va: GpuVa, size: u64) {
         let now = Instant::now();
         let end = va.raw().saturating_add(size);
         let mut at = va.raw();
@@ -514,7 +514,7 @@ impl ComputeContext {
             let granule = 1u64 << shift;
             let granule_end = ((at | (granule - 1)).saturating_add(1)).min(end);
             if let Some(hole) = first_unbound_page(&self.vm, at, granule_end) {
-                self.faults.add_prefetch(GpuVa(hole), shift, now);
+                self.faults.add_prefault(GpuVa(hole), shift, now);
             }
             at = granule_end;
         }

@@ -79,7 +79,7 @@ impl AttrUpdate {
 }
 
 /// The persistent attributes of a `RANGE_ATTR` request (its one-shot
-/// `prefetch` is not an attribute and is left to the caller).
+/// `prefault` is not an attribute and is left to the caller).
 impl From<&guest_proto::attr::RangeAttrs> for AttrUpdate {
     fn from(wire: &guest_proto::attr::RangeAttrs) -> Self {
         AttrUpdate {

@@ -102,7 +102,7 @@ fn main() -> std::io::Result<()> {
                     access: Some(Perms::READ),
                     fault_policy: Some(FaultPolicy::Fatal),
                     granule_shift: Some(16),
-                    prefetch: Some(true),
+                    prefault: Some(true),
                 },
             }),
         ),

@@ -122,7 +122,7 @@ impl Change {
             access: touches_access.then(|| device_perms(after)),
             fault_policy: None,
             granule_shift: self.granularity.map(|g| (12 + g).min(30) as u8),
-            prefetch: (self.prefetch == Some(GPU_NODE)).then_some(true),
+            prefault: (self.prefetch == Some(GPU_NODE)).then_some(true),
         }
     }
 }
@@ -378,7 +378,7 @@ mod tests {
         let d = c.device_attrs(&a);
         assert_eq!(d.access, Some(Perms::NONE));
         assert_eq!(d.granule_shift, Some(21));
-        assert_eq!(d.prefetch, Some(true));
+        assert_eq!(d.prefault, Some(true));
         let ro = Change::parse(&[attr(HSA_SVM_ATTR_SET_FLAGS, HSA_SVM_FLAG_GPU_RO)]).unwrap();
         let mut a = Attrs::default();
         ro.apply(&mut a);

@@ -651,9 +651,9 @@ impl Session {
         Ok(bound)
     }
 
-    /// Sets range attributes. On the kernel path a `PREFETCH` of a range
+    /// Sets range attributes. On the kernel path a `PREFAULT` of a range
     /// the kernel mirrors is the kernel's `PREFETCH` (bound when this
-    /// returns) instead of prefetch records.
+    /// returns) instead of prefault records.
     pub fn set_attrs(
         &mut self,
         va: u64,
@@ -664,10 +664,10 @@ impl Session {
             .registrations
             .iter()
             .find_map(|r| r.gpu_to_cpu(va, size));
-        if let (Some(cpu), Some(true), Some(k)) = (mirrored, attrs.prefetch, &self.kernel) {
+        if let (Some(cpu), Some(true), Some(k)) = (mirrored, attrs.prefault, &self.kernel) {
             let k = k.clone();
             let rest = guest_proto::attr::RangeAttrs {
-                prefetch: None,
+                prefault: None,
                 ..attrs
             };
             if rest.count() > 0 {
@@ -931,11 +931,11 @@ fn resolve(
     Ok(Some((start, frames, Perms::RW)))
 }
 
-/// The access a fault record needs (a prefetch: read).
+/// The access a fault record needs (a prefault: read).
 fn needed_access(f: &FaultRecord) -> AccessFlags {
     match f.cause {
         FaultCause::Access { access, .. } => access,
-        FaultCause::Prefetch => AccessFlags::READ,
+        FaultCause::Prefault => AccessFlags::READ,
     }
 }
 
@@ -989,9 +989,9 @@ fn alloc(drm: &Drm, profile: ProfileKind, size: u64) -> Result<SharedBuffer> {
     Ok(SharedBuffer { bo, map })
 }
 
-/// Whether a fault record is a prefetch.
-pub fn is_prefetch(f: &FaultRecord) -> bool {
-    matches!(f.cause, FaultCause::Prefetch)
+/// Whether a fault record is a prefault (no work waits on it).
+pub fn is_prefault(f: &FaultRecord) -> bool {
+    matches!(f.cause, FaultCause::Prefault)
 }
 
 /// The status of a finished dispatch, as an error if it failed.
