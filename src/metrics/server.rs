@@ -397,17 +397,24 @@ fn handle(mut conn: Conn, metrics: &Metrics) {
         return;
     }
     conn.shutdown_write();
-    // Drain what the client still sends (bounded), so that closing with
-    // unread data does not reset the connection before it read the answer.
+    // Drain what the client still sends, so that closing with unread data
+    // does not reset the connection before the client read the answer;
+    // bounded in bytes and time, into the same buffer.
     let _ = conn.set_timeouts(Duration::from_millis(100));
+    let until = Instant::now() + DRAIN_TIME;
     let mut drained = 0usize;
-    while drained < 4 * MAX_REQUEST {
+    while drained < DRAIN_BYTES && Instant::now() < until {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }
     }
 }
+
+/// Most bytes read and dropped after the answer.
+const DRAIN_BYTES: usize = 1 << 20;
+/// Longest time spent on that.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
 
 fn error_response(conn: &mut Conn, metrics: &Metrics, r: RequestResult) -> io::Result<()> {
     metrics.count_request(r);
