@@ -12,9 +12,12 @@
 //! - [`sim`]: the simulated GPU, the daemon's default device: multi-level page
 //!   tables, per-compute-unit TLBs, compute queues running the protocol's
 //!   kernel set, and retry faults with replay and cancel.
+//! - [`histogram`]: a fixed-bucket latency histogram (fault round trips,
+//!   doorbell latency) for the daemon's metrics.
 pub mod context;
 pub mod device;
 pub mod gpuvm;
+pub mod histogram;
 pub mod sim;
 
 pub use device::{

@@ -230,6 +230,12 @@ const FAMILIES: &[(&str, Kind, &[&str], &str)] = &[
         "Doorbell loads the device made for the context's user queues.",
     ),
     (
+        "vhost_gpu_nc_doorbell_latency_seconds",
+        Kind::Histogram,
+        &["guest", "ctx"],
+        "User queues: time from the device's last look that found no new work (or a later kick) to the first packet of the new work completing.",
+    ),
+    (
         "vhost_gpu_nc_lost_replies_total",
         Kind::Counter,
         &["guest", "ctx"],
@@ -407,7 +413,7 @@ impl prometheus::core::Collector for Collector {
             .cloned()
             .collect();
         put("vhost_gpu_nc_guests", &[], guests.len() as f64);
-        let mut histograms: Vec<(String, String, LatencyHistogram)> = Vec::new();
+        let mut histograms: Vec<(String, String, LatencyHistogram, LatencyHistogram)> = Vec::new();
         for g in &guests {
             let guest = g.guest().to_string();
             let gl = guest.as_str();
@@ -442,15 +448,22 @@ impl prometheus::core::Collector for Collector {
                 let ctx = id.to_string();
                 let l = [gl, ctx.as_str()];
                 put_context(&mut put, &l, series);
+                let t = series.totals();
                 histograms.push((
                     guest.clone(),
                     ctx.clone(),
-                    series.totals().ctx.fault_round_trips,
+                    t.ctx.fault_round_trips,
+                    t.ctx.doorbell_latency,
                 ));
             }
         }
         if let Some(f) = out.get_mut(at("vhost_gpu_nc_fault_round_trip_seconds")) {
-            for (guest, ctx, h) in &histograms {
+            for (guest, ctx, h, _) in &histograms {
+                f.push_histogram(&[guest, ctx], h);
+            }
+        }
+        if let Some(f) = out.get_mut(at("vhost_gpu_nc_doorbell_latency_seconds")) {
+            for (guest, ctx, _, h) in &histograms {
                 f.push_histogram(&[guest, ctx], h);
             }
         }

@@ -67,6 +67,7 @@ impl CtxSample {
         add(&mut a.stats.faults.cancelled, b.stats.faults.cancelled);
         add(&mut a.stats.dispatches_done, b.stats.dispatches_done);
         a.fault_round_trips.merge(&b.fault_round_trips);
+        a.doorbell_latency.merge(&b.doorbell_latency);
         add(&mut a.binds.binds, b.binds.binds);
         add(&mut a.binds.bind_bytes, b.binds.bind_bytes);
         add(&mut a.binds.unbinds, b.binds.unbinds);

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use guest_proto::fault::{FaultCause, FaultRecord as WireRecord};
 use guest_proto::{AccessFlags, FaultId, GpuVa, QueueId};
 
-use super::histogram::LatencyHistogram;
 use crate::device::DeviceFault;
+use crate::histogram::LatencyHistogram;
 
 /// Where guest-visible fault records go: the session's fault ring in guest
 /// memory.

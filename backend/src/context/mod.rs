@@ -27,7 +27,6 @@
 
 pub mod events;
 pub mod faults;
-pub mod histogram;
 pub mod quota;
 
 use std::collections::BTreeSet;
@@ -47,10 +46,10 @@ use crate::gpuvm::{
     VaLayout,
 };
 
+pub use crate::histogram::{LATENCY_BOUNDS_NS, LatencyHistogram};
 use events::EventInbox;
 pub use events::{DISPATCH_STATUSES, Waker};
 pub use faults::{FaultCounters, FaultRing, FaultTracker, GuestAnswer};
-pub use histogram::{LATENCY_BOUNDS_NS, LatencyHistogram};
 pub use quota::BoundBytesQuota;
 
 /// Most stored attribute ranges per context: bounds the memory a guest can
@@ -271,6 +270,9 @@ pub struct ContextMetrics {
     pub dispatches_ended: [u64; DISPATCH_STATUSES],
     /// User queue counters (protocol 14.5).
     pub user_queues: UserQueueStats,
+    /// The user queues' doorbell-to-first-packet latency (see
+    /// [`DeviceVm::doorbell_latency`]).
+    pub doorbell_latency: LatencyHistogram,
 }
 
 impl ContextMetrics {
@@ -815,6 +817,7 @@ impl ComputeContext {
             dispatches_started: self.dispatches_started,
             dispatches_ended: self.events.dispatches_by_status(),
             user_queues: self.user_queue_stats(),
+            doorbell_latency: self.device_vm.doorbell_latency(),
         }
     }
 
