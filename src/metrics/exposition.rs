@@ -1,6 +1,6 @@
 //! The collector: every metric family of docs/metrics.md, built at scrape
-//! time from [`super::Shared`] with the `prometheus` crate's data model
-//! (its registry sorts them, its text encoder writes them).
+//! time from the registry's shared state with the `prometheus` crate's
+//! data model (its registry sorts them, its text encoder writes them).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
