@@ -297,6 +297,7 @@ fn main() {
             (b50.as_secs_f64() / base_b.as_secs_f64() - 1.0) * 100.0,
         );
     }
+    render_cost(gpu.clone());
     // What the always-on part costs by itself: the clock read and
     // histogram update of one fault answer.
     let mut h = gpu_backend::context::LatencyHistogram::default();
@@ -309,4 +310,66 @@ fn main() {
     let per = t.elapsed() / n;
     std::hint::black_box(&h);
     println!("per fault answer, clock read + histogram update: {per:.1?}");
+}
+
+/// What one scrape costs with `--max-contexts` (64) contexts, each with a
+/// session: the publication on the vring worker and the rendering.
+fn render_cost(gpu: Arc<SimGpu>) {
+    let mut guest = TestGuest::new(gpu, ComputeConfig::default(), 64 << 20);
+    let metrics = Metrics::new();
+    let g = metrics.new_guest();
+    guest.nc().set_metrics(g.clone());
+    metrics.guest_connected(&g);
+    let limits = DecodeLimits::from_capset(&Capset::default());
+    let mut clients = Vec::new();
+    for i in 1..=64u32 {
+        let ctx = CtxId(i);
+        guest
+            .nc()
+            .create_context(ctx, ContextInit { capset_id: None }, "bench")
+            .unwrap();
+        let base = guest.resource(ctx, 1000 + i, SESSION_BYTES);
+        let channel = InProcess {
+            nc: guest.backend.clone(),
+            mem: guest.mem.clone(),
+            ctx,
+            base,
+        };
+        let mut c = runtime::Client::new(channel, SessionLayout::COMPACT, limits, None);
+        c.start(ResourceId(1000 + i), Profile::Compat).unwrap();
+        clients.push(c);
+    }
+    let n = 200u32;
+    let mut tick = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        guest.nc().tick();
+        tick.push(t.elapsed());
+    }
+    let mut publish = Vec::new();
+    let mut scrape = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..n {
+        // A scrape waits; the worker's next tick publishes.
+        let m = metrics.clone();
+        let waiter = std::thread::spawn(move || m.render().len());
+        while g.publish_wanted().is_none() {
+            std::thread::yield_now();
+        }
+        let t = Instant::now();
+        guest.nc().tick();
+        publish.push(t.elapsed());
+        assert!(waiter.join().unwrap() > 0);
+        let t = Instant::now();
+        bytes = metrics.render_with(Duration::ZERO).len();
+        scrape.push(t.elapsed());
+    }
+    drop(clients);
+    println!(
+        "one scrape with 64 contexts (medians): the vring worker's tick {:.1?} with the \
+         publication, {:.1?} without; gather + encode {:.1?} (on a metrics thread), {bytes} bytes",
+        pct(&mut publish, 0.5),
+        pct(&mut tick, 0.5),
+        pct(&mut scrape, 0.5)
+    );
 }

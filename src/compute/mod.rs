@@ -190,7 +190,8 @@ impl ComputeBackend {
     }
 
     /// Answers a scrape that waits for fresh counters (a relaxed load or
-    /// two when none does). Called on every tick.
+    /// two when none does; never blocks on the scrape). Called on every
+    /// tick.
     fn publish_metrics(&self) {
         let Some(m) = &self.metrics else {
             return;
@@ -202,7 +203,8 @@ impl ComputeBackend {
             .contexts
             .iter()
             .filter_map(|(id, c)| Some((id.0, c.session.as_ref()?.sample())));
-        m.publish(token, samples);
+        // Busy (a scrape is reading): the request stays for the next tick.
+        let _ = m.publish(token, samples);
     }
 
     fn decode_limits(&self) -> DecodeLimits {

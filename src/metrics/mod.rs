@@ -213,19 +213,25 @@ impl GuestMetrics {
     }
 
     /// Stores fresh snapshots of the live sessions and answers the scrape
-    /// that asked (`token` from [`GuestMetrics::publish_wanted`]).
-    pub fn publish(&self, token: u64, samples: impl IntoIterator<Item = (u32, CtxSample)>) {
-        {
-            let mut contexts = self.contexts.lock();
-            for (ctx, sample) in samples {
-                if let Some(s) = contexts.get_mut(&ctx) {
-                    s.current = Some(sample);
-                }
+    /// that asked (`token` from [`GuestMetrics::publish_wanted`]). Never
+    /// blocks: if a scrape is reading the series right now, nothing is
+    /// done (and `samples` is not evaluated) and false returned; the
+    /// request stays pending for the next tick.
+    pub fn publish(&self, token: u64, samples: impl IntoIterator<Item = (u32, CtxSample)>) -> bool {
+        let Some(mut contexts) = self.contexts.try_lock() else {
+            return false;
+        };
+        for (ctx, sample) in samples {
+            if let Some(s) = contexts.get_mut(&ctx) {
+                s.current = Some(sample);
             }
         }
+        drop(contexts);
         self.publish.served.store(token, Ordering::Release);
-        let _l = self.publish.lock.lock();
+        // Without the lock: the scraper re-checks every millisecond, so a
+        // wake-up that races its check costs it at most that.
         self.publish.done.notify_all();
+        true
     }
 
     /// Asks for fresh snapshots and waits until `deadline` for them;
@@ -236,16 +242,21 @@ impl GuestMetrics {
             .requested
             .fetch_add(1, Ordering::AcqRel)
             .wrapping_add(1);
-        let mut l = self.publish.lock.lock();
         loop {
             // Tokens only grow (a u64 never wraps in practice): a later
             // scrape's publication answers this one too.
             if self.publish.served.load(Ordering::Acquire) >= token {
                 return true;
             }
-            if self.publish.done.wait_until(&mut l, deadline).timed_out() {
-                return self.publish.served.load(Ordering::Acquire) >= token;
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
             }
+            let mut l = self.publish.lock.lock();
+            let _ = self
+                .publish
+                .done
+                .wait_until(&mut l, deadline.min(now + Duration::from_millis(1)));
         }
     }
 
