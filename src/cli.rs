@@ -108,7 +108,7 @@ metric is described in /usr/share/doc/vhost-gpu-nc/metrics.md.
 EXIT STATUS:
   0  a termination signal (SIGINT, SIGTERM) was taken, the frontend of a \
 connected --fd went away, or --print-capabilities printed.
-  1  the daemon could not start (socket, fd, sandbox, logging); the reason is \
+  1  the daemon could not start (socket, fd, sandbox, logging, metrics endpoint); the reason is \
 logged.
   2  the command line is wrong.
   A process killed by SIGSYS made a system call outside the sandbox: a bug; \
