@@ -98,7 +98,7 @@ METRICS:
 text format: per guest (connection number) and per context, faults raised, \
 resolved, rejected, timed out and cancelled, the fault round-trip histogram, \
 binds and unbinds, bound bytes against the quota, dispatches by status, queue \
-depth, user-queue packets, copy bytes, interrupts, doorbell polls, virtio-gpu \
+depth, user-queue packets, copy bytes, interrupts, doorbell polls and latency, virtio-gpu \
 commands and errors. Plain HTTP/1.1 GET /metrics (curl --unix-socket PATH \
 http://localhost/metrics); a connection that sends nothing gets the text \
 alone. The endpoint shows per-guest data to whoever can connect: the unix \
