@@ -221,3 +221,103 @@ fn a_scrape_without_a_publishing_backend_shows_the_last_snapshot_in_bounded_time
         Some(1.0)
     );
 }
+
+#[test]
+fn user_queue_packets_copy_bytes_interrupts_and_doorbells_are_shown() {
+    use guest_proto::reply::{QueueCreateReply, ReplyPayload};
+    use guest_proto::sdma::SdmaPacket;
+    use guest_proto::uq::{UserQueueCreate, UserQueueKind};
+    use guest_proto::{GpuVa, Request, ResourceId};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+    const RING: u64 = 0x5000_0000;
+    const CTL: u64 = 0x5100_0000;
+    const DST: u64 = 0x6000_0000;
+    let (mut g, metrics, _guest) = with_metrics(ComputeConfig::default());
+    let mut c = g.open(2, compat(), Profile::Compat);
+    let bound = |g: &mut Guest, c: &mut Client, res: u32, va: u64, bytes: u64| {
+        let gpa = g.resource(c.ctx, res, bytes);
+        let op = BindOp::MapResource {
+            va: GpuVa(va),
+            size: bytes,
+            perms: Perms::RW,
+            resource: ResourceId(res),
+            offset: 0,
+        };
+        assert_eq!(g.bind(c, op).status, Status::Ok);
+        gpa
+    };
+    let ring = bound(&mut g, &mut c, 50, RING, 4096);
+    let ctl = bound(&mut g, &mut c, 51, CTL, 4096);
+    bound(&mut g, &mut c, 52, DST, 4096);
+    let create = UserQueueCreate {
+        kind: UserQueueKind::Sdma,
+        priority: 0,
+        ring: GpuVa(RING),
+        ring_size: 4096,
+        rptr: GpuVa(CTL),
+        wptr: None,
+        doorbell: GpuVa(CTL + 8),
+        status: Some(GpuVa(CTL + 64)),
+    };
+    let r = g.call(&mut c, &Request::UserQueueCreate(create));
+    assert!(
+        matches!(
+            r.payload,
+            ReplyPayload::UserQueueCreate(QueueCreateReply { .. })
+        ),
+        "{r:?}"
+    );
+    let packets = [
+        SdmaPacket::ConstFill {
+            dst: GpuVa(DST),
+            data: 0xAB,
+            element_shift: 2,
+            elements: 256,
+        },
+        SdmaPacket::Trap { int_ctx: 1 },
+    ];
+    let mut wptr = 0u64;
+    for p in &packets {
+        let bytes = p.encode_bytes();
+        g.mem
+            .memory()
+            .write_slice(&bytes, GuestAddress(ring + wptr))
+            .unwrap();
+        wptr += bytes.len() as u64;
+    }
+    g.mem
+        .memory()
+        .store(
+            wptr,
+            GuestAddress(ctl + 8),
+            std::sync::atomic::Ordering::Release,
+        )
+        .unwrap();
+    assert_eq!(g.call(&mut c, &Request::DoorbellKick).status, Status::Ok);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while g.mem.memory().read_obj::<u64>(GuestAddress(ctl)).unwrap() != wptr {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        g.nc().tick();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let text = scrape(&mut g, &metrics);
+    let l = r#"guest="1",ctx="2""#;
+    let v = |name: &str| sample(&text, name, l).unwrap_or_else(|| panic!("{name}:\n{text}"));
+    assert_eq!(v("vhost_gpu_nc_user_queue_packets_total"), 2.0);
+    assert_eq!(v("vhost_gpu_nc_copy_bytes_total"), 1024.0);
+    assert_eq!(v("vhost_gpu_nc_interrupts_total"), 1.0);
+    assert!(v("vhost_gpu_nc_doorbell_polls_total") >= 1.0);
+    assert_eq!(v("vhost_gpu_nc_queues"), 1.0);
+    // Either the queue's first look came before the doorbell (one
+    // sample, from the kick) or it found the work at once (none).
+    assert!(v("vhost_gpu_nc_doorbell_latency_seconds_count") <= 1.0);
+    assert!(
+        sample(
+            &text,
+            "vhost_gpu_nc_doorbell_latency_seconds_bucket",
+            r#"guest="1",ctx="2",le="+Inf""#
+        )
+        .is_some()
+    );
+}
