@@ -15,6 +15,7 @@ use guest_proto::capset::Capset;
 use crate::compute::ComputeConfig;
 use crate::config::{DaemonConfig, DeviceModel};
 use crate::logging::LogTarget;
+use crate::metrics::MetricsAddr;
 use crate::sandbox::SandboxMode;
 use crate::size::ByteSize;
 use crate::socket::SocketSource;
@@ -92,10 +93,22 @@ Binding costs the host 8 bytes of page table per 4 KiB page (1/512), and 8 more 
 for a binding of a guest-physical page list, so a guest at 64 GiB costs the \
 host 128 to 256 MiB; guest memory itself is never copied.
 
+METRICS:
+  --metrics=unix:PATH or --metrics=tcp:127.0.0.1:PORT serves the Prometheus \
+text format: per guest (connection number) and per context, faults raised, \
+resolved, rejected, timed out and cancelled, the fault round-trip histogram, \
+binds and unbinds, bound bytes against the quota, dispatches by status, queue \
+depth, user-queue packets, copy bytes, interrupts, doorbell polls and latency, virtio-gpu \
+commands and errors. Plain HTTP/1.1 GET /metrics (curl --unix-socket PATH \
+http://localhost/metrics); a connection that sends nothing gets the text \
+alone. The endpoint shows per-guest data to whoever can connect: the unix \
+socket is mode 0600, and TCP is refused on anything but loopback. Every \
+metric is described in /usr/share/doc/vhost-gpu-nc/metrics.md.
+
 EXIT STATUS:
   0  a termination signal (SIGINT, SIGTERM) was taken, the frontend of a \
 connected --fd went away, or --print-capabilities printed.
-  1  the daemon could not start (socket, fd, sandbox, logging); the reason is \
+  1  the daemon could not start (socket, fd, sandbox, logging, metrics endpoint); the reason is \
 logged.
   2  the command line is wrong.
   A process killed by SIGSYS made a system call outside the sandbox: a bug; \
@@ -227,6 +240,12 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "TARGET", default_value_t = LogTarget::Auto)]
     pub log_target: LogTarget,
 
+    /// Serve Prometheus metrics (text format, `GET /metrics`; see METRICS
+    /// in --help) on a unix socket (`unix:PATH`, mode 0600) or a loopback
+    /// TCP port (`tcp:127.0.0.1:PORT`, `tcp:[::1]:PORT`). Off by default.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub metrics: Option<MetricsAddr>,
+
     /// The sandbox: `seccomp` (an allowlist of system calls plus
     /// no-new-privs, installed before the first frontend byte is read) or
     /// `none` (debugging only).
@@ -287,6 +306,7 @@ impl Cli {
                 ..GpuLimits::default()
             },
             sandbox: self.sandbox,
+            metrics: self.metrics,
         })
     }
 }
@@ -344,6 +364,27 @@ mod tests {
         );
         assert!(parse(&["--fd=-1"]).into_config(None).is_err());
         assert!(Cli::try_parse_from(["x", "--fd=3", "--socket-path", "p"]).is_err());
+    }
+
+    #[test]
+    fn metrics_endpoints_are_opt_in_and_loopback_only() {
+        let c = parse(&["--socket-path", "s"]).into_config(None).unwrap();
+        assert_eq!(c.metrics, None);
+        let c = parse(&["--socket-path", "s", "--metrics=unix:/run/m.sock"])
+            .into_config(None)
+            .unwrap();
+        assert_eq!(c.metrics, Some(MetricsAddr::Unix("/run/m.sock".into())));
+        let c = parse(&["--socket-path", "s", "--metrics", "tcp:127.0.0.1:9464"])
+            .into_config(None)
+            .unwrap();
+        assert_eq!(
+            c.metrics,
+            Some(MetricsAddr::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let e = Cli::try_parse_from(["x", "--socket-path", "s", "--metrics=tcp:0.0.0.0:9464"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a loopback address"), "{e}");
     }
 
     #[test]

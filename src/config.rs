@@ -5,6 +5,7 @@
 //! backend with a plain value.
 
 use crate::compute::ComputeConfig;
+use crate::metrics::MetricsAddr;
 use crate::sandbox::SandboxMode;
 use crate::socket::SocketSource;
 use crate::virtio_gpu::device::GpuLimits;
@@ -33,4 +34,6 @@ pub struct DaemonConfig {
     pub gpu_limits: GpuLimits,
     /// The seccomp sandbox.
     pub sandbox: SandboxMode,
+    /// Where the Prometheus metrics are served, if anywhere.
+    pub metrics: Option<MetricsAddr>,
 }

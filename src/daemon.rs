@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gpu_backend::Device;
 use gpu_backend::sim::{SimConfig, SimGpu};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -17,7 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DaemonConfig, DeviceModel};
-use crate::context_backend::ContextBackendFactory;
+use crate::metrics::{GuestMetrics, Metrics, MetricsListener};
 use crate::socket::{Bridge, Endpoint, SocketSource};
 use crate::virtio_gpu::{FENCE_EVENT, GpuVhostBackend, TIMER_EVENT};
 
@@ -33,6 +34,15 @@ pub enum StartError {
     /// The sandbox could not be installed.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The metrics endpoint could not be set up.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The endpoint.
+        addr: crate::metrics::MetricsAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why one frontend connection ended abnormally.
@@ -68,17 +78,44 @@ pub enum ConnectionError {
 /// Returns an error if it cannot start, and `Ok` when the one frontend of a
 /// connected `--fd` went away.
 pub fn start_backend(config: DaemonConfig) -> Result<(), StartError> {
-    crate::signals::exit_on_termination(config.socket.owned_path().map(Path::to_path_buf))
-        .map_err(StartError::Signals)?;
+    // The metrics endpoint's socket and threads exist before the sandbox
+    // goes on (it allows serving them, not making them).
+    let metrics = match &config.metrics {
+        Some(addr) => {
+            let err = |source| StartError::Metrics {
+                addr: addr.clone(),
+                source,
+            };
+            let listener = MetricsListener::bind(addr).map_err(err)?;
+            let metrics = Metrics::new();
+            let (where_, path) = (listener.describe(), listener.path());
+            crate::metrics::server::start(listener, metrics.clone()).map_err(err)?;
+            log::info!("metrics on {where_}");
+            Some((metrics, path))
+        }
+        None => None,
+    };
+    let sockets = config
+        .socket
+        .owned_path()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(metrics.as_ref().and_then(|(_, p)| p.clone()))
+        .collect();
+    crate::signals::exit_on_termination(sockets).map_err(StartError::Signals)?;
+    let metrics = metrics.map(|(m, _)| m);
     // Before the device's threads exist, so that they inherit it.
     precise_timers();
-    let device = match config.device {
+    let device: Arc<dyn Device> = match config.device {
         DeviceModel::Sim { compute_units } => SimGpu::new(SimConfig {
             compute_units: compute_units.unwrap_or(SimConfig::default().compute_units),
             ..SimConfig::default()
         }),
     };
-    let factory = crate::compute::factory(device, config.compute.clone());
+    let factory = Connections {
+        device,
+        metrics: metrics.clone(),
+    };
     // One listening socket for the life of the process: a frontend that
     // reconnects (QEMU restarted) always finds it. A connected --fd
     // (libvirt) has one frontend: serve it, then exit.
@@ -170,15 +207,45 @@ fn describe(source: &SocketSource) -> String {
     }
 }
 
+/// What every connection's device state is made from.
+struct Connections {
+    device: Arc<dyn Device>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// A connection's metrics: its series go when it ends, however it ends.
+struct ConnectionMetrics<'a> {
+    metrics: &'a Metrics,
+    guest: Arc<GuestMetrics>,
+}
+
+impl Drop for ConnectionMetrics<'_> {
+    fn drop(&mut self) {
+        self.metrics.guest_gone(&self.guest);
+    }
+}
+
 /// Serves one frontend connection with fresh device state.
 fn serve_one(
     config: &DaemonConfig,
-    factory: &ContextBackendFactory,
+    connections: &Connections,
     listener: &mut Listener,
 ) -> Result<(), ConnectionError> {
-    let backend = Arc::new(
-        GpuVhostBackend::new(factory, config.gpu_limits).map_err(ConnectionError::Device)?,
+    let guest = connections.metrics.as_deref().map(|m| ConnectionMetrics {
+        metrics: m,
+        guest: m.new_guest(),
+    });
+    let factory = crate::compute::factory_with_metrics(
+        connections.device.clone(),
+        config.compute.clone(),
+        guest.as_ref().map(|g| g.guest.clone()),
     );
+    let backend = Arc::new(
+        GpuVhostBackend::new(&factory, config.gpu_limits).map_err(ConnectionError::Device)?,
+    );
+    if let Some(g) = &guest {
+        g.guest.set_gpu(backend.counters());
+    }
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("vhost-gpu-nc".into(), backend.clone(), mem)
         .map_err(ConnectionError::Daemon)?;
@@ -200,6 +267,9 @@ fn serve_one(
     // connection only to drop it.
     drop(reserve_fds(2).map_err(ConnectionError::Device)?);
     daemon.start(listener).map_err(ConnectionError::Accept)?;
+    if let Some(g) = &guest {
+        g.metrics.guest_connected(&g.guest);
+    }
     let result = daemon.wait();
     // Stop this connection's vring worker threads, then forget its state.
     for handler in daemon.get_epoll_handlers() {

@@ -17,6 +17,7 @@
 //!   socket activation.
 //! - [`sandbox`]: the seccomp allowlist installed before the first
 //!   frontend byte is read.
+//! - [`metrics`]: the opt-in Prometheus endpoint (`--metrics`).
 //! - [`cli`], [`logging`], [`size`]: the command line, log targets, byte
 //!   sizes with units.
 //!
@@ -29,6 +30,7 @@ pub mod config;
 pub mod context_backend;
 pub mod daemon;
 pub mod logging;
+pub mod metrics;
 pub mod sandbox;
 mod signals;
 pub mod size;

@@ -72,6 +72,8 @@ const ALLOWED: &[i64] = &[
     // vhost-user: accept, messages with fds (the frontend socket, the GPU
     // socket, the relay of a connected --fd); sends of the log targets.
     libc::SYS_accept4,
+    // The metrics endpoint (`--metrics`): reads of its TCP connections.
+    libc::SYS_recvfrom,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_sendto,
@@ -137,6 +139,28 @@ const PRCTL_OPTIONS: &[u64] = &[
     libc::PR_SET_TIMERSLACK as u64,
 ];
 
+/// `setsockopt` options allowed, all at `SOL_SOCKET`: the read and write
+/// timeouts of the metrics endpoint's connections.
+const SOCKOPTS: &[u64] = &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
+
+/// Rules matching `setsockopt(_, SOL_SOCKET, one of SOCKOPTS, ...)`.
+fn setsockopt_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    SOCKOPTS
+        .iter()
+        .map(|&opt| {
+            SeccompRule::new(vec![
+                SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::SOL_SOCKET as u64,
+                )?,
+                SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, opt)?,
+            ])
+        })
+        .collect()
+}
+
 /// Rules matching when argument `index` (a 32-bit value) is one of `values`.
 fn arg_index_in(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     values
@@ -188,6 +212,10 @@ pub fn filters() -> Result<Vec<BpfProgram>, SandboxError> {
         arg_index_in(1, FCNTL_CMDS).map_err(SandboxError::Build)?,
     );
     rules.insert(
+        libc::SYS_setsockopt,
+        setsockopt_rules().map_err(SandboxError::Build)?,
+    );
+    rules.insert(
         libc::SYS_prctl,
         arg_index_in(0, PRCTL_OPTIONS).map_err(SandboxError::Build)?,
     );
@@ -227,7 +255,7 @@ pub fn install(mode: SandboxMode) -> Result<(), SandboxError> {
             log::info!(
                 "sandbox on: seccomp allowlist of {} system calls (file opens fail with EACCES) \
                  in every thread, no-new-privs",
-                ALLOWED.len() + 3
+                ALLOWED.len() + 4
             );
             Ok(())
         }

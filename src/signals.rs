@@ -1,4 +1,4 @@
-//! SIGINT/SIGTERM: remove the socket (if the daemon made it) and exit 0.
+//! SIGINT/SIGTERM: remove the sockets the daemon made and exit 0.
 //!
 //! The signals are blocked in every thread and taken by one thread with
 //! `sigwait`, so nothing runs in signal-handler context.
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and every thread it
 /// starts later) and starts the thread that takes them.
-pub fn exit_on_termination(socket: Option<PathBuf>) -> io::Result<()> {
+pub fn exit_on_termination(sockets: Vec<PathBuf>) -> io::Result<()> {
     // SAFETY: `set` is a plain value initialised by sigemptyset before
     // use; the calls only read and write it and the thread's mask.
     let set = unsafe {
@@ -30,7 +30,7 @@ pub fn exit_on_termination(socket: Option<PathBuf>) -> io::Result<()> {
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
             if rc == 0 {
                 log::info!("signal {sig}: exiting");
-                if let Some(socket) = &socket {
+                for socket in &sockets {
                     let _ = std::fs::remove_file(socket);
                 }
                 std::process::exit(0);

@@ -38,7 +38,7 @@ echo "== socket harness under strace"
 # Tests that signal or inspect the daemon process itself do not run under
 # a wrapper.
 VHOST_GPU_NC_WRAPPER="$out/wrap" cargo test --locked -q -p vhost-gpu-nc \
-    --test daemon_virtio --test daemon_compute --test daemon_launch -- \
+    --test daemon_virtio --test daemon_compute --test daemon_launch --test daemon_metrics -- \
     --skip sigterm --skip an_inherited_listening --skip the_running_daemon_is_sandboxed \
     --skip systemd 2>&1 | grep -E "test result|FAILED" || true
 echo "== QEMU suite under strace"

@@ -304,6 +304,15 @@ pub trait DeviceVm: Send + Sync {
         UserQueueCounters::default()
     }
 
+    /// How long the VM's user queues took from the last moment the device
+    /// knew a queue had no new work (its last doorbell look that found
+    /// none, or a later kick) to the first packet of the new work
+    /// completing: the doorbell-to-first-packet latency as the device sees
+    /// it, for the metrics. Empty for devices without user queues.
+    fn doorbell_latency(&self) -> crate::histogram::LatencyHistogram {
+        crate::histogram::LatencyHistogram::default()
+    }
+
     /// Ends a pending fault.
     fn reply_fault(&self, fault: FaultId, reply: FaultAction) -> Result<(), DeviceError>;
 

@@ -12,6 +12,8 @@
 //! - [`sim`]: the simulated GPU, the daemon's default device: multi-level page
 //!   tables, per-compute-unit TLBs, compute queues running the protocol's
 //!   kernel set, and retry faults with replay and cancel.
+//! - [`histogram`]: a fixed-bucket latency histogram (fault round trips,
+//!   doorbell latency) for the daemon's metrics.
 // Everything that needs `unsafe` (memory maps, syscalls) lives in the daemon
 // or in vm-memory: the GPU side is safe Rust only.
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@
 pub mod context;
 pub mod device;
 pub mod gpuvm;
+pub mod histogram;
 pub mod sim;
 
 pub use device::{

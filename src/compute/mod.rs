@@ -41,6 +41,7 @@ use crate::context_backend::{
     CapsetInfo, ContextBackend, ContextBackendError, ContextBackendFactory, ContextInit, CtxId,
     FenceCompleter, FenceDisposition, FenceRef, ResourceView,
 };
+use crate::metrics::GuestMetrics;
 use region::GuestRegion;
 use resources::Resources;
 use session::{ComputeSession, SessionEnv, SessionLimits};
@@ -87,12 +88,22 @@ impl Default for ComputeConfig {
 
 /// The factory the daemon calls for every connection.
 pub fn factory(device: Arc<dyn Device>, config: ComputeConfig) -> ContextBackendFactory {
+    factory_with_metrics(device, config, None)
+}
+
+/// [`factory`] for one connection whose contexts publish their counters
+/// to `metrics` (`--metrics`).
+pub fn factory_with_metrics(
+    device: Arc<dyn Device>,
+    config: ComputeConfig,
+    metrics: Option<Arc<GuestMetrics>>,
+) -> ContextBackendFactory {
     Arc::new(move |completer| {
-        Box::new(ComputeBackend::new(
-            device.clone(),
-            config.clone(),
-            completer,
-        ))
+        let mut backend = ComputeBackend::new(device.clone(), config.clone(), completer);
+        if let Some(m) = &metrics {
+            backend.set_metrics(m.clone());
+        }
+        Box::new(backend)
     })
 }
 
@@ -117,6 +128,8 @@ pub struct ComputeBackend {
     /// Calls the completer's `wake` from device threads.
     waker: gpu_backend::context::Waker,
     contexts: BTreeMap<CtxId, Context>,
+    /// Where the contexts' counters go (`--metrics`).
+    metrics: Option<Arc<GuestMetrics>>,
 }
 
 impl std::fmt::Debug for ComputeBackend {
@@ -165,7 +178,33 @@ impl ComputeBackend {
             memory: None,
             completer,
             contexts: BTreeMap::new(),
+            metrics: None,
         }
+    }
+
+    /// Publishes the contexts' counters to `metrics` (docs/metrics.md);
+    /// set before the first context is created.
+    pub fn set_metrics(&mut self, metrics: Arc<GuestMetrics>) {
+        metrics.set_quota(self.quota.clone(), self.config.max_contexts);
+        self.metrics = Some(metrics);
+    }
+
+    /// Answers a scrape that waits for fresh counters (a relaxed load or
+    /// two when none does; never blocks on the scrape). Called on every
+    /// tick.
+    fn publish_metrics(&self) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let Some(token) = m.publish_wanted() else {
+            return;
+        };
+        let samples = self
+            .contexts
+            .iter()
+            .filter_map(|(id, c)| Some((id.0, c.session.as_ref()?.sample())));
+        // Busy (a scrape is reading): the request stays for the next tick.
+        let _ = m.publish(token, samples);
     }
 
     fn decode_limits(&self) -> DecodeLimits {
@@ -227,7 +266,10 @@ impl ComputeBackend {
                     payload: ReplyPayload::SessionDestroy,
                 };
                 svm::post(session, target, &reply);
-                let held = c.session.take().map(ComputeSession::destroy);
+                let held = c
+                    .session
+                    .take()
+                    .map(|s| retire(self.metrics.as_deref(), ctx, s));
                 for fence in held.into_iter().flatten() {
                     self.completer.complete(fence);
                 }
@@ -318,6 +360,9 @@ impl ComputeBackend {
                     let reply = session.init_reply(header.seqno);
                     session.post_reply(slot, &reply);
                 }
+                if let Some(m) = &self.metrics {
+                    m.session_started(ctx.0, session.sample());
+                }
                 c.session = Some(session);
                 true
             }
@@ -348,11 +393,21 @@ impl ComputeBackend {
             .contexts
             .get_mut(&ctx)
             .and_then(|c| c.session.take())
-            .map(ComputeSession::destroy);
+            .map(|s| retire(self.metrics.as_deref(), ctx, s));
         for fence in held.into_iter().flatten() {
             self.completer.complete(fence);
         }
     }
+}
+
+/// Ends `session` of `ctx`, its final counts going to `metrics`; returns
+/// its held fences.
+fn retire(metrics: Option<&GuestMetrics>, ctx: CtxId, session: ComputeSession) -> Vec<FenceRef> {
+    let (held, last) = session.finish();
+    if let Some(m) = metrics {
+        m.session_ended(ctx.0, last);
+    }
+    held
 }
 
 /// A `SESSION_INIT` whose own reply has no place is not executed (4.2).
@@ -461,6 +516,9 @@ impl ContextBackend for ComputeBackend {
             return Err(ContextBackendError::OutOfMemory);
         }
         log::debug!("{ctx:?} created ({init:?}, {debug_name:?})");
+        if let Some(m) = &self.metrics {
+            m.context_created(ctx.0);
+        }
         self.contexts.insert(
             ctx,
             Context {
@@ -475,7 +533,11 @@ impl ContextBackend for ComputeBackend {
 
     fn destroy_context(&mut self, ctx: CtxId) {
         self.end_session(ctx);
-        self.contexts.remove(&ctx);
+        if self.contexts.remove(&ctx).is_some() {
+            if let Some(m) = &self.metrics {
+                m.context_destroyed(ctx.0);
+            }
+        }
     }
 
     fn attach_resource(
@@ -556,6 +618,7 @@ impl ContextBackend for ComputeBackend {
 
     fn tick(&mut self) {
         self.pump_all();
+        self.publish_metrics();
     }
 }
 

@@ -33,6 +33,7 @@ use super::resources::Resources;
 use super::ring::FaultRingWriter;
 use super::svm::KernelAttachment;
 use crate::context_backend::FenceRef;
+use crate::metrics::CtxSample;
 
 /// Limits and settings every session of a guest shares.
 #[derive(Clone, Debug)]
@@ -520,10 +521,25 @@ impl ComputeSession {
     /// Ends the session: cancels all work and faults, unmaps everything;
     /// an attached kernel's ring becomes `DETACHED`. Returns the held event
     /// fences, to be completed.
-    pub fn destroy(mut self) -> Vec<FenceRef> {
+    pub fn destroy(self) -> Vec<FenceRef> {
+        self.finish().0
+    }
+
+    /// [`ComputeSession::destroy`], also returning the session's final
+    /// counts (faults cancelled by the teardown included), for the metrics.
+    pub fn finish(mut self) -> (Vec<FenceRef>, CtxSample) {
         self.ctx.shutdown();
+        let sample = self.sample();
         let mut held: Vec<FenceRef> = self.held_event.take().into_iter().collect();
         held.extend(self.kernel.take().and_then(KernelAttachment::end));
-        held
+        (held, sample)
+    }
+
+    /// The session's counters now, for the metrics (docs/metrics.md).
+    pub fn sample(&self) -> CtxSample {
+        CtxSample {
+            ctx: self.ctx.metrics(),
+            lost_replies: u64::from(self.lost_replies),
+        }
     }
 }

@@ -774,4 +774,5 @@ fn a_reply_guest_memory_no_longer_takes_counts_as_lost() {
     assert_eq!(stats.lost_replies, 1);
 }
 
+mod metrics;
 mod user_queues;

@@ -99,6 +99,7 @@ pub struct GpuDevice {
     scanout: Option<Scanout>,
     display: Display,
     compute: Box<dyn ContextBackend>,
+    counters: Arc<super::stats::GpuCounters>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -129,7 +130,13 @@ impl GpuDevice {
             scanout: None,
             display: Display::default(),
             compute,
+            counters: Arc::default(),
         }
+    }
+
+    /// The control queue's counters (commands by type, errors by code).
+    pub fn counters(&self) -> Arc<super::stats::GpuCounters> {
+        self.counters.clone()
     }
 
     /// Features the guest acked.
@@ -190,6 +197,7 @@ impl GpuDevice {
             Ok(split) => split,
             Err(e) => {
                 log::debug!("control request: {e}");
+                self.counters.count(u32::MAX, Some(e.response_type()));
                 let bytes = protocol::encode(&CtrlHdr::default(), &Err(e));
                 return Processed {
                     bytes,
@@ -211,6 +219,10 @@ impl GpuDevice {
         if let Err(e) = &result {
             log::debug!("{}: {e}", protocol::type_name(hdr.type_()));
         }
+        self.counters.count(
+            hdr.type_(),
+            result.as_ref().err().map(GpuError::response_type),
+        );
         Processed {
             bytes: protocol::encode(&hdr, &result),
             fence,

@@ -25,6 +25,7 @@ pub mod fences;
 pub mod memory;
 pub mod protocol;
 pub mod resources;
+pub mod stats;
 pub mod vring;
 
 use std::io::{self, Read, Write};
@@ -138,6 +139,11 @@ impl GpuVhostBackend {
     /// The held-fence completion fd (registered with the vring epoll loop).
     pub fn fence_fd(&self) -> i32 {
         self.inbox.fd()
+    }
+
+    /// The control queue's counters (for the metrics).
+    pub fn counters(&self) -> Arc<stats::GpuCounters> {
+        self.inner.lock().device.counters()
     }
 
     /// The connection ended: destroy every context.

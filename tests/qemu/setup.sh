@@ -5,6 +5,8 @@
 #     system's own Debian sources, nothing is hard-coded),
 #   - QEMU 10.0 (qemu-system-x86) from backports, busybox-static, cpio, kmod,
 #   - the Rust musl target for the static guest program,
+#   - promtool (Debian's prometheus package), which checks the daemon's
+#     metrics exposition in tests/daemon_metrics.rs,
 #   - the Debian 6.12 guest kernel and its virtio-gpu modules, unpacked under
 #     tests/qemu/work/kernel (vmlinuz + modules with modules.dep),
 #   - the patched QEMU of the native profile (build-qemu.sh: built once per
@@ -59,6 +61,21 @@ install_packages() {
     fi
     qemu_ok || { echo "setup: QEMU >= 10.0 with vhost-user-gpu-pci is not available" >&2; exit 1; }
     log "$(qemu-system-x86_64 --version | head -n1)"
+}
+
+# promtool (Debian's prometheus package) checks the daemon's metrics
+# exposition in tests/daemon_metrics.rs. Only the tool is wanted: no
+# recommends, and the Prometheus server the package enables is stopped.
+install_promtool() {
+    if command -v promtool >/dev/null; then
+        return
+    fi
+    log "installing promtool (Debian's prometheus package)"
+    DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -q --no-install-recommends prometheus
+    if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
+        sudo_ systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    command -v promtool >/dev/null || { echo "setup: promtool is not available" >&2; exit 1; }
 }
 
 install_musl_target() {
@@ -131,6 +148,7 @@ install_virtio_gpu() {
 }
 
 install_packages
+install_promtool
 install_musl_target
 install_kernel
 native_qemu=$("$here/build-qemu.sh")

@@ -14,6 +14,9 @@ use parking_lot::Mutex;
 use super::NOTIFY_TAG;
 use crate::device::{DeviceFault, Interrupt, VmEvents};
 
+/// How many `DispatchStatus` values there are (0 ..= 6, protocol 7).
+pub const DISPATCH_STATUSES: usize = 7;
+
 /// Wakes the thread that drives a context (for example by writing an
 /// eventfd); called from device threads.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -22,6 +25,8 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 pub(crate) struct EventInbox {
     faults: Mutex<Vec<DeviceFault>>,
     dispatches_done: AtomicU64,
+    /// Dispatches that ended, by `DispatchStatus` value.
+    ended_by_status: [AtomicU64; DISPATCH_STATUSES],
     notify: AtomicBool,
     /// Interrupts raised so far (protocol 14.7).
     interrupts: AtomicU64,
@@ -33,6 +38,7 @@ impl EventInbox {
         EventInbox {
             faults: Mutex::new(Vec::new()),
             dispatches_done: AtomicU64::new(0),
+            ended_by_status: Default::default(),
             notify: AtomicBool::new(false),
             interrupts: AtomicU64::new(0),
             waker,
@@ -56,6 +62,15 @@ impl EventInbox {
         self.dispatches_done.load(Ordering::Acquire)
     }
 
+    /// Dispatches that ended so far, by `DispatchStatus` value.
+    pub(crate) fn dispatches_by_status(&self) -> [u64; DISPATCH_STATUSES] {
+        let mut out = [0u64; DISPATCH_STATUSES];
+        for (o, c) in out.iter_mut().zip(self.ended_by_status.iter()) {
+            *o = c.load(Ordering::Relaxed);
+        }
+        out
+    }
+
     fn wake(&self) {
         if let Some(waker) = &self.waker {
             waker();
@@ -71,8 +86,11 @@ impl VmEvents for EventInbox {
         self.wake();
     }
 
-    fn dispatch_done(&self, _queue: QueueId, tag: u64, _status: DispatchStatus) {
+    fn dispatch_done(&self, _queue: QueueId, tag: u64, status: DispatchStatus) {
         self.dispatches_done.fetch_add(1, Ordering::AcqRel);
+        if let Some(c) = self.ended_by_status.get(status as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         if tag & NOTIFY_TAG != 0 {
             self.notify.store(true, Ordering::Release);
             // A NOTIFY dispatch's end is an interrupt too (14.7).

@@ -23,6 +23,7 @@ use guest_proto::fault::{FaultCause, FaultRecord as WireRecord};
 use guest_proto::{AccessFlags, FaultId, GpuVa, QueueId};
 
 use crate::device::DeviceFault;
+use crate::histogram::LatencyHistogram;
 
 /// Where guest-visible fault records go: the session's fault ring in guest
 /// memory.
@@ -101,6 +102,8 @@ pub struct FaultTracker {
     max_pending: usize,
     timeout: Duration,
     counters: FaultCounters,
+    /// From raise to answer, of the faults the guest answered.
+    round_trip: LatencyHistogram,
 }
 
 impl FaultTracker {
@@ -115,7 +118,14 @@ impl FaultTracker {
             max_pending: usize::try_from(max_pending).unwrap_or(usize::MAX),
             timeout,
             counters: FaultCounters::default(),
+            round_trip: LatencyHistogram::default(),
         }
+    }
+
+    /// How long the guest took to answer, from raise to answer, for every
+    /// fault it answered (`RESOLVED` or `REJECTED`).
+    pub fn round_trips(&self) -> &LatencyHistogram {
+        &self.round_trip
     }
 
     /// The counters.
@@ -228,6 +238,8 @@ impl FaultTracker {
     /// faults to end, or `None` if `id` is not pending.
     pub fn answer(&mut self, id: FaultId, answer: GuestAnswer) -> Option<Vec<FaultId>> {
         let pending = self.remove(id)?;
+        self.round_trip
+            .observe(Instant::now().saturating_duration_since(pending.raised_at));
         match answer {
             GuestAnswer::Resolved => self.counters.resolved += 1,
             GuestAnswer::Rejected => self.counters.rejected += 1,

@@ -46,8 +46,9 @@ use crate::gpuvm::{
     VaLayout,
 };
 
+pub use crate::histogram::{LATENCY_BOUNDS_NS, LatencyHistogram};
 use events::EventInbox;
-pub use events::Waker;
+pub use events::{DISPATCH_STATUSES, Waker};
 pub use faults::{FaultCounters, FaultRing, FaultTracker, GuestAnswer};
 pub use quota::BoundBytesQuota;
 
@@ -237,6 +238,54 @@ pub struct UserQueueStats {
     pub interrupts: u64,
 }
 
+/// `VM_BIND` ops that succeeded and the bytes they named (protocol 5.5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindCounters {
+    /// `MAP_RESOURCE` and `MAP_PAGES` ops.
+    pub binds: u64,
+    /// Bytes those ops mapped (their `size`).
+    pub bind_bytes: u64,
+    /// `UNMAP` ops.
+    pub unbinds: u64,
+    /// Bytes those ops named (their `size`, bound or not).
+    pub unbind_bytes: u64,
+}
+
+/// Everything a context counts, for the daemon's metrics
+/// (docs/metrics.md): a superset of [`ContextStats`], read only when the
+/// metrics are scraped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextMetrics {
+    /// What `DEVICE_QUERY` reports.
+    pub stats: ContextStats,
+    /// Guest faults pending (written or waiting for room in the ring).
+    pub faults_pending: u64,
+    /// Raise-to-answer time of the faults the guest answered.
+    pub fault_round_trips: LatencyHistogram,
+    /// Successful `VM_BIND` ops.
+    pub binds: BindCounters,
+    /// Dispatches the device accepted.
+    pub dispatches_started: u64,
+    /// Dispatches that ended, by `DispatchStatus` value.
+    pub dispatches_ended: [u64; DISPATCH_STATUSES],
+    /// User queue counters (protocol 14.5).
+    pub user_queues: UserQueueStats,
+    /// The user queues' doorbell-to-first-packet latency (see
+    /// [`DeviceVm::doorbell_latency`]).
+    pub doorbell_latency: LatencyHistogram,
+}
+
+impl ContextMetrics {
+    /// Dispatches accepted and not ended yet, over every compute queue.
+    pub fn queue_depth(&self) -> u64 {
+        let ended = self
+            .dispatches_ended
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        self.dispatches_started.saturating_sub(ended)
+    }
+}
+
 /// A dispatch as the layer above asks for it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DispatchRequest {
@@ -265,6 +314,8 @@ pub struct ComputeContext {
     config: ContextConfig,
     next_tag: u64,
     shut_down: bool,
+    binds: BindCounters,
+    dispatches_started: u64,
 }
 
 impl std::fmt::Debug for ComputeContext {
@@ -303,6 +354,8 @@ impl ComputeContext {
             config,
             next_tag: 1,
             shut_down: false,
+            binds: BindCounters::default(),
+            dispatches_started: 0,
         })
     }
 
@@ -314,6 +367,32 @@ impl ComputeContext {
     /// Applies one `VM_BIND` op.
     pub fn bind(&mut self, op: &BindOp<'_>, res: &dyn ResourceMemory) -> Result<(), ContextError> {
         self.check_live()?;
+        let result = self.apply_bind(op, res);
+        if result.is_ok() {
+            let b = &mut self.binds;
+            match *op {
+                BindOp::MapResource { size, .. } => {
+                    b.binds += 1;
+                    b.bind_bytes = b.bind_bytes.saturating_add(size);
+                }
+                BindOp::MapPages { ref pages, .. } => {
+                    b.binds += 1;
+                    b.bind_bytes = b.bind_bytes.saturating_add(pages.size());
+                }
+                BindOp::Unmap { size, .. } => {
+                    b.unbinds += 1;
+                    b.unbind_bytes = b.unbind_bytes.saturating_add(size);
+                }
+            }
+        }
+        result
+    }
+
+    fn apply_bind(
+        &mut self,
+        op: &BindOp<'_>,
+        res: &dyn ResourceMemory,
+    ) -> Result<(), ContextError> {
         match *op {
             BindOp::MapResource {
                 va,
@@ -632,7 +711,10 @@ impl ComputeContext {
             tag,
         };
         match self.device_vm.dispatch(req.queue, dispatch) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.dispatches_started += 1;
+                Ok(())
+            }
             Err(DeviceError::Limit(_)) => Err(ContextError::QueueFull(req.queue)),
             Err(e) => Err(e.into()),
         }
@@ -720,6 +802,22 @@ impl ComputeContext {
             dispatches_done: self.events.dispatches_done(),
             bound_bytes: self.vm.bound_bytes(),
             queues: u32::try_from(self.queue_count()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Everything the context counts, for the daemon's metrics: what
+    /// [`ComputeContext::stats`] reports and more (a few atomic loads and
+    /// a copy; called when the metrics are scraped, not per request).
+    pub fn metrics(&self) -> ContextMetrics {
+        ContextMetrics {
+            stats: self.stats(),
+            faults_pending: self.faults.pending() as u64,
+            fault_round_trips: *self.faults.round_trips(),
+            binds: self.binds,
+            dispatches_started: self.dispatches_started,
+            dispatches_ended: self.events.dispatches_by_status(),
+            user_queues: self.user_queue_stats(),
+            doorbell_latency: self.device_vm.doorbell_latency(),
         }
     }
 

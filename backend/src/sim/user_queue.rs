@@ -55,6 +55,7 @@ use super::sdma::SdmaEngine;
 use super::tlb::Tlb;
 use super::vm::VmShared;
 use crate::device::{Interrupt, UserQueueCounters, UserQueueDesc};
+use crate::histogram::LatencyHistogram;
 
 /// Most packets one slice executes.
 pub(crate) const SLICE_PACKETS: u32 = 64;
@@ -96,6 +97,10 @@ pub(crate) struct Sched {
     /// Its last slice ended waiting on memory (a poll, a barrier): work
     /// elsewhere in the VM may satisfy it.
     waiting: bool,
+    /// The last moment the device knew the queue had no new work (a look
+    /// that found none, or a later kick), until a packet completes: the
+    /// start of the doorbell latency (`DeviceVm::doorbell_latency`).
+    no_work_since: Option<Instant>,
 }
 
 impl Sched {
@@ -178,6 +183,8 @@ pub(crate) struct Outbox {
     pub(crate) packets: u64,
     pub(crate) copy_bytes: u64,
     pub(crate) doorbell_polls: u64,
+    /// When the slice's first packet completed.
+    pub(crate) first_done: Option<Instant>,
 }
 
 /// What an engine gets for one slice.
@@ -216,6 +223,9 @@ impl SliceCtx<'_> {
 
     /// A packet completed.
     pub(crate) fn completed(&mut self) {
+        if self.out.packets == 0 {
+            self.out.first_done = Some(Instant::now());
+        }
         self.out.packets += 1;
         self.packets_left = self.packets_left.saturating_sub(1);
     }
@@ -321,6 +331,9 @@ impl UserQueue {
             match s.state {
                 RunState::Idle => {
                     s.state = RunState::Queued;
+                    if s.no_work_since.is_some() {
+                        s.no_work_since = Some(Instant::now());
+                    }
                     true
                 }
                 RunState::Stalled if from_stall => {
@@ -384,6 +397,7 @@ pub(crate) struct VmQueues {
     packets: AtomicU64,
     copy_bytes: AtomicU64,
     doorbell_polls: AtomicU64,
+    doorbell_latency: Mutex<LatencyHistogram>,
     created: Instant,
 }
 
@@ -394,6 +408,7 @@ impl VmQueues {
             packets: AtomicU64::new(0),
             copy_bytes: AtomicU64::new(0),
             doorbell_polls: AtomicU64::new(0),
+            doorbell_latency: Mutex::new(LatencyHistogram::default()),
             created: Instant::now(),
         }
     }
@@ -415,6 +430,11 @@ impl VmQueues {
             copy_bytes: self.copy_bytes.load(Ordering::Relaxed),
             doorbell_polls: self.doorbell_polls.load(Ordering::Relaxed),
         }
+    }
+
+    /// The doorbell-to-first-packet latencies so far.
+    pub(crate) fn doorbell_latency(&self) -> LatencyHistogram {
+        *self.doorbell_latency.lock()
     }
 
     /// Makes every queue look at its doorbell now.
@@ -474,6 +494,7 @@ pub(crate) fn create(
             pending_stop: None,
             kicked: false,
             waiting: false,
+            no_work_since: None,
         }),
         exec: Mutex::new(engine),
         dead: AtomicBool::new(false),
@@ -580,10 +601,14 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb, deadline: Instant) ->
     let now = Instant::now();
     let mut more = false;
     let mut idle_until = None;
+    let mut latency = None;
     let stall = {
         let mut s = q.sched.lock();
         if out.packets > 0 {
             s.last_progress = Some(now);
+            if let (Some(since), Some(done)) = (s.no_work_since.take(), out.first_done) {
+                latency = Some(done.saturating_duration_since(since));
+            }
         }
         let mut stall = None;
         // Destroy may have stopped it meanwhile.
@@ -595,6 +620,9 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb, deadline: Instant) ->
                 }
                 SliceEnd::Idle | SliceEnd::Waiting => {
                     s.waiting = end == SliceEnd::Waiting;
+                    if matches!(end, SliceEnd::Idle) {
+                        s.no_work_since = Some(now);
+                    }
                     // Kicked (or stopped) during the slice: look again at once.
                     if s.kicked || s.pending_stop.is_some() {
                         s.state = RunState::Queued;
@@ -616,6 +644,9 @@ pub(crate) fn run_slice(q: &Arc<UserQueue>, tlb: &mut Tlb, deadline: Instant) ->
     };
     if let Some(t) = idle_until {
         q.cp.notify_if_earlier(t);
+    }
+    if let Some(l) = latency {
+        vm.user_queues.doorbell_latency.lock().observe(l);
     }
     for irq in out.interrupts {
         vm.events.interrupt(irq);

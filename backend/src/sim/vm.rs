@@ -482,6 +482,10 @@ impl DeviceVm for SimVm {
         self.shared.user_queues.counters()
     }
 
+    fn doorbell_latency(&self) -> crate::histogram::LatencyHistogram {
+        self.shared.user_queues.doorbell_latency()
+    }
+
     fn shutdown(&self) {
         if self.shared.shut_down.swap(true, Ordering::AcqRel) {
             return;
