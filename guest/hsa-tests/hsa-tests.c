@@ -111,8 +111,12 @@ static double now_s(void)
 
 /* The thunk's device counters: faults raised, resolved, rejected, timed
  * out, cancelled, bound bytes, fault records handled, interrupts, the
- * transport profile (1 compat, 2 native), user queues offered (1/0). */
-struct counters { uint64_t v[10]; };
+ * transport profile (1 compat, 2 native), user queues offered (1/0), then
+ * the device's QUEUE_COUNTERS: user-queue packets, copy bytes, interrupts
+ * raised, doorbell polls. */
+enum { C_RAISED, C_RESOLVED, C_REJECTED, C_TIMED_OUT, C_CANCELLED, C_BOUND, C_HANDLED, C_IRQ_SEEN,
+       C_PROFILE, C_QUEUES, C_UQ_PACKETS, C_COPY_BYTES, C_INTERRUPTS, C_DOORBELL_POLLS, C_N };
+struct counters { uint64_t v[C_N]; };
 
 static int counters(struct counters *c)
 {
@@ -125,7 +129,7 @@ static int counters(struct counters *c)
 		if (!query)
 			return -1;
 	}
-	return query(c->v, 10) == 0 ? 0 : -1;
+	return query(c->v, C_N) == 0 ? 0 : -1;
 }
 
 static void fill_pattern(uint32_t *p, size_t words, uint32_t seed)
@@ -227,7 +231,7 @@ static int case_agents(char *detail, size_t n)
 	const char *profile;
 
 	CHECK(counters(&c) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
-	profile = c.v[8] == 2 ? "native" : "compat";
+	profile = c.v[C_PROFILE] == 2 ? "native" : "compat";
 	CHECK(!want || !*want || strcmp(want, profile) == 0, "the thunk uses the %s profile, the suite booted %s",
 	      profile, want);
 	snprintf(detail, n, "%s, ISA %s, %u CUs, GPU pool %zu MiB, system+kernarg pools, %s profile", name, isa_name,
@@ -352,10 +356,22 @@ static int copy_wait(void *dst, hsa_agent_t da, const void *src, hsa_agent_t sa,
 
 static double mibs(double secs) { return secs > 0 ? (COPY_BYTES / 1048576.0) / secs : 0; }
 
+/* The device's user-queue counters between two snapshots, as one line. */
+static void queue_delta(char *buf, size_t n, const struct counters *a, const struct counters *b)
+{
+	snprintf(buf, n, "user-queue packets %" PRIu64 ", copy bytes %" PRIu64 " (%.1f MiB), interrupts %" PRIu64
+		 ", doorbell polls %" PRIu64,
+		 b->v[C_UQ_PACKETS] - a->v[C_UQ_PACKETS], b->v[C_COPY_BYTES] - a->v[C_COPY_BYTES],
+		 (b->v[C_COPY_BYTES] - a->v[C_COPY_BYTES]) / 1048576.0, b->v[C_INTERRUPTS] - a->v[C_INTERRUPTS],
+		 b->v[C_DOORBELL_POLLS] - a->v[C_DOORBELL_POLLS]);
+}
+
 static int case_copy(char *detail, size_t n)
 {
 	void *g = NULL, *h = NULL, *back = NULL;
 	double up, down, t0, base;
+	struct counters before, after;
+	char queues[256];
 	long bad;
 
 	HSA_OK(pool_alloc(gpu_pool, COPY_BYTES, &g));
@@ -370,14 +386,22 @@ static int case_copy(char *detail, size_t n)
 	memcpy(back, h, COPY_BYTES);
 	base = now_s() - t0;
 	memset(back, 0xa5, COPY_BYTES);
+	CHECK(counters(&before) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
 	if (copy_wait(g, gpu_agent, h, cpu_agent, COPY_BYTES, &up))
 		return -1;
 	if (copy_wait(back, cpu_agent, g, gpu_agent, COPY_BYTES, &down))
 		return -1;
+	CHECK(counters(&after) == 0, "counters");
 	bad = check_pattern(back, COPY_BYTES / 4, 0xc0ffee);
 	CHECK(bad < 0, "data wrong at word %ld: %#x", bad, bad < 0 ? 0 : ((uint32_t *)back)[bad]);
-	printf("rocm/copy: 64 MiB host->device %.1f MiB/s, device->host %.1f MiB/s, CPU memcpy baseline %.1f MiB/s\n",
-	       mibs(up), mibs(down), mibs(base));
+	queue_delta(queues, sizeof(queues), &before, &after);
+	printf("rocm/copy: 64 MiB host->device %.1f MiB/s, device->host %.1f MiB/s (guest-side, TCG: informational), "
+	       "CPU memcpy baseline %.1f MiB/s\n", mibs(up), mibs(down), mibs(base));
+	printf("rocm/copy: device counters: %s\n", queues);
+	/* The device's SDMA engine did the copying (not a CPU fallback). */
+	CHECK(after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES] >= 2ull * COPY_BYTES,
+	      "the device copied %" PRIu64 " bytes, want >= %llu", after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES],
+	      2ull * COPY_BYTES);
 	pool_free(g);
 	pool_free(h);
 	pool_free(back);
@@ -476,10 +500,17 @@ static int case_unified(char *detail, size_t n)
 	bad = check_pattern(dst, COPY_BYTES / 4, 0x0dd);
 	CHECK(bad < 0, "unified copy wrong at word %ld", bad);
 	CHECK(counters(&after) == 0, "counters");
-	uint64_t raised = after.v[0] - before.v[0], resolved = after.v[1] - before.v[1];
+	uint64_t raised = after.v[C_RAISED] - before.v[C_RAISED], resolved = after.v[C_RESOLVED] - before.v[C_RESOLVED];
+	char queues[256];
+
+	queue_delta(queues, sizeof(queues), &before, &after);
 	printf("rocm/unified: 64 MiB malloc->device->malloc: faults raised %" PRIu64 ", resolved %" PRIu64
-	       ", %.1f / %.1f MiB/s\n", raised, resolved, mibs(up), mibs(down));
+	       ", rejected %" PRIu64 "; %.1f / %.1f MiB/s\n", raised, resolved,
+	       after.v[C_REJECTED] - before.v[C_REJECTED], mibs(up), mibs(down));
+	printf("rocm/unified: device counters: %s\n", queues);
 	CHECK(resolved > 0 && resolved == raised, "faults raised %" PRIu64 " resolved %" PRIu64, raised, resolved);
+	CHECK(after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES] >= 2ull * COPY_BYTES, "the device copied %" PRIu64 " bytes",
+	      after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES]);
 	pool_free(g);
 	free(src);
 	free(dst);
@@ -687,7 +718,7 @@ int main(int argc, char **argv)
 	hsa_iterate_agents(agent_cb, NULL);
 	if (strcmp(list, "--child-fatal-fault") == 0)
 		return child_fatal_fault();
-	queues = counters(&c) == 0 && c.v[9] == 1;
+	queues = counters(&c) == 0 && c.v[C_QUEUES] == 1;
 	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
 		char detail[512] = { 0 };
 		double t0 = now_s();
@@ -718,8 +749,10 @@ int main(int argc, char **argv)
 	}
 	if (counters(&c) == 0)
 		printf("rocm: device counters: faults raised %" PRIu64 " resolved %" PRIu64 " rejected %" PRIu64
-		       " timed out %" PRIu64 "; interrupts seen %" PRIu64 "\n",
-		       c.v[0], c.v[1], c.v[2], c.v[3], c.v[7]);
+		       " timed out %" PRIu64 "; user-queue packets %" PRIu64 ", copy bytes %" PRIu64 ", interrupts %" PRIu64
+		       " (the thunk saw %" PRIu64 "), doorbell polls %" PRIu64 "\n",
+		       c.v[C_RAISED], c.v[C_RESOLVED], c.v[C_REJECTED], c.v[C_TIMED_OUT], c.v[C_UQ_PACKETS],
+		       c.v[C_COPY_BYTES], c.v[C_INTERRUPTS], c.v[C_IRQ_SEEN], c.v[C_DOORBELL_POLLS]);
 	hsa_shut_down();
 	if (ran == 0) {
 		fprintf(stderr, "usage: hsa-tests all|CASE[,CASE...]\n");
