@@ -708,7 +708,8 @@ pub extern "C" fn hsaKmtAllocQueueGWS(_queue: u64, _n: u32, _first: *mut u32) ->
 /// transport profile (1 compat, 2 native), whether the device offers user
 /// queues (protocol 1.1 `USER_QUEUES`: 1, else 0), then the device's
 /// `QUEUE_COUNTERS` (user-queue packets completed, copy bytes, interrupts
-/// raised, doorbell polls; all 0 without user queues).
+/// raised, doorbell polls; all 0 without user queues), then who resolves
+/// the faults (1 the thunk's user-space resolver, 2 the guest kernel).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtStatus {
     run(|t| {
@@ -733,6 +734,10 @@ pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtSt
             uq.copy_bytes,
             uq.interrupts,
             uq.doorbell_polls,
+            match t.dev().session.resolver() {
+                guest_runtime::session::Resolver::User => 1,
+                guest_runtime::session::Resolver::Kernel => 2,
+            },
         ];
         // SAFETY: the caller's array of `n`.
         unsafe { put_array(out, n, &all) }
