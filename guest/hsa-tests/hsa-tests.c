@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sched.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -111,8 +112,13 @@ static double now_s(void)
 
 /* The thunk's device counters: faults raised, resolved, rejected, timed
  * out, cancelled, bound bytes, fault records handled, interrupts, the
- * transport profile (1 compat, 2 native), user queues offered (1/0). */
-struct counters { uint64_t v[10]; };
+ * transport profile (1 compat, 2 native), user queues offered (1/0), then
+ * the device's QUEUE_COUNTERS: user-queue packets, copy bytes, interrupts
+ * raised, doorbell polls; then the fault resolver (1 the thunk's
+ * user-space one, 2 the guest kernel's). */
+enum { C_RAISED, C_RESOLVED, C_REJECTED, C_TIMED_OUT, C_CANCELLED, C_BOUND, C_HANDLED, C_IRQ_SEEN,
+       C_PROFILE, C_QUEUES, C_UQ_PACKETS, C_COPY_BYTES, C_INTERRUPTS, C_DOORBELL_POLLS, C_RESOLVER, C_N };
+struct counters { uint64_t v[C_N]; };
 
 static int counters(struct counters *c)
 {
@@ -125,7 +131,7 @@ static int counters(struct counters *c)
 		if (!query)
 			return -1;
 	}
-	return query(c->v, 10) == 0 ? 0 : -1;
+	return query(c->v, C_N) == 0 ? 0 : -1;
 }
 
 static void fill_pattern(uint32_t *p, size_t words, uint32_t seed)
@@ -227,7 +233,7 @@ static int case_agents(char *detail, size_t n)
 	const char *profile;
 
 	CHECK(counters(&c) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
-	profile = c.v[8] == 2 ? "native" : "compat";
+	profile = c.v[C_PROFILE] == 2 ? "native" : "compat";
 	CHECK(!want || !*want || strcmp(want, profile) == 0, "the thunk uses the %s profile, the suite booted %s",
 	      profile, want);
 	snprintf(detail, n, "%s, ISA %s, %u CUs, GPU pool %zu MiB, system+kernarg pools, %s profile", name, isa_name,
@@ -352,10 +358,22 @@ static int copy_wait(void *dst, hsa_agent_t da, const void *src, hsa_agent_t sa,
 
 static double mibs(double secs) { return secs > 0 ? (COPY_BYTES / 1048576.0) / secs : 0; }
 
+/* The device's user-queue counters between two snapshots, as one line. */
+static void queue_delta(char *buf, size_t n, const struct counters *a, const struct counters *b)
+{
+	snprintf(buf, n, "user-queue packets %" PRIu64 ", copy bytes %" PRIu64 " (%.1f MiB), interrupts %" PRIu64
+		 ", doorbell polls %" PRIu64,
+		 b->v[C_UQ_PACKETS] - a->v[C_UQ_PACKETS], b->v[C_COPY_BYTES] - a->v[C_COPY_BYTES],
+		 (b->v[C_COPY_BYTES] - a->v[C_COPY_BYTES]) / 1048576.0, b->v[C_INTERRUPTS] - a->v[C_INTERRUPTS],
+		 b->v[C_DOORBELL_POLLS] - a->v[C_DOORBELL_POLLS]);
+}
+
 static int case_copy(char *detail, size_t n)
 {
 	void *g = NULL, *h = NULL, *back = NULL;
 	double up, down, t0, base;
+	struct counters before, after;
+	char queues[256];
 	long bad;
 
 	HSA_OK(pool_alloc(gpu_pool, COPY_BYTES, &g));
@@ -370,19 +388,118 @@ static int case_copy(char *detail, size_t n)
 	memcpy(back, h, COPY_BYTES);
 	base = now_s() - t0;
 	memset(back, 0xa5, COPY_BYTES);
+	CHECK(counters(&before) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
 	if (copy_wait(g, gpu_agent, h, cpu_agent, COPY_BYTES, &up))
 		return -1;
 	if (copy_wait(back, cpu_agent, g, gpu_agent, COPY_BYTES, &down))
 		return -1;
+	CHECK(counters(&after) == 0, "counters");
 	bad = check_pattern(back, COPY_BYTES / 4, 0xc0ffee);
 	CHECK(bad < 0, "data wrong at word %ld: %#x", bad, bad < 0 ? 0 : ((uint32_t *)back)[bad]);
-	printf("rocm/copy: 64 MiB host->device %.1f MiB/s, device->host %.1f MiB/s, CPU memcpy baseline %.1f MiB/s\n",
-	       mibs(up), mibs(down), mibs(base));
+	queue_delta(queues, sizeof(queues), &before, &after);
+	printf("rocm/copy: 64 MiB host->device %.1f MiB/s, device->host %.1f MiB/s (guest-side, TCG: informational), "
+	       "CPU memcpy baseline %.1f MiB/s\n", mibs(up), mibs(down), mibs(base));
+	printf("rocm/copy: device counters: %s\n", queues);
+	/* The device's SDMA engine did the copying (not a CPU fallback). */
+	CHECK(after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES] >= 2ull * COPY_BYTES,
+	      "the device copied %" PRIu64 " bytes, want >= %llu", after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES],
+	      2ull * COPY_BYTES);
 	pool_free(g);
 	pool_free(h);
 	pool_free(back);
 	snprintf(detail, n, "64 MiB H2D %.1f MiB/s + D2H %.1f MiB/s verified (memcpy %.1f MiB/s)",
 		 mibs(up), mibs(down), mibs(base));
+	return 0;
+}
+
+/* Many small copies in flight at once, enough to wrap the SDMA ring (ROCr's
+ * is 1 MiB; a copy takes at least a 28-byte COPY_LINEAR and the 32-byte
+ * ATOMIC that decrements its signal, 108 bytes with the HDP flush and the
+ * event's FENCE and TRAP): every piece lands where it should. Then a copy that depends on a signal nobody has set yet: the
+ * engine's POLL_REGMEM waits for it. */
+#define STREAM_BYTES (8u << 20)
+
+static int case_copy_stream(char *detail, size_t n)
+{
+	void *g = NULL, *h = NULL, *back = NULL;
+	hsa_signal_t done, dep;
+	hsa_signal_value_t v;
+	struct counters before, after;
+	size_t off = 0, copies = 0;
+	uint32_t rnd = 12345;
+	double t0, secs, waited;
+	long bad;
+
+	HSA_OK(pool_alloc(gpu_pool, STREAM_BYTES, &g));
+	HSA_OK(pool_alloc(sys_pool, STREAM_BYTES, &h));
+	HSA_OK(pool_alloc(sys_pool, STREAM_BYTES, &back));
+	HSA_OK(hsa_amd_agents_allow_access(1, &gpu_agent, NULL, h));
+	HSA_OK(hsa_amd_agents_allow_access(1, &gpu_agent, NULL, back));
+	fill_pattern(h, STREAM_BYTES / 4, 0x57ea);
+	memset(back, 0x5a, STREAM_BYTES);
+	CHECK(counters(&before) == 0, "no vgncKmtQueryCounters in libhsakmt.so.1");
+	/* Pieces of 4 .. 512 bytes (multiples of 4), all on one signal. */
+	size_t pieces = 0;
+
+	for (size_t o = 0; o < STREAM_BYTES; pieces++) {
+		rnd = rnd * 1103515245u + 12345u;
+		o += 4 + (rnd >> 16) % 128 * 4;
+	}
+	HSA_OK(hsa_signal_create((hsa_signal_value_t)pieces, 0, NULL, &done));
+	rnd = 12345;
+	t0 = now_s();
+	while (off < STREAM_BYTES) {
+		size_t len;
+
+		rnd = rnd * 1103515245u + 12345u;
+		len = 4 + (rnd >> 16) % 128 * 4;
+		if (off + len > STREAM_BYTES)
+			len = STREAM_BYTES - off;
+		HSA_OK(hsa_amd_memory_async_copy((char *)g + off, gpu_agent, (char *)h + off, cpu_agent, len, 0, NULL,
+						 done));
+		off += len;
+		copies++;
+	}
+	CHECK(copies == pieces, "%zu copies for %zu pieces", copies, pieces);
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, WAIT_NS, HSA_WAIT_STATE_BLOCKED);
+	secs = now_s() - t0;
+	CHECK(v == 0, "%zu copies: the signal stayed at %ld", copies, (long)v);
+	hsa_signal_destroy(done);
+	/* The way back waits for a dependency the CPU sets 100 ms later. */
+	HSA_OK(hsa_signal_create(1, 0, NULL, &dep));
+	HSA_OK(hsa_signal_create(1, 0, NULL, &done));
+	HSA_OK(hsa_amd_memory_async_copy(back, cpu_agent, g, gpu_agent, STREAM_BYTES, 1, &dep, done));
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, 100ull * 1000 * 1000, HSA_WAIT_STATE_BLOCKED);
+	CHECK(v == 1, "the dependent copy completed before its dependency");
+	CHECK(((uint32_t *)back)[0] == 0x5a5a5a5a, "the dependent copy started before its dependency");
+	hsa_signal_store_screlease(dep, 0);
+	t0 = now_s();
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, WAIT_NS, HSA_WAIT_STATE_BLOCKED);
+	waited = now_s() - t0;
+	CHECK(v == 0, "the dependent copy did not complete (signal %ld)", (long)v);
+	hsa_signal_destroy(done);
+	hsa_signal_destroy(dep);
+	CHECK(counters(&after) == 0, "counters");
+	bad = check_pattern(back, STREAM_BYTES / 4, 0x57ea);
+	CHECK(bad < 0, "data wrong at word %ld: %#x", bad, bad < 0 ? 0 : ((uint32_t *)back)[bad]);
+	uint64_t packets = after.v[C_UQ_PACKETS] - before.v[C_UQ_PACKETS];
+	char queues[256];
+
+	queue_delta(queues, sizeof(queues), &before, &after);
+	printf("rocm/copy-stream: %zu copies of 4..512 bytes in %.2f s (%.0f copies/s), then 8 MiB after a "
+	       "dependency: %.0f ms\n", copies, secs, copies / secs, waited * 1000);
+	printf("rocm/copy-stream: device counters: %s\n", queues);
+	/* At least two packets per copy (the copy, the signal's decrement), at
+	 * least 60 bytes: more than the 1 MiB ring holds, so it wrapped. */
+	CHECK(packets >= 2 * copies, "%" PRIu64 " user-queue packets for %zu copies", packets, copies);
+	CHECK(copies * 60 > 1 << 20, "only %zu copies", copies);
+	CHECK(after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES] >= 2ull * STREAM_BYTES, "the device copied %" PRIu64
+	      " bytes", after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES]);
+	pool_free(g);
+	pool_free(h);
+	pool_free(back);
+	snprintf(detail, n, "%zu copies in flight (%.0f/s) wrapped the SDMA ring, verified; a copy waited for its "
+		 "dependency signal", copies, copies / secs);
 	return 0;
 }
 
@@ -476,14 +593,31 @@ static int case_unified(char *detail, size_t n)
 	bad = check_pattern(dst, COPY_BYTES / 4, 0x0dd);
 	CHECK(bad < 0, "unified copy wrong at word %ld", bad);
 	CHECK(counters(&after) == 0, "counters");
-	uint64_t raised = after.v[0] - before.v[0], resolved = after.v[1] - before.v[1];
+	uint64_t raised = after.v[C_RAISED] - before.v[C_RAISED], resolved = after.v[C_RESOLVED] - before.v[C_RESOLVED];
+	char queues[256];
+
+	uint64_t handled = after.v[C_HANDLED] - before.v[C_HANDLED];
+	const char *resolver = after.v[C_RESOLVER] == 2 ? "the guest kernel" : "the thunk (user space)";
+
+	queue_delta(queues, sizeof(queues), &before, &after);
 	printf("rocm/unified: 64 MiB malloc->device->malloc: faults raised %" PRIu64 ", resolved %" PRIu64
-	       ", %.1f / %.1f MiB/s\n", raised, resolved, mibs(up), mibs(down));
+	       ", rejected %" PRIu64 " (resolver: %s; fault records the thunk handled: %" PRIu64 "); "
+	       "%.1f / %.1f MiB/s\n", raised, resolved, after.v[C_REJECTED] - before.v[C_REJECTED], resolver, handled,
+	       mibs(up), mibs(down));
+	printf("rocm/unified: device counters: %s\n", queues);
 	CHECK(resolved > 0 && resolved == raised, "faults raised %" PRIu64 " resolved %" PRIu64, raised, resolved);
+	/* Who answered: the kernel leaves the thunk nothing to read; the
+	 * user-space resolver reads every record. */
+	CHECK(after.v[C_RESOLVER] == 2 ? handled == 0 : handled >= raised,
+	      "resolver %" PRIu64 " but the thunk handled %" PRIu64 " of %" PRIu64 " faults", after.v[C_RESOLVER],
+	      handled, raised);
+	CHECK(after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES] >= 2ull * COPY_BYTES, "the device copied %" PRIu64 " bytes",
+	      after.v[C_COPY_BYTES] - before.v[C_COPY_BYTES]);
 	pool_free(g);
 	free(src);
 	free(dst);
-	snprintf(detail, n, "64 MiB from/to never-registered malloc verified, %" PRIu64 " faults resolved", resolved);
+	snprintf(detail, n, "64 MiB from/to never-registered malloc verified, %" PRIu64 " faults resolved by %s",
+		 resolved, resolver);
 	return 0;
 }
 
@@ -549,6 +683,10 @@ static void submit(hsa_queue_t *q, const void *packet, uint16_t header)
 	uint64_t index = hsa_queue_add_write_index_screlease(q, 1);
 	uint8_t *slot = (uint8_t *)q->base_address + (index % q->size) * 64;
 
+	/* A full ring: wait for the packet processor to free the slot. */
+	while (index - hsa_queue_load_read_index_scacquire(q) >= q->size)
+		sched_yield();
+
 	memcpy(slot + 2, (const uint8_t *)packet + 2, 62);
 	__atomic_store_n((uint16_t *)slot, header, __ATOMIC_RELEASE);
 	hsa_signal_store_screlease(q->doorbell_signal, index);
@@ -595,12 +733,51 @@ static int case_aql_barrier(char *detail, size_t n)
 	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, WAIT_NS, HSA_WAIT_STATE_BLOCKED);
 	CHECK(v == 0, "barrier-AND did not complete (signal %ld)", (long)v);
 	CHECK(hsa_queue_load_read_index_scacquire(q) >= 1, "read index did not move");
+	/* Barrier-OR: waits while no dependency is satisfied, completes when
+	 * one is. */
+	hsa_barrier_or_packet_t o;
+	uint16_t or_header = (header & ~(0xff << HSA_PACKET_HEADER_TYPE)) |
+			     HSA_PACKET_TYPE_BARRIER_OR << HSA_PACKET_HEADER_TYPE;
+
+	hsa_signal_store_screlease(dep[0], 1);
+	hsa_signal_store_screlease(dep[1], 1);
+	hsa_signal_store_screlease(done, 1);
+	memset(&o, 0, sizeof(o));
+	o.dep_signal[0] = dep[0];
+	o.dep_signal[3] = dep[1];
+	o.completion_signal = done;
+	submit(q, &o, or_header);
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, 200ull * 1000 * 1000, HSA_WAIT_STATE_BLOCKED);
+	CHECK(v == 1, "barrier-OR completed with no dependency satisfied");
+	hsa_signal_store_screlease(dep[1], 0);
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, WAIT_NS, HSA_WAIT_STATE_BLOCKED);
+	CHECK(v == 0, "barrier-OR did not complete on its second dependency (signal %ld)", (long)v);
+	CHECK(hsa_signal_load_relaxed(dep[0]) == 1, "dependency signal changed");
+	/* Three rings' worth of barrier packets without dependencies, on one
+	 * completion signal: the ring wraps and every slot is reused. */
+	uint64_t first = hsa_queue_load_write_index_relaxed(q), count = 3ull * q->size;
+	uint32_t slots = q->size;
+	double t0 = now_s(), secs;
+
+	hsa_signal_store_screlease(done, (hsa_signal_value_t)count);
+	memset(&o, 0, sizeof(o));
+	o.completion_signal = done;
+	for (uint64_t i = 0; i < count; i++)
+		submit(q, &o, or_header);
+	v = hsa_signal_wait_scacquire(done, HSA_SIGNAL_CONDITION_LT, 1, WAIT_NS, HSA_WAIT_STATE_BLOCKED);
+	secs = now_s() - t0;
+	CHECK(v == 0, "%" PRIu64 " barrier packets: the signal stayed at %ld", count, (long)v);
+	CHECK(hsa_queue_load_read_index_scacquire(q) == first + count, "read index %" PRIu64 ", want %" PRIu64,
+	      hsa_queue_load_read_index_scacquire(q), first + count);
 	CHECK(queue_errors == 0, "queue error %#x", queue_error);
 	hsa_signal_destroy(dep[0]);
 	hsa_signal_destroy(dep[1]);
 	hsa_signal_destroy(done);
 	HSA_OK(hsa_queue_destroy(q));
-	snprintf(detail, n, "barrier-AND waited for both dependency signals, then completed");
+	printf("rocm/aql-barrier: %" PRIu64 " barrier packets through a %u-slot ring in %.2f s (%.0f packets/s)\n",
+	       count, slots, secs, count / secs);
+	snprintf(detail, n, "barrier-AND waited for both dependency signals, barrier-OR for one of two, then "
+		 "completed; %" PRIu64 " packets wrapped the %u-slot ring", count, slots);
 	return 0;
 }
 
@@ -650,6 +827,7 @@ static const struct test tests[] = {
 	{ "signals", case_signals, false },
 	{ "svm-attrs", case_svm_attrs, false },
 	{ "copy", case_copy, true },
+	{ "copy-stream", case_copy_stream, true },
 	{ "memory-lock", case_memory_lock, true },
 	{ "unified", case_unified, true },
 	{ "aql-barrier", case_aql_barrier, true },
@@ -687,7 +865,7 @@ int main(int argc, char **argv)
 	hsa_iterate_agents(agent_cb, NULL);
 	if (strcmp(list, "--child-fatal-fault") == 0)
 		return child_fatal_fault();
-	queues = counters(&c) == 0 && c.v[9] == 1;
+	queues = counters(&c) == 0 && c.v[C_QUEUES] == 1;
 	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
 		char detail[512] = { 0 };
 		double t0 = now_s();
@@ -718,8 +896,10 @@ int main(int argc, char **argv)
 	}
 	if (counters(&c) == 0)
 		printf("rocm: device counters: faults raised %" PRIu64 " resolved %" PRIu64 " rejected %" PRIu64
-		       " timed out %" PRIu64 "; interrupts seen %" PRIu64 "\n",
-		       c.v[0], c.v[1], c.v[2], c.v[3], c.v[7]);
+		       " timed out %" PRIu64 "; user-queue packets %" PRIu64 ", copy bytes %" PRIu64 ", interrupts %" PRIu64
+		       " (the thunk saw %" PRIu64 "), doorbell polls %" PRIu64 "\n",
+		       c.v[C_RAISED], c.v[C_RESOLVED], c.v[C_REJECTED], c.v[C_TIMED_OUT], c.v[C_UQ_PACKETS],
+		       c.v[C_COPY_BYTES], c.v[C_INTERRUPTS], c.v[C_IRQ_SEEN], c.v[C_DOORBELL_POLLS]);
 	hsa_shut_down();
 	if (ran == 0) {
 		fprintf(stderr, "usage: hsa-tests all|CASE[,CASE...]\n");

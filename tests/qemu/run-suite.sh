@@ -133,7 +133,7 @@ for profile in compat native; do
         failed=$((failed + 1)); echo "FAIL $profile/qemu-restart: the daemon died"
     fi
 
-    rocm=${ROCM_SCENARIOS:-rocminfo,agents,pools,signals,svm-attrs,copy,memory-lock,unified,aql-barrier,kernel-dispatch,fatal-fault}
+    rocm=${ROCM_SCENARIOS:-rocminfo,agents,pools,signals,svm-attrs,copy,copy-stream,memory-lock,unified,aql-barrier,kernel-dispatch,fatal-fault}
     echo "== $profile boot 3: ROCm guest root: $rocm"
     if kill -0 "$daemon_pid" 2>/dev/null; then
         log="$out/$profile-rocm.log"

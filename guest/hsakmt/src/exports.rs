@@ -706,11 +706,15 @@ pub extern "C" fn hsaKmtAllocQueueGWS(_queue: u64, _n: u32, _first: *mut u32) ->
 /// timed out, cancelled (the device's `DEVICE_QUERY`), bound bytes, fault
 /// records the thunk's interrupt thread handled, interrupts it saw, the
 /// transport profile (1 compat, 2 native), whether the device offers user
-/// queues (protocol 1.1 `USER_QUEUES`: 1, else 0).
+/// queues (protocol 1.1 `USER_QUEUES`: 1, else 0), then the device's
+/// `QUEUE_COUNTERS` (user-queue packets completed, copy bytes, interrupts
+/// raised, doorbell polls; all 0 without user queues), then who resolves
+/// the faults (1 the thunk's user-space resolver, 2 the guest kernel).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtStatus {
     run(|t| {
         let q = t.counters()?;
+        let uq = t.queue_counters()?.unwrap_or_default();
         use std::sync::atomic::Ordering::Relaxed;
         let all = [
             q.faults_raised,
@@ -726,6 +730,14 @@ pub unsafe extern "C" fn vgncKmtQueryCounters(out: *mut u64, n: u32) -> HsakmtSt
                 guest_runtime::session::ProfileKind::Native => 2,
             },
             u64::from(t.user_queues),
+            uq.user_queue_packets,
+            uq.copy_bytes,
+            uq.interrupts,
+            uq.doorbell_polls,
+            match t.dev().session.resolver() {
+                guest_runtime::session::Resolver::User => 1,
+                guest_runtime::session::Resolver::Kernel => 2,
+            },
         ];
         // SAFETY: the caller's array of `n`.
         unsafe { put_array(out, n, &all) }

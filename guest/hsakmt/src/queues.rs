@@ -12,7 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use guest_proto::capset::{Capset, Features};
+use guest_proto::AccessFlags;
+use guest_proto::capset::Capset;
+use guest_proto::uq::{
+    MAX_USER_RING_SIZE, MIN_USER_RING_SIZE, QUEUE_POINTER_ALIGN, QUEUE_STATE_STOPPED,
+    QueueStatusBlock, QueueStopStatus, STATUS_BLOCK_ALIGN, STATUS_BLOCK_SIZE, STATUS_STATE_OFFSET,
+    USER_RING_ALIGN, UserQueueKind,
+};
 use guest_runtime::session::{Session, SharedBuffer};
 
 use crate::events::MemoryFault;
@@ -20,30 +26,19 @@ use crate::thunk::Thunk;
 use crate::topology::GPU_NODE;
 use crate::types::*;
 
-/// Capset feature bit 4 (protocol 1.1): `USER_QUEUE_*` commands exist.
-pub const FEATURE_USER_QUEUES: Features = Features::from_bits_retain(1 << 4);
+/// Whether the device runs user queues of `kind` (protocol 1.1: the
+/// `USER_QUEUES` feature bit and the kind's bit in `user_queue_kinds`).
+pub fn device_runs(capset: &Capset, kind: UserQueueKind) -> bool {
+    capset.version_minor >= 1 && capset.supports_user_queue(kind)
+}
 
-/// Whether the device offers user queues.
+/// Whether the device offers user queues of any kind the thunk uses.
 pub fn device_has_user_queues(capset: &Capset) -> bool {
-    capset.version_minor >= 1 && capset.features.contains(FEATURE_USER_QUEUES)
+    device_runs(capset, UserQueueKind::Sdma) || device_runs(capset, UserQueueKind::Aql)
 }
 
 /// Doorbells in the doorbell page.
 pub const DOORBELL_SLOTS: usize = 512;
-
-/// Status block `status` values (protocol 1.1).
-pub mod stop_status {
-    /// The fault was rejected.
-    pub const FAULT_REJECTED: u32 = 1;
-    /// The fault timed out.
-    pub const FAULT_TIMED_OUT: u32 = 2;
-    /// A fatal fault.
-    pub const FAULT_FATAL: u32 = 3;
-    /// A malformed packet.
-    pub const BAD_PACKET: u32 = 16;
-    /// A packet the device cannot run (a kernel dispatch).
-    pub const UNSUPPORTED_PACKET: u32 = 17;
-}
 
 /// The queue error code ROCr's AQL error handler maps to
 /// `HSA_STATUS_ERROR_ILLEGAL_INSTRUCTION` (`amd_aql_queue.cpp`): the
@@ -52,32 +47,28 @@ pub const AQL_ERROR_ILLEGAL_INSTRUCTION: i64 = 0x4000_0000;
 /// ... and `HSA_STATUS_ERROR_INVALID_PACKET_FORMAT` (a malformed packet).
 pub const AQL_ERROR_INVALID_PACKET: i64 = 32;
 
-/// Layout of the per-queue page the thunk allocates.
+/// Layout of the per-queue page the thunk allocates (the thunk's choice;
+/// the status block inside it is the protocol's, 14.6).
 pub mod page {
+    /// Bytes of the page.
+    pub const BYTES: u64 = guest_proto::PAGE_SIZE;
     /// SDMA read pointer (device writes).
     pub const RPTR: usize = 0;
     /// SDMA write pointer (ROCr writes).
     pub const WPTR: usize = 64;
-    /// Queue status block (64 bytes, device writes when it stops).
+    /// Queue status block (device writes when the queue stops).
     pub const STATUS: usize = 128;
-    /// `state` in the status block.
-    pub const STATE: usize = STATUS;
-    /// `status` in the status block.
-    pub const STOP_STATUS: usize = STATUS + 4;
-    /// `fault_va`.
-    pub const FAULT_VA: usize = STATUS + 8;
-    /// `access`.
-    pub const ACCESS: usize = STATUS + 24;
 }
 
-/// The kind of a user queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// gfx9 SDMA packets.
-    Sdma,
-    /// HSA AQL packets.
-    Aql,
-}
+const _: () = {
+    assert!((page::STATUS as u64).is_multiple_of(STATUS_BLOCK_ALIGN));
+    assert!(page::STATUS as u64 + STATUS_BLOCK_SIZE <= page::BYTES);
+    assert!((page::RPTR as u64).is_multiple_of(QUEUE_POINTER_ALIGN));
+    assert!((page::WPTR as u64).is_multiple_of(QUEUE_POINTER_ALIGN));
+};
+
+/// The kind of a user queue (the protocol's).
+pub type Kind = UserQueueKind;
 
 /// One user queue.
 #[derive(Debug)]
@@ -101,12 +92,9 @@ pub struct UserQueue {
 pub struct Stop {
     /// SDMA or AQL.
     pub kind: Kind,
-    /// Status block `status`.
-    pub status: u32,
-    /// Status block `fault_va`.
-    pub fault_va: u64,
-    /// Status block `access`.
-    pub access: u8,
+    /// The status block, or `None` if the device wrote one the codec
+    /// refuses (a stop all the same).
+    pub block: Option<QueueStatusBlock>,
     /// AQL: `amd_queue_t`.
     pub amd_queue: u64,
 }
@@ -163,18 +151,31 @@ impl QueueTable {
     pub fn take_stopped(&mut self) -> Vec<Stop> {
         let mut out = Vec::new();
         for q in self.queues.values_mut() {
-            if q.stopped || q.page.map.load_u32(page::STATE) != Some(1) {
+            if q.stopped {
                 continue;
             }
+            // `state` first, with acquire: the device writes it last.
+            let state = q
+                .page
+                .map
+                .load_u32(page::STATUS + STATUS_STATE_OFFSET as usize);
+            if state != Some(QUEUE_STATE_STOPPED) {
+                continue;
+            }
+            let mut bytes = [0u8; STATUS_BLOCK_SIZE as usize];
+            let block = q.page.map.read(page::STATUS, &mut bytes).and_then(|_| {
+                match QueueStatusBlock::decode(&bytes) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        crate::debug(|| format!("queue {:?}: status block: {e}", q.id));
+                        None
+                    }
+                }
+            });
             q.stopped = true;
             out.push(Stop {
                 kind: q.kind,
-                status: q.page.map.load_u32(page::STOP_STATUS).unwrap_or(0),
-                fault_va: q.page.map.load_u64(page::FAULT_VA).unwrap_or(0),
-                access: {
-                    let mut b = [0u8; 1];
-                    q.page.map.read(page::ACCESS, &mut b).map_or(0, |_| b[0])
-                },
+                block,
                 amd_queue: q.amd_queue,
             });
         }
@@ -183,12 +184,14 @@ impl QueueTable {
 }
 
 /// The `HsaAccessAttributeFailure` bits for a fault stop.
-pub fn failure_bits(status: u32, access: u8) -> u32 {
+pub fn failure_bits(status: QueueStopStatus, access: Option<AccessFlags>) -> u32 {
     // The device stops a queue on an unbound page (rejected / timed out)
     // or on a permission the range does not grant (fatal).
-    if status == stop_status::FAULT_FATAL && access & 2 != 0 {
+    let access = access.map_or(0, AccessFlags::bits);
+    let fatal = status == QueueStopStatus::FaultFatal;
+    if fatal && access & (AccessFlags::WRITE.bits() | AccessFlags::ATOMIC.bits()) != 0 {
         failure::READ_ONLY
-    } else if status == stop_status::FAULT_FATAL && access & 4 != 0 {
+    } else if fatal && access & AccessFlags::EXEC.bits() != 0 {
         failure::NO_EXECUTE
     } else {
         failure::NOT_PRESENT
@@ -197,18 +200,27 @@ pub fn failure_bits(status: u32, access: u8) -> u32 {
 
 /// Delivers a stop; true if an event became signaled.
 pub fn deliver_stop(thunk: &Thunk, stop: &Stop) -> bool {
-    crate::debug(|| format!("queue stopped: {stop:?}"));
-    match stop.status {
-        stop_status::FAULT_REJECTED | stop_status::FAULT_TIMED_OUT | stop_status::FAULT_FATAL => {
+    crate::debug(|| format!("queue stopped: {stop:x?}"));
+    let status = stop.block.map(|b| b.status);
+    match (status, stop.block) {
+        (
+            Some(
+                s @ (QueueStopStatus::FaultRejected
+                | QueueStopStatus::FaultTimedOut
+                | QueueStopStatus::FaultFatal
+                | QueueStopStatus::DeviceError),
+            ),
+            Some(b),
+        ) => {
             thunk.events.lock().memory_fault(MemoryFault {
                 node: GPU_NODE,
-                va: stop.fault_va,
-                failure: failure_bits(stop.status, stop.access),
+                va: b.fault_va.raw(),
+                failure: failure_bits(s, b.access),
             });
             true
         }
-        s if stop.kind == Kind::Aql => {
-            let code = if s == stop_status::UNSUPPORTED_PACKET {
+        _ if stop.kind == Kind::Aql => {
+            let code = if status == Some(QueueStopStatus::UnsupportedPacket) {
                 AQL_ERROR_ILLEGAL_INSTRUCTION
             } else {
                 AQL_ERROR_INVALID_PACKET
@@ -271,6 +283,16 @@ pub fn kick(session: &mut Session) {
     crate::protocol_ext::doorbell_kick(session);
 }
 
+/// ROCr's queue priority (-3 ..= 3) as the device's (0 ..= 15).
+pub fn queue_priority(p: HSA_QUEUE_PRIORITY) -> u8 {
+    let max = u32::from(guest_proto::command::MAX_QUEUE_PRIORITY);
+    let span = (HSA_QUEUE_PRIORITY_MAXIMUM - HSA_QUEUE_PRIORITY_MINIMUM) as u32;
+    let steps = u32::try_from(p.saturating_sub(HSA_QUEUE_PRIORITY_MINIMUM))
+        .unwrap_or(0)
+        .min(span);
+    u8::try_from(steps * max / span).unwrap_or(guest_proto::command::MAX_QUEUE_PRIORITY)
+}
+
 /// `hsaKmtCreateQueue`.
 #[allow(clippy::too_many_arguments)]
 pub fn create(
@@ -293,27 +315,35 @@ pub fn create(
         HSA_QUEUE_COMPUTE_AQL => Kind::Aql,
         _ => return Err(HSAKMT_STATUS_NOT_SUPPORTED),
     };
-    if !thunk.user_queues {
+    if !device_runs(&thunk.capset, kind) {
         return Err(HSAKMT_STATUS_NOT_SUPPORTED);
     }
-    if ring == 0 || !ring.is_multiple_of(256) || !ring_size.is_power_of_two() {
+    if ring == 0
+        || !ring.is_multiple_of(USER_RING_ALIGN)
+        || !ring_size.is_power_of_two()
+        || !(MIN_USER_RING_SIZE..=MAX_USER_RING_SIZE).contains(&ring_size)
+    {
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
     }
     let mut dev = thunk.dev();
-    let page_buf = dev
-        .session
-        .alloc(4096)
-        .map_err(|_| HSAKMT_STATUS_NO_MEMORY)?;
     let slot = dev
         .queues
         .take_doorbell()
         .ok_or(HSAKMT_STATUS_OUT_OF_RESOURCES)?;
+    let page_buf = match dev.session.alloc(page::BYTES) {
+        Ok(b) => b,
+        Err(e) => {
+            crate::debug(|| format!("queue page: {e}"));
+            dev.queues.put_doorbell(slot);
+            return Err(HSAKMT_STATUS_NO_MEMORY);
+        }
+    };
     let base = page_buf.map.addr();
     let (rptr, wptr) = match kind {
         Kind::Sdma => (base + page::RPTR as u64, base + page::WPTR as u64),
         Kind::Aql => (res.QueueRptrValue, res.QueueWptrValue),
     };
-    if rptr == 0 || rptr % 8 != 0 || wptr % 8 != 0 {
+    if rptr == 0 || rptr % QUEUE_POINTER_ALIGN != 0 || wptr % QUEUE_POINTER_ALIGN != 0 {
         dev.queues.put_doorbell(slot);
         dev.session.free(page_buf);
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
@@ -322,7 +352,7 @@ pub fn create(
     let _ = dev.doorbells.map.store_u64(slot * 8, 0);
     let spec = crate::protocol_ext::UserQueueSpec {
         kind,
-        priority: u32::try_from(priority - HSA_QUEUE_PRIORITY_MINIMUM).unwrap_or(0) * 15 / 6,
+        priority: queue_priority(priority),
         ring,
         ring_size,
         rptr,
@@ -340,7 +370,7 @@ pub fn create(
         Ok(id) => id,
         Err(e) => {
             dev.queues.put_doorbell(slot);
-            let _ = dev.session.unbind(base, 4096);
+            let _ = dev.session.unbind(base, page::BYTES);
             dev.session.free(page_buf);
             return Err(e);
         }
@@ -381,7 +411,7 @@ pub fn destroy(thunk: &Thunk, handle: u64) -> Result<(), HsakmtStatus> {
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let r = crate::protocol_ext::user_queue_destroy(&mut dev.session, q.id);
     let base = q.page.map.addr();
-    let _ = dev.session.unbind(base, 4096);
+    let _ = dev.session.unbind(base, page::BYTES);
     dev.session.free(q.page);
     r
 }
@@ -429,24 +459,72 @@ mod tests {
     }
 
     #[test]
-    fn fault_stops_name_the_failure() {
-        assert_eq!(
-            failure_bits(stop_status::FAULT_REJECTED, 1),
-            failure::NOT_PRESENT
+    fn user_queues_are_detected_by_feature_bit_5_and_the_kind_bits() {
+        use guest_proto::capset::Features;
+        let mut c = Capset {
+            features: Features::KERNEL_SVM,
+            ..Capset::default()
+        };
+        assert!(
+            !device_has_user_queues(&c),
+            "bit 4 is KERNEL_SVM, not user queues"
         );
-        assert_eq!(
-            failure_bits(stop_status::FAULT_FATAL, 2),
-            failure::READ_ONLY
-        );
-        assert_eq!(
-            failure_bits(stop_status::FAULT_FATAL, 4),
-            failure::NO_EXECUTE
-        );
+        c.features = Features::USER_QUEUES;
+        assert!(device_runs(&c, UserQueueKind::Sdma));
+        assert!(device_runs(&c, UserQueueKind::Aql));
+        c.user_queue_kinds = UserQueueKind::Sdma.bit();
+        assert!(device_runs(&c, UserQueueKind::Sdma));
+        assert!(!device_runs(&c, UserQueueKind::Aql), "kind bit clear");
+        c.user_queue_kinds = 0;
+        assert!(!device_has_user_queues(&c));
+        c.user_queue_kinds = guest_proto::uq::USER_QUEUE_KINDS_ALL;
+        c.version_minor = 0;
+        assert!(!device_has_user_queues(&c), "a 1.0 device");
     }
 
     #[test]
-    fn a_stopped_status_block_is_delivered_once() {
-        let map = guest_runtime::mmap::Mmap::anonymous(4096).unwrap();
+    fn rocr_priorities_span_the_device_range() {
+        assert_eq!(queue_priority(HSA_QUEUE_PRIORITY_MINIMUM), 0);
+        assert_eq!(queue_priority(0), 7);
+        assert_eq!(
+            queue_priority(HSA_QUEUE_PRIORITY_MAXIMUM),
+            guest_proto::command::MAX_QUEUE_PRIORITY
+        );
+        assert_eq!(queue_priority(i32::MIN), 0);
+        assert_eq!(queue_priority(i32::MAX), 15);
+    }
+
+    #[test]
+    fn fault_stops_name_the_failure() {
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultRejected, Some(AccessFlags::READ)),
+            failure::NOT_PRESENT
+        );
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultRejected, Some(AccessFlags::WRITE)),
+            failure::NOT_PRESENT,
+            "an unbound page, whatever the access"
+        );
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultFatal, Some(AccessFlags::WRITE)),
+            failure::READ_ONLY
+        );
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultFatal, Some(AccessFlags::ATOMIC)),
+            failure::READ_ONLY
+        );
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultFatal, Some(AccessFlags::EXEC)),
+            failure::NO_EXECUTE
+        );
+        assert_eq!(
+            failure_bits(QueueStopStatus::FaultFatal, None),
+            failure::NOT_PRESENT
+        );
+    }
+
+    fn table_with_one_queue() -> QueueTable {
+        let map = guest_runtime::mmap::Mmap::anonymous(page::BYTES as usize).unwrap();
         let page = SharedBuffer {
             bo: guest_runtime::drm::Bo {
                 handle: 0,
@@ -463,25 +541,53 @@ mod tests {
             amd_queue: 0x1000,
             stopped: false,
         });
+        t
+    }
+
+    #[test]
+    fn a_stopped_status_block_is_delivered_once() {
+        let mut t = table_with_one_queue();
         assert!(t.take_stopped().is_empty(), "running");
-        let q = t.queues.values().next().unwrap();
-        q.page
-            .map
-            .store_u32(page::STOP_STATUS, stop_status::UNSUPPORTED_PACKET);
-        q.page.map.store_u64(page::FAULT_VA, 0);
-        q.page.map.store_u32(page::STATE, 1);
+        let block = QueueStatusBlock {
+            status: QueueStopStatus::UnsupportedPacket,
+            fault_va: guest_proto::GpuVa(0),
+            packet: 5,
+            access: None,
+            detail: 0x1402,
+        };
+        let bytes = block.encode();
+        let write = |t: &QueueTable, off: usize, b: &[u8]| {
+            let q = t.queues.values().next().unwrap();
+            q.page.map.write(off, b).unwrap();
+        };
+        // As the device writes it: bytes 4.. first, `state` last.
+        write(&t, page::STATUS + 4, &bytes[4..]);
+        assert!(t.take_stopped().is_empty(), "state not written yet");
+        write(&t, page::STATUS, &bytes[..4]);
         let stops = t.take_stopped();
         assert_eq!(
             stops,
             vec![Stop {
                 kind: Kind::Aql,
-                status: stop_status::UNSUPPORTED_PACKET,
-                fault_va: 0,
-                access: 0,
+                block: Some(block),
                 amd_queue: 0x1000,
             }]
         );
         assert!(t.take_stopped().is_empty(), "delivered once");
+    }
+
+    #[test]
+    fn a_status_block_the_codec_refuses_is_still_a_stop() {
+        let mut t = table_with_one_queue();
+        let q = t.queues.values().next().unwrap();
+        q.page.map.store_u32(
+            page::STATUS + guest_proto::uq::STATUS_STATUS_OFFSET as usize,
+            99,
+        );
+        q.page.map.store_u32(page::STATUS, QUEUE_STATE_STOPPED);
+        let stops = t.take_stopped();
+        assert_eq!(stops.len(), 1);
+        assert_eq!(stops[0].block, None, "status 99 is not defined");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use guest_proto::Perms;
-use guest_proto::attr::RangeAttrs;
+use guest_proto::attr::{MAX_GRANULE_SHIFT, RangeAttrs};
+use guest_proto::{PAGE_SHIFT, Perms};
 
 use crate::topology::GPU_NODE;
 use crate::types::*;
@@ -121,7 +121,9 @@ impl Change {
         RangeAttrs {
             access: touches_access.then(|| device_perms(after)),
             fault_policy: None,
-            granule_shift: self.granularity.map(|g| (12 + g).min(30) as u8),
+            granule_shift: self
+                .granularity
+                .map(|g| (PAGE_SHIFT + g).min(u32::from(MAX_GRANULE_SHIFT)) as u8),
             prefault: (self.prefetch == Some(GPU_NODE)).then_some(true),
         }
     }

@@ -14,11 +14,13 @@ use std::time::Duration;
 use guest_proto::attr::RangeAttrs;
 use guest_proto::capset::Features;
 use guest_proto::reply::DeviceQueryReply;
-use guest_proto::{PAGE_SIZE, Perms, Request};
+use guest_proto::{PAGE_SHIFT, PAGE_SIZE, Perms, Request};
 use guest_runtime::client::Backoff;
 use guest_runtime::drm::Drm;
 use guest_runtime::mmap::Mmap;
-use guest_runtime::session::{ProfileKind, RenderNode, ResolvePolicy, Session, SharedBuffer};
+use guest_runtime::session::{
+    EVENT_RING, ProfileKind, RenderNode, ResolvePolicy, Session, SharedBuffer,
+};
 
 use crate::events::{EVENT_PAGE_BYTES, Events, UNSIGNALED};
 use crate::queues::{QueueTable, UserQueue};
@@ -183,7 +185,9 @@ impl Thunk {
                     start,
                     end - start,
                     RangeAttrs {
-                        granule_shift: Some(12 + crate::svm::DEFAULT_GRANULARITY as u8),
+                        granule_shift: Some(
+                            PAGE_SHIFT as u8 + crate::svm::DEFAULT_GRANULARITY as u8,
+                        ),
                         ..RangeAttrs::default()
                     },
                 )
@@ -255,6 +259,12 @@ impl Thunk {
             if let Ok(q) = self.dev().session.query() {
                 eprintln!("hsakmt: {}", format_counters(&q));
             }
+            if let Ok(Some(u)) = self.queue_counters() {
+                eprintln!(
+                    "hsakmt: user queues: packets={} copy_bytes={} interrupts={} doorbell_polls={}",
+                    u.user_queue_packets, u.copy_bytes, u.interrupts, u.doorbell_polls
+                );
+            }
         }
         let _ = self.dev().session.client().destroy();
     }
@@ -262,6 +272,17 @@ impl Thunk {
     /// The device's session counters.
     pub fn counters(&self) -> Result<DeviceQueryReply, HsakmtStatus> {
         self.dev().session.query().or_status("DEVICE_QUERY")
+    }
+
+    /// The device's user-queue counters (`QUEUE_COUNTERS`), `None` when
+    /// the device has no user queues.
+    pub fn queue_counters(
+        &self,
+    ) -> Result<Option<guest_proto::uq::QueueCountersReply>, HsakmtStatus> {
+        if !self.user_queues {
+            return Ok(None);
+        }
+        crate::protocol_ext::queue_counters(&mut self.dev().session).map(Some)
     }
 
     /// User queues alive (without taking the device lock).
@@ -306,7 +327,7 @@ impl Thunk {
                 ProfileKind::Compat => {
                     // Memory polling with back-off (3.1), never longer
                     // than 2 ms between looks while user queues exist.
-                    // Without them the device only raises prefetch
+                    // Without them the device only raises prefault
                     // records for this process: 20 ms is soon enough.
                     let mut pause = backoff.next_pause();
                     if pause >= Duration::from_millis(2) && self.user_queue_count() == 0 {
@@ -327,7 +348,7 @@ impl Thunk {
         let mut dev = self.dev();
         let client = dev.session.client();
         match client.encode_no_reply(&[Request::EventArm]) {
-            Ok(bytes) => client.submit_raw(&bytes, Some(1)).is_ok(),
+            Ok(bytes) => client.submit_raw(&bytes, Some(EVENT_RING)).is_ok(),
             Err(_) => false,
         }
     }

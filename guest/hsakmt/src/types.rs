@@ -417,12 +417,7 @@ pub mod amd_queue {
     pub const SIZE: u64 = 256;
 }
 
-/// ROCr's `amd_signal_t` (`hsa/amd_hsa_signal.h`).
-pub mod amd_signal {
-    /// `offsetof(amd_signal_t, value)`.
-    pub const VALUE: u64 = 8;
-    /// `offsetof(amd_signal_t, event_mailbox_ptr)`.
-    pub const EVENT_MAILBOX_PTR: u64 = 16;
-    /// `offsetof(amd_signal_t, event_id)`.
-    pub const EVENT_ID: u64 = 24;
-}
+/// ROCr's `amd_signal_t` (`hsa/amd_hsa_signal.h`): the protocol's signal
+/// ABI (docs/protocol.md 14.10), owned by `guest-proto`; `tests/layout.rs`
+/// checks it against Debian's header.
+pub use guest_proto::aql::amd_signal;

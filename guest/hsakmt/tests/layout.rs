@@ -330,6 +330,37 @@ fn rust_layouts_match_the_debian_headers() {
         "offsetof(amd_signal_t, event_id)",
         amd_signal::EVENT_ID as usize,
     );
+    // The rest of the signal ABI guest-proto gives the device (14.10).
+    k.add(
+        "amd_signal_t.kind",
+        "offsetof(amd_signal_t, kind)",
+        amd_signal::KIND as usize,
+    );
+    k.add(
+        "amd_signal_t.start_ts",
+        "offsetof(amd_signal_t, start_ts)",
+        amd_signal::START_TS as usize,
+    );
+    k.add(
+        "amd_signal_t.end_ts",
+        "offsetof(amd_signal_t, end_ts)",
+        amd_signal::END_TS as usize,
+    );
+    k.add(
+        "amd_signal_t.size",
+        "sizeof(amd_signal_t)",
+        amd_signal::SIZE as usize,
+    );
+    k.add(
+        "amd_signal_t.align",
+        "_Alignof(amd_signal_t)",
+        amd_signal::ALIGN as usize,
+    );
+    k.add(
+        "AMD_SIGNAL_KIND_USER",
+        "AMD_SIGNAL_KIND_USER",
+        amd_signal::KIND_USER as usize,
+    );
     // Enum values the thunk uses.
     for (name, rust) in [
         ("HSA_EVENTTYPE_MEMORY", HSA_EVENTTYPE_MEMORY),

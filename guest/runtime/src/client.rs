@@ -29,6 +29,7 @@ use guest_proto::reply::{
     DeviceQueryReply, FaultReplyAck, Reply, ReplyPayload, SessionInitReply, VmBindReply,
 };
 use guest_proto::signal::{SIGNAL_SLOT_SIZE, SignalSlot};
+use guest_proto::uq::{QueueCountersReply, UserQueueCreate, UserQueueDestroy};
 use guest_proto::writer::{RequestWriter, Ticket};
 use guest_proto::{QueueId, Request, ResourceId, Status};
 
@@ -399,6 +400,38 @@ impl<C: Channel> Client<C> {
     pub fn destroy_queue(&mut self, queue: QueueId) -> Result<()> {
         self.call(&Request::QueueDestroy(QueueDestroy { queue }))
             .map(|_| ())
+    }
+
+    /// Creates a user-mode queue (protocol 1.1 `USER_QUEUE_CREATE`).
+    pub fn create_user_queue(&mut self, q: &UserQueueCreate) -> Result<QueueId> {
+        match self.call(&Request::UserQueueCreate(*q))?.payload {
+            ReplyPayload::UserQueueCreate(r) => Ok(r.queue),
+            _ => Err(GuestError::Invalid("USER_QUEUE_CREATE reply")),
+        }
+    }
+
+    /// Destroys a user-mode queue (`USER_QUEUE_DESTROY`): when this returns
+    /// the device no longer touches its ring, pointers or status block.
+    pub fn destroy_user_queue(&mut self, queue: QueueId) -> Result<()> {
+        self.call(&Request::UserQueueDestroy(UserQueueDestroy { queue }))
+            .map(|_| ())
+    }
+
+    /// `DOORBELL_KICK` without a reply (a hint: the device looks at the
+    /// session's doorbells now); returns once it is submitted.
+    pub fn kick_doorbells(&mut self) -> Result<()> {
+        let bytes = self.encode_no_reply(&[Request::DoorbellKick])?;
+        self.channel
+            .submit(&bytes, self.ring)
+            .map_err(io_err("submit"))
+    }
+
+    /// `QUEUE_COUNTERS` (1.1): the session's user-queue counters.
+    pub fn queue_counters(&mut self) -> Result<QueueCountersReply> {
+        match self.call(&Request::QueueCounters)?.payload {
+            ReplyPayload::QueueCounters(q) => Ok(q),
+            _ => Err(GuestError::Invalid("QUEUE_COUNTERS reply")),
+        }
     }
 
     /// Queues a dispatch, first clearing its signal slot so that a value

@@ -348,7 +348,12 @@ impl Session {
         };
         let (ring, wire_profile) = match profile {
             ProfileKind::Compat => (None, Profile::Compat),
-            ProfileKind::Native => (Some(0), Profile::Native { event_ring: 1 }),
+            ProfileKind::Native => (
+                Some(0),
+                Profile::Native {
+                    event_ring: EVENT_RING,
+                },
+            ),
         };
         let limits = DecodeLimits::from_capset(&node.capset);
         let mut client = Client::new(channel, layout, limits, ring);
@@ -811,7 +816,7 @@ impl Session {
 }
 
 /// The event ring of the native profile.
-const EVENT_RING: u32 = 1;
+pub const EVENT_RING: u32 = 1;
 
 /// Blocks on the DRM file until a polled ring's fence signals (the event
 /// fence of [`Session::arm_event`]).
