@@ -12,9 +12,12 @@
 //! - [`sim`]: the simulated GPU, the daemon's default device: multi-level page
 //!   tables, per-compute-unit TLBs, compute queues running the protocol's
 //!   kernel set, and retry faults with replay and cancel.
+//! - [`poll`]: spin-then-park with an adaptive budget, for the threads that
+//!   wait for work (compute units here, the daemon's vring worker).
 pub mod context;
 pub mod device;
 pub mod gpuvm;
+pub mod poll;
 pub mod sim;
 
 pub use device::{

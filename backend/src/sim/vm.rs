@@ -577,7 +577,8 @@ pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
     let mut tlb = Tlb::default();
     let mut charge = None;
     let mut again = None;
-    while let Some(mut wave) = pool.next(charge.take(), again.take()) {
+    let mut poll = crate::poll::PollBudget::new();
+    while let Some(mut wave) = pool.next(charge.take(), again.take(), &mut poll) {
         let start = Instant::now();
         wave.run.slice_begins(start);
         let outcome = run_wave(&mut wave, &mut tlb, start + config.time_slice);
