@@ -232,10 +232,20 @@ pub trait ContextBackend: Send {
         fence: Option<FenceRef>,
     ) -> Result<FenceDisposition, ContextBackendError>;
 
-    /// Called about every millisecond from the queue worker and after every
-    /// control-queue batch: time-based work (fault timeouts, fault backlog
-    /// into rings with space again).
+    /// Called about every millisecond from the queue worker while
+    /// [`ContextBackend::wants_tick`] says so, after every control-queue
+    /// batch, and when the backend woke the worker
+    /// ([`FenceCompleter::wake`]): device events, and time-based work
+    /// (fault timeouts, fault backlog into rings with space again).
     fn tick(&mut self);
+
+    /// Whether the backend has time-based work that needs the periodic
+    /// [`ContextBackend::tick`]. While it has none the queue worker's timer
+    /// is off, so an idle guest costs the daemon no wake-ups. The default
+    /// (`true`) ticks always.
+    fn wants_tick(&self) -> bool {
+        true
+    }
 }
 
 impl fmt::Debug for dyn ContextBackend {

@@ -219,6 +219,26 @@ pub fn filters() -> Result<Vec<BpfProgram>, SandboxError> {
         libc::SYS_prctl,
         arg_index_in(0, PRCTL_OPTIONS).map_err(SandboxError::Build)?,
     );
+    // The GPU socket thread makes itself SCHED_BATCH (`virtio_gpu::display`):
+    // its own thread (pid 0) and that policy only, so no thread can ask for
+    // a real-time one.
+    rules.insert(
+        libc::SYS_sched_setscheduler,
+        vec![
+            SeccompRule::new(vec![
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)
+                    .map_err(SandboxError::Build)?,
+                SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::SCHED_BATCH as u64,
+                )
+                .map_err(SandboxError::Build)?,
+            ])
+            .map_err(SandboxError::Build)?,
+        ],
+    );
     let allowlist = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

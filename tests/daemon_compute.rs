@@ -589,3 +589,64 @@ fn thread_cpu_ns(pid: i32, name: Option<&str>) -> u64 {
     }
     total
 }
+
+/// Times the daemon's threads named `name` were switched out (schedstat's
+/// third field: every wake-up of a thread that then sleeps again is one).
+fn thread_switches(pid: i32, name: &str) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = entry.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// A connected guest with an open session that does nothing costs the
+/// daemon no wake-ups (the tick timer runs only while faults are pending;
+/// it used to fire every millisecond, about 3% of a core here), and a
+/// fault nobody answers still times out on the tick, which stops again
+/// once it has.
+#[test]
+fn an_idle_session_wakes_nothing_and_unanswered_faults_still_time_out() {
+    let d = Daemon::start(&["--fault-timeout-ms", "50"]);
+    let vmm: Shared = Rc::new(RefCell::new(Vmm::connect(&d.socket, F_VIRGL)));
+    let mut c = open(&vmm, 1, 10, false);
+    let q = queue(&mut c);
+    let idle_switches = |what: &str| {
+        std::thread::sleep(Duration::from_millis(200));
+        let before = thread_switches(d.pid(), "vring_worker");
+        std::thread::sleep(Duration::from_secs(1));
+        let n = thread_switches(d.pid(), "vring_worker") - before;
+        eprintln!("{what}: the vring worker woke {n} times in 1 s");
+        assert!(n < 20, "{what}: {n} wake-ups of the vring worker in 1 s");
+    };
+    idle_switches("idle session");
+    // A fault nobody answers: FAULT_TIMED_OUT after ~50 ms.
+    let start = Instant::now();
+    assert_eq!(
+        fill(&mut c, q, 0x7000_0000, 16, 0, 3),
+        guest_proto::Status::Ok
+    );
+    wait_for(|| signal(&c, 0).value == 3, "the timed-out fill");
+    assert_eq!(signal(&c, 0).status, DispatchStatus::FaultTimedOut);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(45) && took < Duration::from_secs(5),
+        "timed out after {took:?}"
+    );
+    assert_eq!(faults(&mut c).len(), 1);
+    match call(&mut c, &Request::DeviceQuery).payload {
+        ReplyPayload::DeviceQuery(q) => assert_eq!(q.faults_timed_out, 1),
+        p => panic!("{p:?}"),
+    }
+    idle_switches("after the timeout");
+}

@@ -1,7 +1,8 @@
 //! The simulated GPU, measured against baselines in the same run:
 //!
 //! - translation with TLB hits vs a plain array lookup;
-//! - COPY through the GPU VM (page walk + vm-memory) vs host `memcpy`;
+//! - COPY through the GPU VM (page walk + vm-memory) vs host `memcpy`, by
+//!   size, from a written source;
 //! - the in-process fault round trip (fault -> resolver maps -> replay ->
 //!   done), p50/p99, and faults per second when faults come in batches.
 //!
@@ -24,10 +25,17 @@ use gpu_backend::{
 };
 use guest_proto::{DispatchStatus, GpuVa, GuestPhysAddr, Kernel, PAGE_SIZE, Perms, QueueId};
 use parking_lot::{Condvar, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 
-const COPY_BYTES: u64 = 16 << 20;
-const RAM: u64 = 128 << 20;
+/// Largest copy, and the guest buffers' size.
+const MAX_COPY: u64 = 64 << 20;
+/// Sizes of the bandwidth sweep.
+const COPY_SIZES: [u64; 6] = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20];
+const COPY_GPA: u64 = 0x100_0000;
+const COPY_VA: u64 = 0x1_0000_0000;
+const RAM: u64 = COPY_GPA + 2 * MAX_COPY + (64 << 20);
 
 fn translation(c: &mut Criterion) {
     let mut pt = PageTable::default();
@@ -99,6 +107,7 @@ impl VmEvents for Events {
 }
 
 struct Rig {
+    mem: GuestRam,
     vm: Arc<dyn DeviceVm>,
     events: Arc<Events>,
     q: QueueId,
@@ -120,7 +129,7 @@ fn rig(cus: usize, gpa_of: fn(u64) -> u64) -> Rig {
         faults: 0.into(),
     });
     let config = VmConfig {
-        memory: mem,
+        memory: mem.clone(),
         max_pending_faults: 4096,
         max_queue_depth: 64,
     };
@@ -128,6 +137,7 @@ fn rig(cus: usize, gpa_of: fn(u64) -> u64) -> Rig {
     *events.vm.lock() = Some(vm.clone());
     let q = vm.create_queue(QueueDesc { priority: 0 }).unwrap();
     Rig {
+        mem,
         vm,
         events,
         q,
@@ -155,58 +165,143 @@ impl Rig {
     }
 }
 
+/// Copy bandwidth through the GPU VM against host memcpy, by size, with a
+/// written source (never the zero page: an anonymous mapping nobody wrote
+/// reads as one shared zero page, which caches perfectly and overstates
+/// every copy from it) and a touched destination. Interleaved per size:
+/// the COPY kernel, a memcpy of the same guest buffers, a memcpy of two
+/// heap buffers; medians of the repetitions. Writes
+/// `target/bench-results/copy_bandwidth.csv`.
 fn copy_bandwidth(c: &mut Criterion) {
     let r = rig(2, |va| va);
-    let pages: Vec<GuestPhysAddr> = (0..2 * COPY_BYTES / PAGE_SIZE)
-        .map(|i| GuestPhysAddr(0x100_0000 + i * PAGE_SIZE))
+    let (src_gpa, dst_gpa) = (COPY_GPA, COPY_GPA + MAX_COPY);
+    let pages: Vec<GuestPhysAddr> = (0..2 * MAX_COPY / PAGE_SIZE)
+        .map(|i| GuestPhysAddr(COPY_GPA + i * PAGE_SIZE))
         .collect();
-    r.vm.map(GpuVa(0x1_0000_0000), &pages, Perms::RW).unwrap();
-    let (src, dst) = (0x1_0000_0000u64, 0x1_0000_0000 + COPY_BYTES);
-    let host_src = vec![7u8; COPY_BYTES as usize];
-    let mut host_dst = vec![0u8; COPY_BYTES as usize];
+    for chunk in pages.chunks(512) {
+        let va = COPY_VA + (chunk[0].raw() - COPY_GPA);
+        r.vm.map(GpuVa(va), chunk, Perms::RW).unwrap();
+    }
+    let (src, dst) = (COPY_VA, COPY_VA + MAX_COPY);
+    let pattern = |i: u64| (i as u8).wrapping_mul(31) ^ (i >> 12) as u8;
+    {
+        let mem = r.mem.memory();
+        let data: Vec<u8> = (0..MAX_COPY).map(pattern).collect();
+        mem.write_slice(&data, GuestAddress(src_gpa)).unwrap();
+        mem.write_slice(&vec![1u8; MAX_COPY as usize], GuestAddress(dst_gpa))
+            .unwrap();
+    }
+    let host_src: Vec<u8> = (0..MAX_COPY).map(|i| pattern(i) ^ 0x5A).collect();
+    let mut host_dst = vec![1u8; MAX_COPY as usize];
+
     let mut g = c.benchmark_group("copy_16MiB");
-    g.throughput(Throughput::Bytes(COPY_BYTES));
+    g.throughput(Throughput::Bytes(16 << 20));
     g.sample_size(20);
     g.bench_function("gpu_vm", |b| {
         b.iter(|| {
             r.run(Kernel::Copy {
                 dst: GpuVa(dst),
                 src: GpuVa(src),
-                size: COPY_BYTES,
+                size: 16 << 20,
             })
         })
     });
     g.bench_function("host_memcpy", |b| {
         b.iter(|| {
-            host_dst.copy_from_slice(black_box(&host_src));
+            host_dst[..16 << 20].copy_from_slice(black_box(&host_src[..16 << 20]));
             black_box(&host_dst);
         })
     });
     g.finish();
 
-    // The ratio, measured back to back.
-    let time = |f: &mut dyn FnMut()| {
-        let start = Instant::now();
-        for _ in 0..10 {
-            f();
+    println!("copy bandwidth, GB/s (medians; the source was written, not the zero page):");
+    let mut rows = Vec::new();
+    for size in COPY_SIZES {
+        let reps = if size >= 16 << 20 { 9 } else { 31 };
+        let inner = (16 << 20) / size.min(16 << 20);
+        let (mut gpu, mut guest, mut heap) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            for _ in 0..inner {
+                r.run(Kernel::Copy {
+                    dst: GpuVa(dst),
+                    src: GpuVa(src),
+                    size,
+                });
+            }
+            gpu.push(t.elapsed() / inner as u32);
+            let mem = r.mem.memory();
+            let s = mem.get_slice(GuestAddress(src_gpa), size as usize).unwrap();
+            let d = mem.get_slice(GuestAddress(dst_gpa), size as usize).unwrap();
+            let t = Instant::now();
+            for _ in 0..inner {
+                s.copy_to_volatile_slice(d);
+            }
+            guest.push(t.elapsed() / inner as u32);
+            let n = size as usize;
+            let t = Instant::now();
+            for _ in 0..inner {
+                host_dst[..n].copy_from_slice(black_box(&host_src[..n]));
+                black_box(&host_dst);
+            }
+            heap.push(t.elapsed() / inner as u32);
         }
-        start.elapsed()
-    };
-    let gpu = time(&mut || {
-        r.run(Kernel::Copy {
-            dst: GpuVa(dst),
-            src: GpuVa(src),
-            size: COPY_BYTES,
-        })
-    });
-    let host = time(&mut || host_dst.copy_from_slice(black_box(&host_src)));
-    let gbps = |d: Duration| 10.0 * COPY_BYTES as f64 / d.as_secs_f64() / 1e9;
-    println!(
-        "copy through the GPU VM: {:.2} GB/s, host memcpy: {:.2} GB/s, ratio {:.0}%",
-        gbps(gpu),
-        gbps(host),
-        100.0 * host.as_secs_f64() / gpu.as_secs_f64()
+        // The GPU copy moved the right bytes.
+        let mem = r.mem.memory();
+        let mut a = vec![0u8; 4096.min(size as usize)];
+        let mut b = a.clone();
+        for off in [0, size / 2, size - a.len() as u64] {
+            mem.read_slice(&mut a, GuestAddress(src_gpa + off)).unwrap();
+            mem.read_slice(&mut b, GuestAddress(dst_gpa + off)).unwrap();
+            assert_eq!(a, b, "COPY of {size} bytes moved the wrong bytes");
+        }
+        let gbps = |d: Duration| size as f64 / d.as_secs_f64() / 1e9;
+        let (gm, sm, hm) = (median(gpu), median(guest), median(heap));
+        println!(
+            "  {:>8} KiB: COPY through the GPU VM {:6.2}, memcpy of the same guest buffers {:6.2}, \
+             heap memcpy {:6.2}; COPY / heap memcpy {:.2}x",
+            size >> 10,
+            gbps(gm),
+            gbps(sm),
+            gbps(hm),
+            hm.as_secs_f64() / gm.as_secs_f64()
+        );
+        rows.push(format!(
+            "{size},{:.3},{:.3},{:.3}",
+            gbps(gm),
+            gbps(sm),
+            gbps(hm)
+        ));
+    }
+    write_csv(
+        "copy_bandwidth",
+        "bytes,gpu_copy_gbps,guest_memcpy_gbps,heap_memcpy_gbps",
+        &rows,
     );
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Writes `rows` under `header` to `target/bench-results/<name>.csv` (or
+/// `$BENCH_RESULTS_DIR`), for `tools/plot`.
+fn write_csv(name: &str, header: &str, rows: &[String]) {
+    let dir = std::env::var_os("BENCH_RESULTS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-results")
+        });
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.csv"));
+    let mut text = format!("{header}\n");
+    for r in rows {
+        text.push_str(r);
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    println!("  (wrote {})", path.display());
 }
 
 fn fault_round_trip(c: &mut Criterion) {

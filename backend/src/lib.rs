@@ -14,6 +14,8 @@
 //!   kernel set, and retry faults with replay and cancel.
 //! - [`histogram`]: a fixed-bucket latency histogram (fault round trips,
 //!   doorbell latency) for the daemon's metrics.
+//! - [`poll`]: spin-then-park with an adaptive budget, for the threads that
+//!   wait for work (compute units here, the daemon's vring worker).
 // Everything that needs `unsafe` (memory maps, syscalls) lives in the daemon
 // or in vm-memory: the GPU side is safe Rust only.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod context;
 pub mod device;
 pub mod gpuvm;
 pub mod histogram;
+pub mod poll;
 pub mod sim;
 
 pub use device::{

@@ -620,6 +620,17 @@ impl ContextBackend for ComputeBackend {
         self.pump_all();
         self.publish_metrics();
     }
+
+    /// Time-based work exists while a session has faults pending: their
+    /// deadlines, and records waiting for room in a full ring (the guest
+    /// frees it by moving `head`, which nothing announces). Everything
+    /// else reaches the worker through the completer's `wake`.
+    fn wants_tick(&self) -> bool {
+        self.contexts
+            .values()
+            .filter_map(|c| c.session.as_ref())
+            .any(ComputeSession::has_timed_work)
+    }
 }
 
 impl ComputeBackend {

@@ -464,6 +464,12 @@ impl ComputeSession {
         }
     }
 
+    /// Whether the session has work that only the passing of time moves
+    /// on (pending faults: deadlines, deferred records).
+    pub fn has_timed_work(&self) -> bool {
+        self.ctx.has_pending_faults()
+    }
+
     /// Unmaps everything backed by `id`.
     pub fn unmap_resource(&mut self, id: ResourceId) {
         self.ctx.unmap_resource(id);

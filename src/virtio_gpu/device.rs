@@ -66,6 +66,44 @@ impl Default for GpuLimits {
     }
 }
 
+/// Host copies of 2D images kept when their resource goes (unref, detach),
+/// for the next image of the same size: a fresh allocation of a large
+/// image costs a page fault for every 4 KiB on its first write, clearing a
+/// kept one a memset. At most [`SPARE_IMAGES`] of them, [`SPARE_IMAGE_BYTES`]
+/// in all, outside the guest's image quota (they hold no guest data: they
+/// are cleared before reuse).
+#[derive(Debug, Default)]
+struct ImagePool {
+    spare: Vec<Vec<u8>>,
+}
+
+/// Images kept at most.
+const SPARE_IMAGES: usize = 4;
+/// Bytes of kept images at most.
+const SPARE_IMAGE_BYTES: usize = 16 << 20;
+
+impl ImagePool {
+    /// A zeroed image of `len` bytes.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        match self.spare.iter().position(|b| b.len() == len) {
+            Some(i) => {
+                let mut image = self.spare.swap_remove(i);
+                image.fill(0);
+                image
+            }
+            None => vec![0; len],
+        }
+    }
+
+    /// Keeps `image` if there is room.
+    fn give(&mut self, image: Vec<u8>) {
+        let kept: usize = self.spare.iter().map(Vec::len).sum();
+        if self.spare.len() < SPARE_IMAGES && kept + image.len() <= SPARE_IMAGE_BYTES {
+            self.spare.push(image);
+        }
+    }
+}
+
 /// What the queue worker does with a processed control command.
 #[derive(Debug)]
 pub struct Processed {
@@ -91,6 +129,8 @@ pub struct GpuDevice {
     resources: BTreeMap<ResourceId, Resource>,
     /// Host bytes reserved for 2D image copies.
     image_bytes: u64,
+    /// Host copies of images whose resource went, for the next ones.
+    images: ImagePool,
     /// Host bytes of backing entry lists.
     backing_bytes: u64,
     /// The backing budget was hit (logged once until usage drops).
@@ -124,6 +164,7 @@ impl GpuDevice {
             limits,
             resources: BTreeMap::new(),
             image_bytes: 0,
+            images: ImagePool::default(),
             backing_bytes: 0,
             backing_budget_hit: false,
             contexts: BTreeMap::new(),
@@ -169,6 +210,11 @@ impl GpuDevice {
         self.compute.tick();
     }
 
+    /// Whether the compute layer needs the periodic tick now.
+    pub fn wants_tick(&self) -> bool {
+        self.compute.wants_tick()
+    }
+
     /// Destroys every context (disconnect).
     pub fn teardown(&mut self) {
         let ctxs: Vec<CtxId> = self.contexts.keys().copied().collect();
@@ -177,6 +223,7 @@ impl GpuDevice {
         }
         self.contexts.clear();
         self.resources.clear();
+        self.images = ImagePool::default();
         self.image_bytes = 0;
         self.backing_bytes = 0;
         self.backing_budget_hit = false;
@@ -474,11 +521,14 @@ impl GpuDevice {
             self.scanout = None;
             self.display.set_scanout(0, 0);
         }
-        if let Some(res) = self.resources.remove(&id) {
+        if let Some(mut res) = self.resources.remove(&id) {
             if res.kind == ResourceKind::Image2d {
                 self.image_bytes = self.image_bytes.saturating_sub(res.size);
             }
             self.refund_backing(res.backing.as_ref());
+            if let Some(image) = res.image.take() {
+                self.images.give(image);
+            }
         }
         Ok(GpuResponse::OkNoData)
     }
@@ -584,7 +634,7 @@ impl GpuDevice {
         let id = ResourceId(t.resource_id.to_native());
         let offset = t.offset.to_native();
         let mem = self.memory()?.clone();
-        let res = self.resource_mut(id)?;
+        let res = self.resource(id)?;
         if res.kind != ResourceKind::Image2d {
             return Err(GpuError::WrongKind {
                 cmd: "TRANSFER_TO_HOST_2D",
@@ -598,22 +648,37 @@ impl GpuDevice {
         // Fits in memory: the image is at most MAX_IMAGE_BYTES.
         let stride = u64::from(res.width) * 4;
         let image_len = usize::try_from(stride * u64::from(res.height)).unwrap_or(0);
-        let image = res.image.get_or_insert_with(|| vec![0; image_len]);
+        let fresh = if res.image.is_none() {
+            Some(self.images.take(image_len))
+        } else {
+            None
+        };
+        let res = self.resource_mut(id)?;
+        let image = res.image.get_or_insert_with(|| fresh.unwrap_or_default());
         let row_len = u64::from(w) * 4;
-        for row in 0..u64::from(h) {
-            let src = offset.saturating_add(row * stride);
-            let dst = (u64::from(y) + row) * stride + u64::from(x) * 4;
+        let bad_rect = |dst| GpuError::InvalidField {
+            cmd: "TRANSFER_TO_HOST_2D",
+            field: "r",
+            value: dst,
+        };
+        let read = |dst: u64, src: u64, len: u64, image: &mut Vec<u8>| {
             let line = usize::try_from(dst)
                 .ok()
-                .zip(usize::try_from(dst + row_len).ok())
+                .zip(usize::try_from(dst + len).ok())
                 .and_then(|(a, b)| image.get_mut(a..b))
-                .ok_or(GpuError::InvalidField {
-                    cmd: "TRANSFER_TO_HOST_2D",
-                    field: "r",
-                    value: dst,
-                })?;
+                .ok_or(bad_rect(dst))?;
             read_backing(&mem, &backing, src, line)
-                .map_err(|source| GpuError::Backing { id: id.0, source })?;
+                .map_err(|source| GpuError::Backing { id: id.0, source })
+        };
+        if x == 0 && row_len == stride {
+            // Whole rows: one contiguous range on both sides, one read.
+            read(u64::from(y) * stride, offset, u64::from(h) * stride, image)?;
+        } else {
+            for row in 0..u64::from(h) {
+                let src = offset.saturating_add(row * stride);
+                let dst = (u64::from(y) + row) * stride + u64::from(x) * 4;
+                read(dst, src, row_len, image)?;
+            }
         }
         Ok(GpuResponse::OkNoData)
     }
@@ -634,11 +699,15 @@ impl GpuDevice {
     }
 
     /// The pixels of `rect`, from the host copy (2D) or the guest memory
-    /// (blob scanout).
+    /// (blob scanout), in a buffer the display reuses.
     fn pixels(&self, res: &Resource, rect: Rect) -> Result<Vec<u8>, GpuError> {
         let (x, y, w, h) = rect.get();
         let row_len = usize::try_from(w).unwrap_or(0).saturating_mul(4);
-        let mut out = vec![0u8; row_len.saturating_mul(h as usize)];
+        let len = row_len.saturating_mul(h as usize);
+        let mut out = self
+            .display
+            .pixel_buffer(len)
+            .unwrap_or_else(|| Vec::with_capacity(len));
         let unreadable = |offset| GpuError::Backing {
             id: res.id.0,
             source: super::resources::BackingError::Read {
@@ -646,17 +715,32 @@ impl GpuDevice {
                 len: row_len as u64,
             },
         };
-        for (row, line) in out.chunks_exact_mut(row_len.max(1)).enumerate() {
-            let at = res.offset + (u64::from(y) + row as u64) * res.stride + u64::from(x) * 4;
-            match (&res.image, &res.backing) {
-                (Some(image), _) => {
+        let full_rows = x == 0 && res.offset == 0 && res.stride == u64::from(w) * 4;
+        match (&res.image, &res.backing) {
+            (Some(image), _) if full_rows => {
+                // Whole rows of the host copy: one piece.
+                let at = u64::from(y) * res.stride;
+                let src = usize::try_from(at)
+                    .ok()
+                    .and_then(|a| image.get(a..a.checked_add(len)?))
+                    .ok_or(unreadable(at))?;
+                out.extend_from_slice(src);
+            }
+            (Some(image), _) => {
+                for row in 0..u64::from(h) {
+                    let at = res.offset + (u64::from(y) + row) * res.stride + u64::from(x) * 4;
                     let src = usize::try_from(at)
                         .ok()
                         .and_then(|a| image.get(a..a.checked_add(row_len)?))
                         .ok_or(unreadable(at))?;
-                    line.copy_from_slice(src);
+                    out.extend_from_slice(src);
                 }
-                (None, Some(b)) if res.kind == ResourceKind::BlobGuest => {
+            }
+            (None, Some(b)) if res.kind == ResourceKind::BlobGuest => {
+                out.resize(len, 0);
+                for (row, line) in out.chunks_exact_mut(row_len.max(1)).enumerate() {
+                    let at =
+                        res.offset + (u64::from(y) + row as u64) * res.stride + u64::from(x) * 4;
                     read_backing(self.memory()?, b, at, line).map_err(|source| {
                         GpuError::Backing {
                             id: res.id.0,
@@ -664,8 +748,8 @@ impl GpuDevice {
                         }
                     })?;
                 }
-                _ => return Err(GpuError::NoBacking(res.id.0)),
             }
+            _ => return Err(GpuError::NoBacking(res.id.0)),
         }
         Ok(out)
     }
@@ -694,8 +778,11 @@ impl GpuDevice {
             return Err(GpuError::BlobBacking(id.0));
         }
         let backing = res.backing.take().ok_or(GpuError::NoBacking(id.0))?;
-        res.image = None;
+        let image = res.image.take();
         let contexts = res.contexts.clone();
+        if let Some(image) = image {
+            self.images.give(image);
+        }
         self.refund_backing(Some(&backing));
         for ctx in contexts {
             // The context stops using the pages before the guest gets them

@@ -15,11 +15,14 @@
 //! a thread stuck on a silent peer stays blocked until that peer closes its
 //! end; at most [`MAX_LINKS`] such threads exist in the process.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::time::Duration;
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
 
+use gpu_backend::poll::PollBudget;
+use parking_lot::{Condvar, Mutex};
 use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::gpu_message::{
     VhostUserGpuCursorPos, VhostUserGpuCursorUpdate, VhostUserGpuEdidRequest, VhostUserGpuScanout,
@@ -38,6 +41,10 @@ pub const MAX_LINKS: usize = 8;
 const MAX_QUEUED: usize = 64;
 /// Pixel bytes queued for the peer at most.
 const MAX_QUEUED_PIXELS: usize = 64 << 20;
+/// Pixel buffers kept for reuse (sent updates give theirs back), at most.
+const SPARE_BUFFERS: usize = 4;
+/// A spare pixel buffer larger than this is freed, not kept.
+const MAX_SPARE_BYTES: usize = 16 << 20;
 
 /// GPU socket threads alive.
 static LINKS: AtomicUsize = AtomicUsize::new(0);
@@ -53,7 +60,7 @@ enum Job {
 }
 
 /// State shared with the link thread.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct LinkState {
     /// A question went unanswered past the timeout and the thread has not
     /// finished it yet.
@@ -62,12 +69,112 @@ struct LinkState {
     dead: AtomicBool,
     /// Pixel bytes queued.
     pixels: AtomicUsize,
+    /// The jobs, in order (at most [`MAX_QUEUED`]), and whether the
+    /// device side is gone.
+    queue: Mutex<(VecDeque<Job>, bool)>,
+    /// Signalled when a job is queued or the device side goes.
+    ready: Condvar,
+    /// Pixel buffers of sent updates, for the next ones.
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkState")
+            .field("stalled", &self.stalled)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkState {
+    /// Queues `job` unless [`MAX_QUEUED`] wait already. The link thread is
+    /// woken only if it parked: a condition variable nobody waits on costs
+    /// an atomic load to signal.
+    fn push(&self, job: Job) -> Result<(), Job> {
+        let mut q = self.queue.lock();
+        if q.0.len() >= MAX_QUEUED || q.1 {
+            return Err(job);
+        }
+        q.0.push_back(job);
+        drop(q);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job; `None` once the device side is gone and every job is
+    /// done. Polls for a while before it parks (the adaptive budget of
+    /// [`gpu_backend::poll`]): updates come in bursts.
+    fn pop(&self, poll: &mut PollBudget) -> Option<Job> {
+        let idle_since = Instant::now();
+        let mut q = self.queue.lock();
+        let mut polled = false;
+        loop {
+            if let Some(job) = q.0.pop_front() {
+                poll.observe(idle_since.elapsed());
+                return Some(job);
+            }
+            if q.1 {
+                return None;
+            }
+            let budget = poll.budget();
+            if !polled && !budget.is_zero() {
+                polled = true;
+                parking_lot::MutexGuard::unlocked(&mut q, || {
+                    let mut round = 0u32;
+                    while idle_since.elapsed() < budget && !self.has_jobs() {
+                        gpu_backend::poll::relax(&mut round);
+                    }
+                });
+                continue;
+            }
+            self.ready.wait(&mut q);
+        }
+    }
+
+    fn has_jobs(&self) -> bool {
+        self.queue.try_lock().is_none_or(|q| !q.0.is_empty() || q.1)
+    }
+
+    /// The device side is gone: the thread ends after the queued jobs.
+    fn close(&self) {
+        self.queue.lock().1 = true;
+        self.ready.notify_all();
+    }
+
+    /// A cleared buffer of at least `len` bytes' capacity.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut spare = self.spare.lock();
+        match spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = spare.swap_remove(i);
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    /// Keeps a sent update's buffer for the next one.
+    fn give_back(&self, buffer: Vec<u8>) {
+        if buffer.capacity() <= MAX_SPARE_BYTES {
+            let mut spare = self.spare.lock();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buffer);
+            }
+        }
+    }
 }
 
 /// One GPU socket and its thread.
 struct Link {
-    jobs: SyncSender<Job>,
     state: Arc<LinkState>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.state.close();
+    }
 }
 
 impl Link {
@@ -78,20 +185,20 @@ impl Link {
                 "{MAX_LINKS} GPU socket threads are alive (peers that never answered)"
             )));
         }
-        let (jobs, rx) = sync_channel(MAX_QUEUED);
         let state = Arc::new(LinkState::default());
         let shared = state.clone();
         let spawned = std::thread::Builder::new()
             .name("gpu-socket".into())
             .spawn(move || {
-                run_link(&socket, &rx, &shared);
+                batch_policy();
+                run_link(&socket, &shared);
                 LINKS.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             LINKS.fetch_sub(1, Ordering::AcqRel);
             return Err(e);
         }
-        Ok(Link { jobs, state })
+        Ok(Link { state })
     }
 
     /// Whether questions may be asked.
@@ -105,7 +212,7 @@ impl Link {
             return None;
         }
         let (tx, rx) = sync_channel(1);
-        self.jobs.try_send(job(tx)).ok()?;
+        self.state.push(job(tx)).ok()?;
         match rx.recv_timeout(PEER_TIMEOUT) {
             Ok(Ok(v)) => Some(v),
             Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => None,
@@ -136,22 +243,45 @@ impl Link {
             if queued.saturating_add(pixels) > MAX_QUEUED_PIXELS {
                 self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
                 log::debug!("GPU socket: the frontend lags; update dropped");
+                if let Job::Update(_, px) = job {
+                    self.state.give_back(px);
+                }
                 return;
             }
         }
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
-                log::debug!("GPU socket: the frontend lags; message dropped");
+        if let Err(job) = self.state.push(job) {
+            self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
+            log::debug!("GPU socket: the frontend lags; message dropped");
+            if let Job::Update(_, px) = job {
+                self.state.give_back(px);
             }
         }
     }
 }
 
+/// Makes the calling thread `SCHED_BATCH`: it keeps its fair share of the
+/// CPU, but waking it never preempts the thread that woke it. The vring
+/// worker wakes the link thread for a scanout or an update and goes on
+/// with the guest's next command; a link thread that took the worker's CPU
+/// the moment it was woken delayed every command after a flush by its
+/// whole send. Best effort: a failure only costs that.
+fn batch_policy() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the calling thread (pid 0), a policy without privileges, a
+    // valid parameter block.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if r != 0 {
+        log::debug!(
+            "GPU socket thread: SCHED_BATCH: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The link thread: one exchange at a time; the first failure ends it.
-fn run_link(socket: &GpuBackend, jobs: &Receiver<Job>, state: &LinkState) {
-    for job in jobs {
+fn run_link(socket: &GpuBackend, state: &LinkState) {
+    let mut poll = PollBudget::new();
+    while let Some(job) = state.pop(&mut poll) {
         let result = match job {
             Job::DisplayInfo(reply) => {
                 let r = socket.get_display_info();
@@ -169,6 +299,7 @@ fn run_link(socket: &GpuBackend, jobs: &Receiver<Job>, state: &LinkState) {
             Job::Update(u, px) => {
                 let r = socket.update_scanout(&u, &px);
                 state.pixels.fetch_sub(px.len(), Ordering::AcqRel);
+                state.give_back(px);
                 r.err().map(|e| e.to_string())
             }
             Job::CursorPos(p) => socket.cursor_pos(&p).err().map(|e| e.to_string()),
@@ -181,6 +312,10 @@ fn run_link(socket: &GpuBackend, jobs: &Receiver<Job>, state: &LinkState) {
         if let Some(e) = result {
             log::warn!("GPU socket: {e}; the frontend's display is no longer updated");
             state.dead.store(true, Ordering::Release);
+            // Queued jobs go with the thread; askers see the reply
+            // channel close.
+            state.close();
+            state.queue.lock().0.clear();
             return;
         }
     }
@@ -242,6 +377,14 @@ impl Display {
                 height,
             }));
         }
+    }
+
+    /// A cleared buffer for `len` bytes of pixels, reused from an update
+    /// the peer already got when there is one (no allocation, no fresh
+    /// pages to fault in); `None` without a socket (nobody would see the
+    /// pixels).
+    pub fn pixel_buffer(&self, len: usize) -> Option<Vec<u8>> {
+        self.link.as_ref().map(|l| l.state.buffer(len))
     }
 
     /// New pixels (4 bytes each, rows of `width`) for the rectangle at

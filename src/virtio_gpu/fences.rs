@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -80,10 +81,21 @@ impl RingQueues {
 
 /// Completions from the compute layer, from any thread, waking the queue
 /// worker through an eventfd.
+///
+/// While the worker polls (spin-then-park, see the module `poll` of the
+/// virtio-gpu layer) it looks at [`FenceInbox::pending`] itself, and
+/// producers skip the eventfd write: the flags are a Dekker pair (each
+/// side stores its own, then loads the other's, sequentially consistent),
+/// so either the worker still sees `pending` after it stopped polling, or
+/// the producer sees it stopped and writes the eventfd.
 #[derive(Debug)]
 pub struct FenceInbox {
     done: Mutex<Vec<FenceRef>>,
     event: EventFd,
+    /// Something arrived since the last [`FenceInbox::take`].
+    pending: AtomicBool,
+    /// The worker is polling: no eventfd write needed.
+    polling: AtomicBool,
 }
 
 impl FenceInbox {
@@ -92,6 +104,8 @@ impl FenceInbox {
         Ok(Arc::new(FenceInbox {
             done: Mutex::new(Vec::new()),
             event: EventFd::new(EFD_NONBLOCK)?,
+            pending: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
         }))
     }
 
@@ -100,21 +114,48 @@ impl FenceInbox {
         self.event.as_raw_fd()
     }
 
+    /// Consumes the eventfd's count (the worker does when it fired).
+    pub fn clear_event(&self) {
+        let _ = self.event.read();
+    }
+
+    /// Whether completions or device events arrived since the last
+    /// [`FenceInbox::take`].
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// The worker starts (`true`) or stops polling the inbox.
+    pub fn set_polling(&self, polling: bool) {
+        self.polling.store(polling, Ordering::SeqCst);
+    }
+
     /// Takes the completions so far.
     pub fn take(&self) -> Vec<FenceRef> {
-        let _ = self.event.read();
+        // Cleared before the list is taken: whatever comes after sets it
+        // again.
+        if !self.pending.swap(false, Ordering::SeqCst) {
+            return Vec::new();
+        }
         std::mem::take(&mut *self.done.lock())
+    }
+
+    fn notify(&self) {
+        self.pending.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            let _ = self.event.write(1);
+        }
     }
 }
 
 impl FenceCompleter for FenceInbox {
     fn complete(&self, fence: FenceRef) {
         self.done.lock().push(fence);
-        let _ = self.event.write(1);
+        self.notify();
     }
 
     fn wake(&self) {
-        let _ = self.event.write(1);
+        self.notify();
     }
 }
 
@@ -145,5 +186,32 @@ mod tests {
         let out = q.complete(d(1, Some(1), true).fence);
         assert_eq!(out.iter().map(|x| x.head).collect::<Vec<_>>(), vec![1, 2]);
         assert!(q.complete(d(1, Some(1), true).fence).is_empty());
+    }
+
+    #[test]
+    fn a_polling_worker_gets_no_eventfd_write_and_loses_nothing() {
+        let inbox = FenceInbox::new().unwrap();
+        let fence = d(1, Some(1), true).fence;
+        assert!(!inbox.pending());
+        assert!(inbox.take().is_empty());
+        inbox.set_polling(true);
+        inbox.complete(fence);
+        assert!(inbox.pending());
+        assert!(
+            inbox.event.read().is_err(),
+            "no eventfd write while polling"
+        );
+        assert_eq!(inbox.take(), vec![fence]);
+        assert!(!inbox.pending());
+        inbox.set_polling(false);
+        inbox.wake();
+        assert_eq!(
+            inbox.event.read().unwrap(),
+            1,
+            "parked: the eventfd wakes it"
+        );
+        assert!(inbox.pending());
+        assert!(inbox.take().is_empty(), "a wake carries no fence");
+        assert!(!inbox.pending());
     }
 }

@@ -47,6 +47,8 @@ pub const F_VIRGL: u64 = 1 << VIRTIO_GPU_F_VIRGL;
 pub const F_EDID: u64 = 1 << VIRTIO_GPU_F_EDID;
 pub const F_BLOB: u64 = 1 << VIRTIO_GPU_F_RESOURCE_BLOB;
 pub const F_CONTEXT_INIT: u64 = 1 << VIRTIO_GPU_F_CONTEXT_INIT;
+/// VIRTIO_RING_F_EVENT_IDX as a feature mask.
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
@@ -84,11 +86,30 @@ impl Daemon {
         if let Some(log) = &log {
             cmd.stderr(Stdio::from(std::fs::File::create(log).unwrap()));
         }
+        Daemon::spawn_command(cmd, dir, socket, log)
+    }
+
+    /// Starts another vhost-user GPU backend (`program --socket-path
+    /// SOCK args...`, QEMU's `vhost-user-gpu` say) for the same harness.
+    pub fn start_program(program: &Path, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("gpu.sock");
+        let mut cmd = Command::new(program);
+        cmd.arg("--socket-path").arg(&socket).args(args);
+        Daemon::spawn_command(cmd, dir, socket, None)
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        log: Option<PathBuf>,
+    ) -> Daemon {
         let child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "daemon did not listen");
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(1));
         }
         Daemon {
             child,
@@ -294,6 +315,40 @@ impl GuestRam {
         u32::from_le_bytes(self.read(gpa, 4).try_into().unwrap())
     }
 
+    /// Acquire-load of the aligned `u32` at `gpa`, without a copy.
+    pub fn u32_acquire(&self, gpa: u64) -> u32 {
+        self.check(gpa, 4);
+        assert_eq!(gpa % 4, 0);
+        // SAFETY: aligned and in bounds of the mapping and the file
+        // (checked above); the daemon writes it concurrently, atomically.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(gpa as usize).cast())
+                .load(std::sync::atomic::Ordering::Acquire)
+        }
+    }
+
+    /// Acquire-load of the aligned `u64` at `gpa`, without a copy.
+    pub fn u64_acquire(&self, gpa: u64) -> u64 {
+        self.check(gpa, 8);
+        assert_eq!(gpa % 8, 0);
+        // SAFETY: as for `u32_acquire`.
+        unsafe {
+            std::sync::atomic::AtomicU64::from_ptr(self.ptr.add(gpa as usize).cast())
+                .load(std::sync::atomic::Ordering::Acquire)
+        }
+    }
+
+    /// Release-store of the aligned `u32` at `gpa`.
+    pub fn set_u32_release(&self, gpa: u64, v: u32) {
+        self.check(gpa, 4);
+        assert_eq!(gpa % 4, 0);
+        // SAFETY: as for `u32_acquire`.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.ptr.add(gpa as usize).cast())
+                .store(v, std::sync::atomic::Ordering::Release)
+        }
+    }
+
     pub fn u64(&self, gpa: u64) -> u64 {
         u64::from_le_bytes(self.read(gpa, 8).try_into().unwrap())
     }
@@ -387,6 +442,10 @@ pub struct Vmm {
     queues: Vec<Queue>,
     pub features: u64,
     heap: u64,
+    /// Kick only when the device asks for it (see [`Vmm::suppress_kicks`]).
+    suppress_kicks: bool,
+    /// Kicks sent so far.
+    pub kicks: u64,
 }
 
 /// Connects to the daemon's socket, retrying while it is between bind()
@@ -471,6 +530,8 @@ impl Vmm {
             queues: Vec::new(),
             features: acked,
             heap: HEAP_GPA,
+            suppress_kicks: false,
+            kicks: 0,
         };
         for q in 0..2usize {
             let base = RING_BASE + q as u64 * RING_STRIDE;
@@ -606,15 +667,56 @@ impl Vmm {
         self.ram.write(desc + u64::from(idx) * 16, &bytes);
     }
 
-    /// Makes descriptor `head` available and kicks.
+    /// Makes descriptor `head` available and kicks (unless kicks are
+    /// suppressed and the device did not ask for one).
     pub fn publish(&mut self, q: usize, head: u16) -> u16 {
+        let event_idx = self.features & F_EVENT_IDX != 0;
         let queue = &mut self.queues[q];
         let slot = queue.avail + 4 + u64::from(queue.avail_idx % QUEUE_SIZE) * 2;
         self.ram.set_u16(slot, head);
+        let old = queue.avail_idx;
         queue.avail_idx = queue.avail_idx.wrapping_add(1);
         self.ram.set_u16(queue.avail + 2, queue.avail_idx);
-        queue.kick.write(1).unwrap();
+        let kick = !self.suppress_kicks || {
+            // As Linux's virtqueue_kick_prepare: the new index must be
+            // visible before the device's suppression state is read.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if event_idx {
+                let avail_event = self.ram.u16(queue.used + 4 + 8 * u64::from(QUEUE_SIZE));
+                // vring_need_event(avail_event, new, old)
+                queue.avail_idx.wrapping_sub(avail_event).wrapping_sub(1)
+                    < queue.avail_idx.wrapping_sub(old)
+            } else {
+                self.ram.u16(queue.used) & 1 == 0
+            }
+        };
+        if kick {
+            queue.kick.write(1).unwrap();
+            self.kicks += 1;
+        }
         head
+    }
+
+    /// Kicks only when the device asks for one, as a Linux driver does
+    /// (`VIRTIO_RING_F_EVENT_IDX`'s `avail_event` when negotiated, else
+    /// the used ring's `NO_NOTIFY` flag). Off by default: tests kick on
+    /// every chain.
+    pub fn suppress_kicks(&mut self, on: bool) {
+        self.suppress_kicks = on;
+    }
+
+    /// The next used entry of queue `q`, if the device returned one.
+    pub fn poll_used(&mut self, q: usize) -> Option<(u16, u32)> {
+        let queue = &mut self.queues[q];
+        if self.ram.u16(queue.used + 2) == queue.used_idx {
+            return None;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let at = queue.used + 4 + u64::from(queue.used_idx % QUEUE_SIZE) * 8;
+        let head = self.ram.u32(at) as u16;
+        let len = self.ram.u32(at + 4);
+        queue.used_idx = queue.used_idx.wrapping_add(1);
+        Some((head, len))
     }
 
     /// Waits for the next used entry: (head, len), or None on timeout.
@@ -820,6 +922,9 @@ pub enum PeerMode {
     Silent,
     /// Closes its end at once.
     Closes,
+    /// Answers like `Answers`, records every other message without its
+    /// body (for benchmarks that send many pixels).
+    Discards,
 }
 
 impl Vmm {
@@ -863,17 +968,24 @@ impl Vmm {
                 }
                 let display_info = u32::from(GpuBackendReq::GET_DISPLAY_INFO);
                 let get_edid = u32::from(GpuBackendReq::GET_EDID);
-                let reply: Option<Vec<u8>> = match (mode, request) {
-                    (PeerMode::Answers, r) if r == display_info => {
-                        // virtio_gpu_resp_display_info: header, 16 modes.
+                let get_features = u32::from(GpuBackendReq::GET_PROTOCOL_FEATURES);
+                let answers = matches!(mode, PeerMode::Answers | PeerMode::Discards);
+                let reply: Option<Vec<u8>> = match (answers, request) {
+                    // No GPU protocol features (no EDID, no dmabuf).
+                    (true, r) if r == get_features => Some(vec![0u8; 8]),
+                    (true, r) if r == display_info => {
+                        // virtio_gpu_resp_display_info: header (of type
+                        // OK_DISPLAY_INFO, as QEMU's frontend fills it in:
+                        // QEMU's own backend passes it on), 16 modes.
                         let mut b = vec![0u8; 24 + 16 * 24];
+                        b[..4].copy_from_slice(&0x1101u32.to_le_bytes());
                         for (i, v) in [0u32, 0, 800, 600, 1, 0].iter().enumerate() {
                             b[24 + i * 4..28 + i * 4].copy_from_slice(&v.to_le_bytes());
                         }
                         Some(b)
                     }
                     // No EDID from this frontend: size 0.
-                    (PeerMode::Answers, r) if r == get_edid => Some(vec![0u8; 24 + 8 + 1024]),
+                    (true, r) if r == get_edid => Some(vec![0u8; 24 + 8 + 1024]),
                     _ => None,
                 };
                 if let Some(b) = reply {
@@ -884,6 +996,11 @@ impl Vmm {
                             .collect();
                     out.extend(b);
                     sock.write_all(&out).unwrap();
+                } else if mode == PeerMode::Discards {
+                    log.lock().unwrap().push(GpuMsg {
+                        request,
+                        body: Vec::new(),
+                    });
                 } else {
                     log.lock().unwrap().push(GpuMsg { request, body });
                 }

@@ -4,6 +4,8 @@
 #   - bookworm-backports in the apt sources (the mirror URI is taken from the
 #     system's own Debian sources, nothing is hard-coded),
 #   - QEMU 10.0 (qemu-system-x86) from backports, busybox-static, cpio, kmod,
+#   - QEMU's vhost-user-gpu (qemu-system-gui of the same version), the
+#     reference backend of benches/qemu_2d.rs,
 #   - the Rust musl target for the static guest program,
 #   - promtool (Debian's prometheus package), which checks the daemon's
 #     metrics exposition in tests/daemon_metrics.rs,
@@ -78,6 +80,22 @@ install_promtool() {
     command -v promtool >/dev/null || { echo "setup: promtool is not available" >&2; exit 1; }
 }
 
+# QEMU's own C backend, /usr/lib/qemu/vhost-user-gpu (package
+# qemu-system-gui), of exactly the installed qemu-system-x86 version: the
+# reference peer of the daemon's 2D benchmark (benches/qemu_2d.rs).
+install_qemu_backend() {
+    local v have
+    v=$(dpkg-query -W -f='${Version}' qemu-system-x86)
+    have=$(dpkg-query -W -f='${Version}' qemu-system-gui 2>/dev/null || true)
+    if [ "$have" = "$v" ] && [ -x /usr/lib/qemu/vhost-user-gpu ]; then
+        return
+    fi
+    add_backports
+    log "installing qemu-system-gui $v (QEMU's vhost-user-gpu)"
+    sudo_ apt-get install -y -q --no-install-recommends "qemu-system-gui=$v"
+    [ -x /usr/lib/qemu/vhost-user-gpu ] || { echo "setup: /usr/lib/qemu/vhost-user-gpu missing" >&2; exit 1; }
+}
+
 install_musl_target() {
     if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
         log "adding the Rust musl target"
@@ -149,6 +167,7 @@ install_virtio_gpu() {
 
 install_packages
 install_promtool
+install_qemu_backend
 install_musl_target
 install_kernel
 native_qemu=$("$here/build-qemu.sh")

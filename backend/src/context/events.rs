@@ -50,6 +50,11 @@ impl EventInbox {
         std::mem::take(&mut *self.faults.lock())
     }
 
+    /// Whether faults wait to be taken.
+    pub(crate) fn has_faults(&self) -> bool {
+        !self.faults.lock().is_empty()
+    }
+
     pub(crate) fn take_notify(&self) -> bool {
         self.notify.swap(false, Ordering::AcqRel)
     }
@@ -95,8 +100,11 @@ impl VmEvents for EventInbox {
             self.notify.store(true, Ordering::Release);
             // A NOTIFY dispatch's end is an interrupt too (14.7).
             self.interrupts.fetch_add(1, Ordering::AcqRel);
+            // Only then has the driving thread something to do (an event
+            // fence to complete): the end of any other dispatch is in its
+            // signal, which the device wrote already.
+            self.wake();
         }
-        self.wake();
     }
 
     fn interrupt(&self, irq: Interrupt) {

@@ -790,6 +790,12 @@ impl ComputeContext {
         (attrs.fault_policy == FaultPolicy::Recoverable && allowed).then_some(attrs.granule_shift)
     }
 
+    /// Whether guest faults are pending (answered by nobody yet, or
+    /// waiting for room in the ring), or device faults wait in the inbox.
+    pub fn has_pending_faults(&self) -> bool {
+        self.faults.pending() > 0 || self.events.has_faults()
+    }
+
     /// Whether a `NOTIFY` dispatch ended since the last call.
     pub fn take_notify(&mut self) -> bool {
         self.events.take_notify()

@@ -7,14 +7,16 @@
 //! memory contents are those of a fault-free run (an atomic add is never
 //! applied twice).
 //!
-//! A step covers at most one page of each array, under one hold of the
-//! VM's page-table read lock (see `vm.rs` for why that makes unmap safe).
+//! A step covers at most one page of each array (`COPY`: up to 1 MiB, see
+//! `copy`), under one hold of the VM's page-table read lock (see `vm.rs`
+//! for why that makes unmap safe).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use guest_proto::{AccessFlags, DispatchStatus, GpuVa, Kernel, PAGE_SIZE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
+use super::gpu_access::{self, Stop};
 use super::page_table::PageTable;
 use super::tlb::Tlb;
 
@@ -117,7 +119,8 @@ impl WaveProgress {
 pub fn work_items(kernel: &Kernel) -> (u64, u64) {
     match *kernel {
         Kernel::Fill { count, .. } => (count, 16 * 1024),
-        Kernel::Copy { size, .. } => (size, 64 * 1024),
+        // One step each: see `copy`.
+        Kernel::Copy { size, .. } => (size, gpu_access::MAX_STEP_BYTES),
         // Items of an atomic add are aggregated per counter: a wave is the
         // set of counters it updates.
         Kernel::AtomicAdd { num_counters, .. } => (u64::from(num_counters), 512),
@@ -170,23 +173,24 @@ fn fill(dst: u64, value: u32, p: &mut WaveProgress, mmu: &mut Mmu<'_>) -> Result
     Ok(())
 }
 
+/// A `COPY` step moves up to [`gpu_access::MAX_STEP_BYTES`] (1 MiB) of the
+/// wave's range: every page is translated first, physically contiguous
+/// runs become one memmove each (the host's streaming copy, not 4 KiB
+/// pieces), and only the pages before the first one that does not
+/// translate are copied. A step that copies nothing and faults has had no
+/// effect; one that copied some pages ends there and the next step faults
+/// on the page, changing nothing either.
 fn copy(dst: u64, src: u64, p: &mut WaveProgress, mmu: &mut Mmu<'_>) -> Result<(), StepOutcome> {
     let s = src.wrapping_add(p.next);
     let d = dst.wrapping_add(p.next);
-    let n = page_left(s).min(page_left(d)).min(p.end - p.next);
-    let from = mmu.translate(s, AccessFlags::READ)?;
-    let to = mmu.translate(d, AccessFlags::WRITE)?;
-    let src_slice = mmu
-        .mem
-        .get_slice(from, n as usize)
-        .map_err(|_| mem_error(s))?;
-    let dst_slice = mmu
-        .mem
-        .get_slice(to, n as usize)
-        .map_err(|_| mem_error(d))?;
-    src_slice.copy_to_volatile_slice(dst_slice);
+    let (n, stop) = gpu_access::copy(mmu, d, s, p.end - p.next);
     p.next += n;
-    Ok(())
+    match stop {
+        None => Ok(()),
+        Some(_) if n > 0 => Ok(()),
+        Some(Stop::Fault { page, access }) => Err(StepOutcome::Fault { page, access }),
+        Some(Stop::Error(va)) => Err(mem_error(va.raw())),
+    }
 }
 
 fn atomic_add(

@@ -42,13 +42,14 @@ mod user_queue;
 pub mod vm;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::device::{Device, DeviceError, DeviceInfo, DeviceVm, VmConfig, VmEvents};
+use crate::poll::PollBudget;
 use cp::CommandProcessor;
 use guest_proto::QueueId;
 use guest_proto::kernel::ALL_KERNELS_MASK;
@@ -120,10 +121,23 @@ impl Work {
 }
 
 /// The work ready to run, shared by the compute units.
+///
+/// A compute unit that runs out of work polls for the next piece for a
+/// while before it parks on the condition variable (spin-then-park, with
+/// the adaptive budget of [`crate::poll`]): a fault's replay or the next
+/// dispatch usually comes within microseconds while a guest is busy, and
+/// waking a parked thread costs tens of them. At most one unit polls at a
+/// time; the others park. A push wakes a parked unit only when no unit is
+/// polling or more work waits than the polling one can take.
 pub(crate) struct Pool {
     sched: Mutex<Scheduler<Work>>,
     wakeup: Condvar,
     stop: AtomicBool,
+    /// Pieces of work in the scheduler; written under its lock, read
+    /// without it by the polling unit.
+    queued: AtomicUsize,
+    /// A compute unit is polling; written under the scheduler's lock.
+    polling: AtomicBool,
 }
 
 impl Pool {
@@ -147,6 +161,7 @@ impl Pool {
                 let key = work.key();
                 sched.push(key, work);
             }
+            self.queued.fetch_add(n, Ordering::AcqRel);
         }
         match n {
             0 => {}
@@ -161,14 +176,27 @@ impl Pool {
 
     fn push_work(&self, work: Work) {
         let key = work.key();
-        self.sched.lock().push(key, work);
-        self.wakeup.notify_one();
+        let wake = {
+            let mut sched = self.sched.lock();
+            sched.push(key, work);
+            let queued = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
+            !self.polling.load(Ordering::Acquire) || queued > 1
+        };
+        if wake {
+            self.wakeup.notify_one();
+        }
     }
 
     /// Charges a compute unit's last slice, queues its work again if it
-    /// goes on, and takes the next work to run (waiting for some), all
-    /// under one hold of the lock. `None` once the device stops.
-    fn next(&self, charge: Option<(Key, u64)>, again: Option<Work>) -> Option<Work> {
+    /// goes on, and takes the next work to run (polling for some within
+    /// `poll`'s budget, then waiting), all under one hold of the lock
+    /// (released while polling). `None` once the device stops.
+    fn next(
+        &self,
+        charge: Option<(Key, u64)>,
+        again: Option<Work>,
+        poll: &mut PollBudget,
+    ) -> Option<Work> {
         let mut sched = self.sched.lock();
         if let Some((key, ns)) = charge {
             sched.charge(key, ns);
@@ -176,13 +204,34 @@ impl Pool {
         if let Some(work) = again {
             let key = work.key();
             sched.push(key, work);
+            self.queued.fetch_add(1, Ordering::AcqRel);
         }
+        let idle_since = Instant::now();
+        let mut polled = false;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
             if let Some((_, w)) = sched.pop() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                poll.observe(idle_since.elapsed());
                 return Some(w);
+            }
+            let budget = poll.budget();
+            if !polled && !budget.is_zero() && !self.polling.load(Ordering::Acquire) {
+                polled = true;
+                self.polling.store(true, Ordering::Release);
+                MutexGuard::unlocked(&mut sched, || {
+                    let mut round = 0u32;
+                    while self.queued.load(Ordering::Acquire) == 0
+                        && !self.stop.load(Ordering::Acquire)
+                        && idle_since.elapsed() < budget
+                    {
+                        crate::poll::relax(&mut round);
+                    }
+                });
+                self.polling.store(false, Ordering::Release);
+                continue;
             }
             self.wakeup.wait(&mut sched);
         }
@@ -233,6 +282,8 @@ impl SimGpu {
             )),
             wakeup: Condvar::new(),
             stop: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            polling: AtomicBool::new(false),
         });
         let workers = (0..config.compute_units)
             .filter_map(|cu| {
@@ -322,6 +373,58 @@ mod tests {
             assert_eq!(status, DispatchStatus::Ok);
             *self.0.lock() += 1;
             self.1.notify_all();
+        }
+    }
+
+    /// Compute units poll for work before they park, and a push skips the
+    /// wake-up while one polls: dispatches that come at every kind of
+    /// distance from the last (within the polling budget, around its end,
+    /// long after the units parked) all run, none waits for a wake-up that
+    /// never comes.
+    #[test]
+    fn no_dispatch_is_lost_between_polling_and_parking() {
+        let gpu = SimGpu::new(SimConfig {
+            compute_units: 2,
+            ..SimConfig::default()
+        });
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let events = Arc::new(Done::default());
+        let config = VmConfig {
+            memory: mem,
+            max_pending_faults: 4,
+            max_queue_depth: 4,
+        };
+        let vm = gpu.create_vm(config, events.clone()).unwrap();
+        vm.map(GpuVa(0x10_0000), &[GuestPhysAddr(0x1000)], Perms::RW)
+            .unwrap();
+        let q = vm.create_queue(QueueDesc { priority: 3 }).unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for i in 0..3000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // 0 to ~250 us apart, now and then 1 ms: both sides of the
+            // 100 us polling cap.
+            let gap = if i % 97 == 0 { 1000 } else { x % 250 };
+            std::thread::sleep(Duration::from_micros(gap));
+            let launch = KernelLaunch {
+                kernel: Kernel::Fill {
+                    dst: GpuVa(0x10_0000),
+                    count: 16,
+                    value: 1,
+                },
+                completion: None,
+                tag: i,
+            };
+            vm.dispatch(q, launch).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut done = events.0.lock();
+            while *done <= i {
+                let timed_out = events.1.wait_until(&mut done, deadline).timed_out();
+                assert!(!timed_out, "dispatch {i} never ran (gap {gap} us)");
+            }
         }
     }
 

@@ -581,7 +581,8 @@ pub(crate) fn compute_unit(pool: &Pool, config: SimConfig) {
     let mut tlb = Tlb::default();
     let mut charge = None;
     let mut again = None;
-    while let Some(work) = pool.next(charge.take(), again.take()) {
+    let mut poll = crate::poll::PollBudget::new();
+    while let Some(work) = pool.next(charge.take(), again.take(), &mut poll) {
         let mut wave = match work {
             Work::Wave(wave) => wave,
             Work::Queue(q) => {
