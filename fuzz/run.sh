@@ -33,7 +33,7 @@ for t in "${targets[@]}"; do
     mkdir -p "$scratch/$t" "corpus/$t"
     log="$scratch/$t.log"
     if cargo +nightly fuzz run "$t" "$scratch/$t" "corpus/$t" -- \
-        -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1; then
+        -max_total_time="$secs" -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" || true)
         cov=$({ grep -E '^#[0-9]+.*(DONE|pulse|NEW|REDUCE)' "$log" || true; } | tail -n1 \
             | sed -n 's/.*cov: \([0-9]*\).*ft: \([0-9]*\).*/cov \1, features \2/p')

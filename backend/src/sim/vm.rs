@@ -539,10 +539,16 @@ fn new_run(queue: QueueId, priority: u8, dispatch: KernelLaunch) -> Arc<Dispatch
 }
 
 /// Puts the first waves of a dispatch on the compute units.
+///
+/// The dispatch may have failed before it started: [`complete_run`] makes
+/// the queue's next dispatch the running one and starts it after it let go
+/// of the queue lock, and a [`destroy_queue`] in between cancels it. Then
+/// no wave can be claimed and none would ever end it, so it completes here
+/// (the destroying thread waits for exactly that).
 fn start_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>) {
     let initial = (vm.sim.compute_units as u32 * 2).min(vm.sim.max_waves_per_dispatch);
     let mut waves = Vec::new();
-    {
+    let ended_unstarted = {
         let mut st = run.state.lock();
         for _ in 0..initial {
             match DispatchRun::claim(&mut st, run.total, run.per_wave) {
@@ -557,6 +563,16 @@ fn start_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>) {
                 None => break,
             }
         }
+        if st.live == 0 && !st.finished {
+            st.finished = true;
+            Some(st.error.map_or((DispatchStatus::Ok, GpuVa(0)), |e| e))
+        } else {
+            None
+        }
+    };
+    if let Some((status, va)) = ended_unstarted {
+        complete_run(vm, run, status, va);
+        return;
     }
     waves.into_iter().for_each(|w| vm.pool.push(w));
 }
@@ -1038,4 +1054,96 @@ pub(crate) fn forget_user_queue(vm: &VmShared, q: &Arc<UserQueue>) {
         f.by_id.remove(&id);
     }
     f.uq_overflow.retain(|x| !Arc::ptr_eq(x, q));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::sim::SimGpu;
+    use guest_proto::{GuestPhysAddr, Kernel, Perms};
+    use std::sync::mpsc;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+    struct Quiet;
+
+    impl VmEvents for Quiet {
+        fn faults(&self, _: &[DeviceFault]) {}
+        fn dispatch_done(&self, _: QueueId, _: u64, _: DispatchStatus) {}
+    }
+
+    /// A queue destroyed between the moment the previous dispatch's end
+    /// made the next one the running one and the moment that one starts
+    /// (the window in `complete_run`): the destroy used to wait forever for
+    /// a dispatch no wave would ever end (the submit_stream fuzz target
+    /// found it as a hang of the context's teardown).
+    #[test]
+    fn a_queue_destroyed_before_its_next_dispatch_starts_is_not_waited_for_forever() {
+        let gpu = SimGpu::new(SimConfig {
+            compute_units: 1,
+            ..SimConfig::default()
+        });
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let config = VmConfig {
+            memory: mem,
+            max_pending_faults: 4,
+            max_queue_depth: 4,
+        };
+        let vm = SimVm::new(
+            1,
+            config,
+            Arc::new(Quiet),
+            gpu.pool.clone(),
+            gpu.config,
+            gpu.cp.clone(),
+        );
+        vm.map(GpuVa(0x10_0000), &[GuestPhysAddr(0x1000)], Perms::RW)
+            .unwrap();
+        let q = vm.create_queue(QueueDesc { priority: 3 }).unwrap();
+        let shared = vm.shared.clone();
+        // What `complete_run` does under the queue lock: the next dispatch
+        // becomes the running one (not started yet).
+        let run = new_run(
+            q,
+            3,
+            KernelLaunch {
+                kernel: Kernel::Fill {
+                    dst: GpuVa(0x10_0000),
+                    count: 16,
+                    value: 7,
+                },
+                completion: Some(Completion {
+                    signal: GpuVa(0x10_0800),
+                    value: 1,
+                }),
+                tag: 1,
+            },
+        );
+        shared.queues.lock().map.get_mut(&q).unwrap().running = Some(run.clone());
+        // The destroy comes in the window.
+        let (tx, rx) = mpsc::channel();
+        let destroyer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                tx.send(destroy_queue(&shared, q)).unwrap();
+            })
+        };
+        while shared.queues.lock().map.contains_key(&q) {
+            std::thread::yield_now();
+        }
+        while !run.failed() {
+            std::thread::yield_now();
+        }
+        // Then `complete_run` starts it.
+        start_run(&shared, &run);
+        let r = rx.recv_timeout(Duration::from_secs(5));
+        assert!(matches!(r, Ok(Ok(()))), "the destroy did not return: {r:?}");
+        destroyer.join().unwrap();
+        let st = run.state.lock();
+        assert!(st.finished);
+        assert_eq!(st.error.map(|e| e.0), Some(DispatchStatus::Cancelled));
+    }
 }
