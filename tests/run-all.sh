@@ -7,7 +7,8 @@
 #      outside the checkout) - idempotent, fast when everything is there;
 #      checkpatch over the series;
 #   2. formatting, lints and every Rust test of the workspace (unit, codec,
-#      property, backend fault lifecycle, the vhost-user socket harness);
+#      property, backend fault lifecycle, the vhost-user socket harness) and
+#      of tools/plot;
 #   3. the QEMU-driven end-to-end suite against the real daemon (sandboxed), in
 #      the compat (stock QEMU) and native (patched QEMU) profiles;
 #   4. the package and the libvirt launch path: the .deb in a scratch root,
@@ -29,11 +30,14 @@ guest/kernel/virtio-gpu/checkpatch.sh
 echo "== cargo fmt / clippy / doc"
 cargo fmt --all -- --check
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo fmt --manifest-path tools/plot/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --manifest-path tools/plot/Cargo.toml --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 echo "== cargo test"
 cargo test --workspace --locked
+cargo test --manifest-path tools/plot/Cargo.toml --locked
 
 echo "== QEMU suite"
 tests/qemu/run-suite.sh
