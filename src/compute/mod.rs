@@ -41,7 +41,7 @@ use crate::context_backend::{
     CapsetInfo, ContextBackend, ContextBackendError, ContextBackendFactory, ContextInit, CtxId,
     FenceCompleter, FenceDisposition, FenceRef, ResourceView,
 };
-use crate::metrics::GuestMetrics;
+use crate::metrics::{GuestMetrics, Waker};
 use region::GuestRegion;
 use resources::Resources;
 use session::{ComputeSession, SessionEnv, SessionLimits};
@@ -186,12 +186,14 @@ impl ComputeBackend {
     /// set before the first context is created.
     pub fn set_metrics(&mut self, metrics: Arc<GuestMetrics>) {
         metrics.set_quota(self.quota.clone(), self.config.max_contexts);
+        let completer = self.completer.clone();
+        metrics.set_waker(Waker(Arc::new(move || completer.wake())));
         self.metrics = Some(metrics);
     }
 
     /// Answers a scrape that waits for fresh counters (a relaxed load or
     /// two when none does; never blocks on the scrape). Called on every
-    /// tick.
+    /// tick; a scrape wakes the worker for one.
     fn publish_metrics(&self) {
         let Some(m) = &self.metrics else {
             return;

@@ -9,8 +9,9 @@
 //! control queue's commands), and they are *pulled*:
 //!
 //! - per guest context: a scrape asks the thread that drives the contexts
-//!   (the vring worker) to publish a snapshot of every context; the worker
-//!   looks for such a request on its 1 ms tick (two relaxed loads when
+//!   (the vring worker) to publish a snapshot of every context and wakes
+//!   it (its tick timer only runs while faults are pending); the worker
+//!   looks for such a request whenever it ticks (two relaxed loads when
 //!   there is none), copies each context's counters into its
 //!   [`CtxSeries`], and answers. The scrape waits at most
 //!   [`PUBLISH_WAIT`] for that and otherwise shows the last snapshot;
@@ -145,6 +146,19 @@ pub struct GuestMetrics {
     gpu: Mutex<Option<Arc<GpuCounters>>>,
     contexts: Mutex<BTreeMap<u32, CtxSeries>>,
     publish: Publish,
+    /// Wakes the thread that publishes (the vring worker).
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Wakes the thread that drives the contexts, so that it looks for a
+/// publication request.
+#[derive(Clone)]
+pub struct Waker(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
 }
 
 impl GuestMetrics {
@@ -157,6 +171,7 @@ impl GuestMetrics {
             gpu: Mutex::new(None),
             contexts: Mutex::new(BTreeMap::new()),
             publish: Publish::default(),
+            waker: Mutex::new(None),
         }
     }
 
@@ -234,6 +249,12 @@ impl GuestMetrics {
         true
     }
 
+    /// How a scrape wakes the thread that publishes (set with the
+    /// contexts' owner, once per connection).
+    pub fn set_waker(&self, waker: Waker) {
+        *self.waker.lock() = Some(waker);
+    }
+
     /// Asks for fresh snapshots and waits until `deadline` for them;
     /// false if they did not come (the last ones are shown then).
     fn refresh(&self, deadline: Instant) -> bool {
@@ -242,6 +263,10 @@ impl GuestMetrics {
             .requested
             .fetch_add(1, Ordering::AcqRel)
             .wrapping_add(1);
+        let waker = self.waker.lock().clone();
+        if let Some(Waker(wake)) = waker {
+            wake();
+        }
         loop {
             // Tokens only grow (a u64 never wraps in practice): a later
             // scrape's publication answers this one too.
