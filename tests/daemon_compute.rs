@@ -522,31 +522,39 @@ fn compat_user_queue_copies_traps_and_idles_cheaply() {
     // Sixteen idle queues: the daemon's CPU time over the same window, and
     // the command processor thread's own (schedstat: nanoseconds on CPU).
     std::thread::sleep(Duration::from_millis(100));
-    let (cpu0, cp0, t0) = (
+    let (cpu0, cp0, wakes0, t0) = (
         thread_cpu_ns(d.pid(), None),
         thread_cpu_ns(d.pid(), Some("sim-cp")),
+        thread_switches(d.pid(), "sim-cp"),
         Instant::now(),
     );
     std::thread::sleep(window);
     let elapsed = t0.elapsed().as_secs_f64();
     let share = (thread_cpu_ns(d.pid(), None) - cpu0) as f64 / 1e9 / elapsed;
     let cp_share = (thread_cpu_ns(d.pid(), Some("sim-cp")) - cp0) as f64 / 1e9 / elapsed;
+    let wakes = (thread_switches(d.pid(), "sim-cp") - wakes0) as f64 / elapsed;
     eprintln!(
         "16 idle user queues: daemon CPU {:.2}% (baseline without queues {:.2}%), \
-         command processor thread {:.3}% of one core",
+         command processor thread {:.3}% of one core, {wakes:.0} wake-ups/s",
         share * 100.0,
         baseline * 100.0,
         cp_share * 100.0
     );
-    // Near 0: the release build measures about 0.2% (benches/user_queues.rs);
-    // this is a debug build, maybe on a loaded machine.
+    // All idle queues share one grid of look times: the thread wakes about
+    // once per idle period (10 ms), not once per queue.
     assert!(
-        cp_share < 0.02,
+        wakes < 16.0 * 100.0 / 4.0,
+        "the command processor woke {wakes:.0} times/s for 16 idle queues"
+    );
+    // Near 0: the release build measures about 0.2% (benches/user_queues.rs);
+    // this is a debug build (a look costs ~10x), maybe on a loaded machine.
+    assert!(
+        cp_share < 0.05,
         "idle queues cost {:.2}% CPU",
         cp_share * 100.0
     );
     assert!(
-        share < baseline + 0.02,
+        share < baseline + 0.05,
         "idle daemon {:.1}% CPU against {:.1}% without queues",
         share * 100.0,
         baseline * 100.0
