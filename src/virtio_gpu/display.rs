@@ -229,33 +229,81 @@ impl Link {
         }
     }
 
-    /// Queues a message without an answer; dropped if the peer lags.
+    /// Queues a message without an answer; dropped if the peer lags (an
+    /// update first replaces the queued ones it paints over, see
+    /// [`LinkState::push_update`]).
     fn tell(&self, job: Job) {
         if self.state.dead.load(Ordering::Acquire) {
             return;
         }
-        let pixels = match &job {
-            Job::Update(_, px) => px.len(),
-            _ => 0,
+        let dropped = match job {
+            Job::Update(u, px) => !self.state.push_update(u, px),
+            job => self.state.push(job).is_err(),
         };
-        if pixels > 0 {
-            let queued = self.state.pixels.fetch_add(pixels, Ordering::AcqRel);
-            if queued.saturating_add(pixels) > MAX_QUEUED_PIXELS {
-                self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
-                log::debug!("GPU socket: the frontend lags; update dropped");
-                if let Job::Update(_, px) = job {
-                    self.state.give_back(px);
-                }
-                return;
-            }
-        }
-        if let Err(job) = self.state.push(job) {
-            self.state.pixels.fetch_sub(pixels, Ordering::AcqRel);
+        if dropped {
             log::debug!("GPU socket: the frontend lags; message dropped");
-            if let Job::Update(_, px) = job {
-                self.state.give_back(px);
+        }
+    }
+}
+
+/// Whether update `old`'s rectangle lies within `new`'s, on the same
+/// scanout: once `new` is shown, nothing of `old` is left to see.
+fn painted_over(old: &VhostUserGpuUpdate, new: &VhostUserGpuUpdate) -> bool {
+    let end = |at: u32, len: u32| u64::from(at) + u64::from(len);
+    old.scanout_id == new.scanout_id
+        && old.x >= new.x
+        && old.y >= new.y
+        && end(old.x, old.width) <= end(new.x, new.width)
+        && end(old.y, old.height) <= end(new.y, new.height)
+}
+
+impl LinkState {
+    /// Queues an update. The queued updates it paints over go first: the
+    /// ones after the last message of another kind (a scanout change keeps
+    /// the updates before it) whose rectangle lies within this one's. A peer
+    /// that reads slower than the guest flushes then gets the newest pixels
+    /// of every region, instead of losing the newest flush to the queue
+    /// bound and showing stale ones. False if it still does not fit
+    /// ([`MAX_QUEUED`] messages, [`MAX_QUEUED_PIXELS`] bytes): dropped.
+    fn push_update(&self, update: VhostUserGpuUpdate, pixels: Vec<u8>) -> bool {
+        let mut spare = Vec::new();
+        let mut q = self.queue.lock();
+        let mut i = q.0.len();
+        while i > 0 {
+            i -= 1;
+            match q.0.get(i) {
+                Some(Job::Update(old, _)) if painted_over(old, &update) => {
+                    if let Some(Job::Update(_, px)) = q.0.remove(i) {
+                        spare.push(px);
+                    }
+                }
+                Some(Job::Update(..)) => {}
+                _ => break,
             }
         }
+        let freed: usize = spare.iter().map(Vec::len).sum();
+        self.pixels.fetch_sub(freed, Ordering::AcqRel);
+        let fits = !q.1
+            && q.0.len() < MAX_QUEUED
+            && self
+                .pixels
+                .load(Ordering::Acquire)
+                .saturating_add(pixels.len())
+                <= MAX_QUEUED_PIXELS;
+        if fits {
+            self.pixels.fetch_add(pixels.len(), Ordering::AcqRel);
+            q.0.push_back(Job::Update(update, pixels));
+        } else {
+            spare.push(pixels);
+        }
+        drop(q);
+        if fits {
+            self.ready.notify_one();
+        }
+        for px in spare {
+            self.give_back(px);
+        }
+        fits
     }
 }
 
@@ -478,6 +526,105 @@ pub fn build_edid(width: u32, height: u32) -> [u8; 128] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn update(scanout_id: u32, x: u32, y: u32, width: u32, height: u32) -> VhostUserGpuUpdate {
+        VhostUserGpuUpdate {
+            scanout_id,
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
+    fn queued(state: &LinkState) -> Vec<(u32, u32, u8)> {
+        state
+            .queue
+            .lock()
+            .0
+            .iter()
+            .map(|j| match j {
+                Job::Update(u, px) => (u.scanout_id, u.width, px[0]),
+                Job::Scanout(s) => (s.scanout_id, s.width, 0xff),
+                _ => (u32::MAX, 0, 0),
+            })
+            .collect()
+    }
+
+    /// A peer that reads slower than the guest flushes: every full-screen
+    /// flush still fits (it replaces the queued one it paints over) and the
+    /// queue holds the newest pixels. It used to fill up after 64 and drop
+    /// the newest flushes, leaving the display stale.
+    #[test]
+    fn a_lagging_peer_gets_the_newest_pixels_not_a_full_queue() {
+        let state = LinkState::default();
+        for frame in 0..200u8 {
+            let px = vec![frame; 256 * 256 * 4];
+            assert!(
+                state.push_update(update(0, 0, 0, 256, 256), px),
+                "frame {frame}"
+            );
+        }
+        assert_eq!(queued(&state), vec![(0, 256, 199)]);
+        assert_eq!(state.pixels.load(Ordering::Acquire), 256 * 256 * 4);
+        // Replaced buffers came back for reuse.
+        assert!(!state.spare.lock().is_empty());
+    }
+
+    /// Only updates within the new rectangle, on the same scanout, after the
+    /// last message of another kind, are replaced.
+    #[test]
+    fn only_updates_painted_over_since_the_last_other_message_go() {
+        let state = LinkState::default();
+        let scanout = |id| {
+            Job::Scanout(VhostUserGpuScanout {
+                scanout_id: id,
+                width: 7,
+                height: 7,
+            })
+        };
+        assert!(state.push(scanout(0)).is_ok());
+        assert!(state.push_update(update(0, 0, 0, 64, 64), vec![1; 16]));
+        assert!(state.push_update(update(0, 60, 60, 8, 8), vec![2; 16])); // sticks out
+        assert!(state.push_update(update(1, 0, 0, 8, 8), vec![3; 16])); // other scanout
+        assert!(state.push_update(update(0, 8, 8, 8, 8), vec![4; 16])); // inside the first
+        assert!(state.push(scanout(0)).is_ok());
+        assert!(state.push_update(update(0, 0, 0, 64, 64), vec![5; 16]));
+        assert_eq!(
+            queued(&state),
+            vec![
+                (0, 7, 0xff),
+                (0, 64, 1),
+                (0, 8, 2),
+                (1, 8, 3),
+                (0, 8, 4),
+                (0, 7, 0xff),
+                (0, 64, 5)
+            ],
+            "nothing before the scanout change is replaced"
+        );
+        assert!(state.push_update(update(0, 0, 0, 1024, 1024), vec![6; 16]));
+        assert_eq!(
+            queued(&state),
+            vec![
+                (0, 7, 0xff),
+                (0, 64, 1),
+                (0, 8, 2),
+                (1, 8, 3),
+                (0, 8, 4),
+                (0, 7, 0xff),
+                (0, 1024, 6)
+            ]
+        );
+        // Updates that paint over nothing still meet the bound.
+        let state = LinkState::default();
+        for i in 0..MAX_QUEUED as u32 {
+            assert!(state.push_update(update(0, i, 0, 1, 1), vec![0; 4]));
+        }
+        assert!(!state.push_update(update(0, 1000, 0, 1, 1), vec![0; 4]));
+        assert_eq!(state.queue.lock().0.len(), MAX_QUEUED);
+        assert_eq!(state.pixels.load(Ordering::Acquire), MAX_QUEUED * 4);
+    }
 
     #[test]
     fn edid_has_header_mode_and_checksum() {
