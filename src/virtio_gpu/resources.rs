@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use gpu_backend::GuestRam;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion,
+};
 
 use super::protocol::MemEntries;
 use crate::context_backend::{CtxId, GuestBacking, ResourceId, ResourceKind, ResourceView};
@@ -68,11 +70,27 @@ pub fn backing_from(
         return Err(BackingError::Count { count, max });
     }
     let guard = mem.memory();
-    let mut out: Vec<(GuestAddress, u32)> = Vec::new();
+    let mut out: Vec<(GuestAddress, u32)> = Vec::with_capacity(entries.len());
+    // The region the last entry was in: a guest's entries are nearly always
+    // in one, and a bounds check against it costs less than a lookup.
+    let mut last_region: Option<(u64, u64)> = None;
     for e in entries.iter() {
         let (addr, len) = (e.addr.to_native(), e.length.to_native());
-        if len == 0 || !guard.check_range(GuestAddress(addr), len as usize) {
+        if len == 0 {
             return Err(BackingError::NotGuestRam { addr, len });
+        }
+        let end = addr.checked_add(u64::from(len));
+        let known = last_region
+            .zip(end)
+            .is_some_and(|((lo, hi), end)| addr >= lo && end <= hi);
+        if !known {
+            if !guard.check_range(GuestAddress(addr), len as usize) {
+                return Err(BackingError::NotGuestRam { addr, len });
+            }
+            last_region = guard.find_region(GuestAddress(addr)).map(|r| {
+                let lo = r.start_addr().raw_value();
+                (lo, lo.saturating_add(r.len()))
+            });
         }
         if let Some((last, last_len)) = out.last_mut() {
             let continues = last.0.checked_add(u64::from(*last_len)) == Some(addr);
@@ -183,6 +201,48 @@ mod tests {
             b.extend_from_slice(&0u32.to_le_bytes());
         }
         backing_from(MemEntries::take(&b, list.len() as u32).unwrap(), max, mem)
+    }
+
+    /// Entries after one that was checked still are: in the same region
+    /// (by its bounds), running past its end into a hole, in another
+    /// region, or empty.
+    #[test]
+    fn every_entry_is_checked_even_after_one_in_the_same_region() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[
+                (GuestAddress(0), 0x10000),
+                (GuestAddress(0x20000), 0x10000),
+            ])
+            .unwrap(),
+        );
+        let b = parse(
+            &[(0x1000, 0x1000), (0x3000, 0x1000), (0x20000, 0x1000)],
+            16,
+            &mem,
+        );
+        assert_eq!(b.map(|b| b.len()), Ok(0x3000));
+        for bad in [
+            (0xF000, 0x2000),
+            (0x10000, 0x1000),
+            (0x2F000, 0x1001),
+            (0x4000, 0),
+        ] {
+            assert_eq!(
+                parse(&[(0x1000, 0x1000), bad], 16, &mem),
+                Err(BackingError::NotGuestRam {
+                    addr: bad.0,
+                    len: bad.1
+                }),
+                "{bad:x?}"
+            );
+        }
+        assert_eq!(
+            parse(&[(0x1000, 0x1000), (u64::MAX - 0xFFF, 0x1000)], 16, &mem),
+            Err(BackingError::NotGuestRam {
+                addr: u64::MAX - 0xFFF,
+                len: 0x1000
+            })
+        );
     }
 
     #[test]
