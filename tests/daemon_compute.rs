@@ -19,6 +19,7 @@ use guest_proto::{
     DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, QueueId, Request, ResourceId, SignalIndex,
 };
 use guest_runtime::client::{self as runtime, Channel, SessionLayout};
+use harness::session::{SessionRam, Shared, SubmitChannel};
 use harness::{Daemon, F_BLOB, F_CONTEXT_INIT, F_VIRGL, Vmm, entries, req};
 use vhost_gpu_nc::virtio_gpu::protocol::{
     VIRTIO_GPU_CMD_CTX_DESTROY, VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, VIRTIO_GPU_RESP_OK_NODATA,
@@ -27,67 +28,7 @@ use vhost_gpu_nc::virtio_gpu::protocol::{
 const SESSION_BYTES: u32 = 16384;
 const LAYOUT: SessionLayout = SessionLayout::COMPACT;
 
-type Shared = Rc<RefCell<Vmm>>;
-
-/// The guest runtime's client over the harness VMM: a submit is a
-/// SUBMIT_3D through the real socket, the session buffer is read in the
-/// shared guest RAM.
-struct Harness {
-    vmm: Shared,
-    ctx: u32,
-    base: u64,
-}
-
-impl Harness {
-    fn at(&self, off: u64, len: usize) -> std::io::Result<u64> {
-        if off.saturating_add(len as u64) > u64::from(SESSION_BYTES) {
-            return Err(std::io::ErrorKind::InvalidInput.into());
-        }
-        Ok(self.base + off)
-    }
-}
-
-impl Channel for Harness {
-    fn submit(&mut self, stream: &[u8], _ring: Option<u32>) -> std::io::Result<()> {
-        match self.vmm.borrow_mut().submit(self.ctx, stream) {
-            VIRTIO_GPU_RESP_OK_NODATA => Ok(()),
-            other => Err(std::io::Error::other(format!("SUBMIT_3D: {other:#x}"))),
-        }
-    }
-
-    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, buf.len())?;
-        buf.copy_from_slice(&self.vmm.borrow().ram.read(gpa, buf.len()));
-        Ok(())
-    }
-
-    fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, bytes.len())?;
-        self.vmm.borrow().ram.write(gpa, bytes);
-        Ok(())
-    }
-
-    fn load_u32(&self, off: u64) -> std::io::Result<u32> {
-        let gpa = self.at(off, 4)?;
-        let v = self.vmm.borrow().ram.u32(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
-    }
-
-    fn load_u64(&self, off: u64) -> std::io::Result<u64> {
-        let gpa = self.at(off, 8)?;
-        let v = self.vmm.borrow().ram.u64(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
-    }
-
-    fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.write(off, &value.to_le_bytes())
-    }
-}
-
-type Client = runtime::Client<Harness>;
+type Client = runtime::Client<SubmitChannel>;
 
 fn open(vmm: &Shared, ctx: u32, res: u32, native: bool) -> Client {
     let session = {
@@ -108,10 +49,9 @@ fn open(vmm: &Shared, ctx: u32, res: u32, native: bool) -> Client {
         assert_eq!(vmm.ctx_attach(ctx, res), VIRTIO_GPU_RESP_OK_NODATA);
         session
     };
-    let channel = Harness {
-        vmm: vmm.clone(),
+    let channel = SubmitChannel {
+        ram: SessionRam::contiguous(vmm.clone(), session, u64::from(SESSION_BYTES)),
         ctx,
-        base: session,
     };
     let limits = DecodeLimits::from_capset(&Capset::default());
     let (ring, profile) = if native {

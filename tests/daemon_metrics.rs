@@ -21,72 +21,14 @@ use guest_proto::capset::Capset;
 use guest_proto::command::{DecodeLimits, Dispatch, Profile};
 use guest_proto::fault::{FaultOutcome, FaultReply, FaultReplyEntry};
 use guest_proto::{DispatchStatus, GpuVa, GuestPhysAddr, Kernel, Perms, Request, SignalIndex};
-use guest_runtime::client::{self as runtime, Channel, SessionLayout};
+use guest_runtime::client::{self as runtime, SessionLayout};
+use harness::session::{SessionRam, Shared, SubmitChannel};
 use harness::{Daemon, F_VIRGL, Vmm, req};
 use vhost_gpu_nc::virtio_gpu::protocol::{VIRTIO_GPU_CMD_CTX_DESTROY, VIRTIO_GPU_RESP_OK_NODATA};
 
 const SESSION_BYTES: u32 = 16384;
 
-type Shared = Rc<RefCell<Vmm>>;
-
-/// The guest runtime's client over the harness VMM (as in
-/// daemon_compute.rs).
-struct Harness {
-    vmm: Shared,
-    ctx: u32,
-    base: u64,
-}
-
-impl Harness {
-    fn at(&self, off: u64, len: usize) -> std::io::Result<u64> {
-        if off.saturating_add(len as u64) > u64::from(SESSION_BYTES) {
-            return Err(std::io::ErrorKind::InvalidInput.into());
-        }
-        Ok(self.base + off)
-    }
-}
-
-impl Channel for Harness {
-    fn submit(&mut self, stream: &[u8], _ring: Option<u32>) -> std::io::Result<()> {
-        match self.vmm.borrow_mut().submit(self.ctx, stream) {
-            VIRTIO_GPU_RESP_OK_NODATA => Ok(()),
-            other => Err(std::io::Error::other(format!("SUBMIT_3D: {other:#x}"))),
-        }
-    }
-
-    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, buf.len())?;
-        buf.copy_from_slice(&self.vmm.borrow().ram.read(gpa, buf.len()));
-        Ok(())
-    }
-
-    fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, bytes.len())?;
-        self.vmm.borrow().ram.write(gpa, bytes);
-        Ok(())
-    }
-
-    fn load_u32(&self, off: u64) -> std::io::Result<u32> {
-        let gpa = self.at(off, 4)?;
-        let v = self.vmm.borrow().ram.u32(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
-    }
-
-    fn load_u64(&self, off: u64) -> std::io::Result<u64> {
-        let gpa = self.at(off, 8)?;
-        let v = self.vmm.borrow().ram.u64(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
-    }
-
-    fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.write(off, &value.to_le_bytes())
-    }
-}
-
-type Client = runtime::Client<Harness>;
+type Client = runtime::Client<SubmitChannel>;
 
 /// A compat session in context `ctx` with its session buffer resource `res`.
 fn open(vmm: &Shared, ctx: u32, res: u32) -> Client {
@@ -97,10 +39,9 @@ fn open(vmm: &Shared, ctx: u32, res: u32) -> Client {
         assert_eq!(vmm.ctx_attach(ctx, res), VIRTIO_GPU_RESP_OK_NODATA);
         gpa
     };
-    let channel = Harness {
-        vmm: vmm.clone(),
+    let channel = SubmitChannel {
+        ram: SessionRam::contiguous(vmm.clone(), base, u64::from(SESSION_BYTES)),
         ctx,
-        base,
     };
     let limits = DecodeLimits::from_capset(&Capset::default());
     let mut c = runtime::Client::new(channel, SessionLayout::COMPACT, limits, None);

@@ -29,6 +29,7 @@ use guest_proto::{
     Status,
 };
 use guest_runtime::client::{self as runtime, Channel, SessionLayout};
+use harness::session::{SessionRam, Shared};
 use harness::{Daemon, F_BLOB, F_CONTEXT_INIT, F_VIRGL, Vmm, entries, req};
 use vhost_gpu_nc::virtio_gpu::protocol::{
     VIRTIO_GPU_CMD_GET_CAPSET, VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, VIRTIO_GPU_RESP_OK_NODATA,
@@ -47,8 +48,6 @@ const KERNEL: SessionLayout = SessionLayout {
     signal_slots: 0,
 };
 
-type Shared = Rc<RefCell<Vmm>>;
-
 /// Used-ring heads that came back while nobody waited for them (held event
 /// fences that completed).
 type Seen = Rc<RefCell<HashSet<u16>>>;
@@ -59,20 +58,10 @@ type Seen = Rc<RefCell<HashSet<u16>>>;
 struct Socket {
     vmm: Shared,
     ctx: u32,
-    parts: Vec<(u64, u64, u64)>,
+    ram: SessionRam,
     native: bool,
     fence: Rc<RefCell<u64>>,
     seen: Seen,
-}
-
-impl Socket {
-    fn at(&self, off: u64, len: usize) -> std::io::Result<u64> {
-        self.parts
-            .iter()
-            .find(|(o, _, l)| off >= *o && off + len as u64 <= o + l)
-            .map(|(o, gpa, _)| gpa + (off - o))
-            .ok_or_else(|| std::io::ErrorKind::InvalidInput.into())
-    }
 }
 
 /// Posts a SUBMIT_3D (fenced on `ring` if given) and returns its head.
@@ -120,34 +109,23 @@ impl Channel for Socket {
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, buf.len())?;
-        buf.copy_from_slice(&self.vmm.borrow().ram.read(gpa, buf.len()));
-        Ok(())
+        self.ram.read(off, buf)
     }
 
     fn write(&self, off: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let gpa = self.at(off, bytes.len())?;
-        self.vmm.borrow().ram.write(gpa, bytes);
-        Ok(())
+        self.ram.write(off, bytes)
     }
 
     fn load_u32(&self, off: u64) -> std::io::Result<u32> {
-        let gpa = self.at(off, 4)?;
-        let v = self.vmm.borrow().ram.u32(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
+        self.ram.load_u32(off)
     }
 
     fn load_u64(&self, off: u64) -> std::io::Result<u64> {
-        let gpa = self.at(off, 8)?;
-        let v = self.vmm.borrow().ram.u64(gpa);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        Ok(v)
+        self.ram.load_u64(off)
     }
 
     fn store_u32(&self, off: u64, value: u32) -> std::io::Result<()> {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.write(off, &value.to_le_bytes())
+        self.ram.store_u32(off, value)
     }
 }
 
@@ -192,7 +170,7 @@ fn open(vmm: &Shared, ctx: u32, res: u32, native: bool) -> Ctx {
     let channel = |parts| Socket {
         vmm: vmm.clone(),
         ctx,
-        parts,
+        ram: SessionRam::new(vmm.clone(), parts),
         native,
         fence: fence.clone(),
         seen: seen.clone(),
