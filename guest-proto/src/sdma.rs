@@ -257,6 +257,48 @@ const ATOMIC_OPS: [(u8, AtomicOp); 13] = [
     (0x12, AtomicOp::Dec),
 ];
 
+/// One of the SDMA atomics on a word of either width: the same operations,
+/// written once.
+macro_rules! atomic_op_on {
+    ($name:ident, $word:ty) => {
+        fn $name(self, old: $word, src: $word, cmp: $word) -> $word {
+            match self {
+                AtomicOp::Swap => src,
+                AtomicOp::CmpSwap => {
+                    if old == cmp {
+                        src
+                    } else {
+                        old
+                    }
+                }
+                AtomicOp::Add => old.wrapping_add(src),
+                AtomicOp::Sub => old.wrapping_sub(src),
+                AtomicOp::SMin => old.cast_signed().min(src.cast_signed()).cast_unsigned(),
+                AtomicOp::UMin => old.min(src),
+                AtomicOp::SMax => old.cast_signed().max(src.cast_signed()).cast_unsigned(),
+                AtomicOp::UMax => old.max(src),
+                AtomicOp::And => old & src,
+                AtomicOp::Or => old | src,
+                AtomicOp::Xor => old ^ src,
+                AtomicOp::Inc => {
+                    if old >= src {
+                        0
+                    } else {
+                        old + 1
+                    }
+                }
+                AtomicOp::Dec => {
+                    if old == 0 || old > src {
+                        src
+                    } else {
+                        old - 1
+                    }
+                }
+            }
+        }
+    };
+}
+
 impl AtomicOp {
     /// Decodes the 7-bit `operation`: the 32-bit (0x07 ..= 0x19) and 64-bit
     /// (0x27 ..= 0x39) forms with return, and the same without return
@@ -296,77 +338,8 @@ impl AtomicOp {
         }
     }
 
-    fn apply64(self, old: u64, src: u64, cmp: u64) -> u64 {
-        match self {
-            AtomicOp::Swap => src,
-            AtomicOp::CmpSwap => {
-                if old == cmp {
-                    src
-                } else {
-                    old
-                }
-            }
-            AtomicOp::Add => old.wrapping_add(src),
-            AtomicOp::Sub => old.wrapping_sub(src),
-            AtomicOp::SMin => old.cast_signed().min(src.cast_signed()).cast_unsigned(),
-            AtomicOp::UMin => old.min(src),
-            AtomicOp::SMax => old.cast_signed().max(src.cast_signed()).cast_unsigned(),
-            AtomicOp::UMax => old.max(src),
-            AtomicOp::And => old & src,
-            AtomicOp::Or => old | src,
-            AtomicOp::Xor => old ^ src,
-            AtomicOp::Inc => {
-                if old >= src {
-                    0
-                } else {
-                    old + 1
-                }
-            }
-            AtomicOp::Dec => {
-                if old == 0 || old > src {
-                    src
-                } else {
-                    old - 1
-                }
-            }
-        }
-    }
-
-    fn apply32(self, old: u32, src: u32, cmp: u32) -> u32 {
-        match self {
-            AtomicOp::Swap => src,
-            AtomicOp::CmpSwap => {
-                if old == cmp {
-                    src
-                } else {
-                    old
-                }
-            }
-            AtomicOp::Add => old.wrapping_add(src),
-            AtomicOp::Sub => old.wrapping_sub(src),
-            AtomicOp::SMin => old.cast_signed().min(src.cast_signed()).cast_unsigned(),
-            AtomicOp::UMin => old.min(src),
-            AtomicOp::SMax => old.cast_signed().max(src.cast_signed()).cast_unsigned(),
-            AtomicOp::UMax => old.max(src),
-            AtomicOp::And => old & src,
-            AtomicOp::Or => old | src,
-            AtomicOp::Xor => old ^ src,
-            AtomicOp::Inc => {
-                if old >= src {
-                    0
-                } else {
-                    old + 1
-                }
-            }
-            AtomicOp::Dec => {
-                if old == 0 || old > src {
-                    src
-                } else {
-                    old - 1
-                }
-            }
-        }
-    }
+    atomic_op_on!(apply64, u64);
+    atomic_op_on!(apply32, u32);
 }
 
 /// One decoded SDMA packet.
