@@ -18,7 +18,7 @@ use guest_proto::uq::QueueStopStatus;
 
 use super::doorbell::{self, AqlDoorbell};
 use super::gpu_access;
-use super::user_queue::{SliceCtx, SliceEnd, StopInfo};
+use super::user_queue::{PacketEngine, SliceCtx, SliceEnd, StopInfo, run_packets};
 use crate::device::Interrupt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ enum Phase {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Current {
+pub(crate) struct Current {
     index: u64,
     header: u16,
     packet: AqlPacket,
@@ -68,28 +68,7 @@ impl AqlEngine {
     /// Runs packets until the slice's budget is spent, the queue is idle,
     /// a packet waits, faults or stops the queue.
     pub(crate) fn run(&mut self, ctx: &mut SliceCtx<'_>) -> SliceEnd {
-        loop {
-            if ctx.spent() {
-                return SliceEnd::Budget;
-            }
-            let mut cur = match self.cur {
-                Some(c) => c,
-                None => match self.fetch(ctx) {
-                    Ok(c) => c,
-                    Err(end) => return end,
-                },
-            };
-            let end = step(&mut cur, ctx);
-            self.cur = Some(cur);
-            match end {
-                Some(end) => return end,
-                None => {
-                    self.next = cur.index.wrapping_add(1);
-                    self.cur = None;
-                    ctx.completed();
-                }
-            }
-        }
+        run_packets(self, ctx)
     }
 
     /// Whether a slice would find work: a packet in progress (a barrier
@@ -212,6 +191,27 @@ fn completion_of(packet: &AqlPacket) -> Option<SignalHandle> {
     match *packet {
         AqlPacket::Barrier { completion, .. } | AqlPacket::Pm4Ib { completion } => completion,
         AqlPacket::Invalid => None,
+    }
+}
+
+impl PacketEngine for AqlEngine {
+    type Current = Current;
+
+    fn current(&mut self) -> &mut Option<Current> {
+        &mut self.cur
+    }
+
+    fn fetch(&mut self, ctx: &mut SliceCtx<'_>) -> Result<Current, SliceEnd> {
+        AqlEngine::fetch(self, ctx)
+    }
+
+    fn execute(cur: &mut Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
+        step(cur, ctx)
+    }
+
+    fn retire(&mut self, cur: Current, _ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
+        self.next = cur.index.wrapping_add(1);
+        None
     }
 }
 

@@ -14,7 +14,7 @@ use guest_proto::uq::QueueStopStatus;
 
 use super::doorbell::{self, SdmaDoorbell};
 use super::gpu_access::{self, MAX_STEP_BYTES, Stop};
-use super::user_queue::{SliceCtx, SliceEnd, StopInfo};
+use super::user_queue::{PacketEngine, SliceCtx, SliceEnd, StopInfo, run_packets};
 use crate::device::Interrupt;
 
 /// The longest packet the engine reads whole (an `ATOMIC`); a `NOP` body
@@ -30,7 +30,7 @@ enum Phase {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Current {
+pub(crate) struct Current {
     /// Byte offset of the packet (the `rptr` unit).
     start: u64,
     /// Its length in bytes.
@@ -64,31 +64,7 @@ impl SdmaEngine {
     /// Runs packets until the slice's budget is spent, the queue is idle,
     /// a packet waits, faults or stops the queue.
     pub(crate) fn run(&mut self, ctx: &mut SliceCtx<'_>) -> SliceEnd {
-        loop {
-            if ctx.spent() {
-                return SliceEnd::Budget;
-            }
-            let mut cur = match self.cur {
-                Some(c) => c,
-                None => match self.fetch(ctx) {
-                    Ok(c) => c,
-                    Err(end) => return end,
-                },
-            };
-            let result = execute(&mut cur, ctx);
-            self.cur = Some(cur);
-            if let Some(end) = result {
-                return end;
-            }
-            // Retire: publish the new read pointer.
-            let next = cur.start.wrapping_add(cur.len);
-            if let Err(stop) = ctx.store_rptr(next) {
-                return SliceEnd::from_stop(stop, cur.start);
-            }
-            self.pos = next;
-            self.cur = None;
-            ctx.completed();
-        }
+        run_packets(self, ctx)
     }
 
     /// Whether a slice would find work: a packet in progress (a poll whose
@@ -200,6 +176,32 @@ fn read_ring(ctx: &mut SliceCtx<'_>, pos: u64, buf: &mut [u8]) -> Result<(), Sto
         ctx.step(|m| gpu_access::read(m, GpuVa(ring), b))?;
     }
     Ok(())
+}
+
+impl PacketEngine for SdmaEngine {
+    type Current = Current;
+
+    fn current(&mut self) -> &mut Option<Current> {
+        &mut self.cur
+    }
+
+    fn fetch(&mut self, ctx: &mut SliceCtx<'_>) -> Result<Current, SliceEnd> {
+        SdmaEngine::fetch(self, ctx)
+    }
+
+    fn execute(cur: &mut Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
+        execute(cur, ctx)
+    }
+
+    /// Publishes the new read pointer.
+    fn retire(&mut self, cur: Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd> {
+        let next = cur.start.wrapping_add(cur.len);
+        if let Err(stop) = ctx.store_rptr(next) {
+            return Some(SliceEnd::from_stop(stop, cur.start));
+        }
+        self.pos = next;
+        None
+    }
 }
 
 /// Applies the packet's effect; `None` when it is done (retire next),

@@ -241,6 +241,49 @@ impl SliceCtx<'_> {
     }
 }
 
+/// The steps of a packet processor (the SDMA engine, the AQL packet
+/// processor), for the loop they share: [`run_packets`].
+pub(crate) trait PacketEngine {
+    /// A packet and how far it got.
+    type Current: Copy;
+    /// The packet in progress, if any.
+    fn current(&mut self) -> &mut Option<Self::Current>;
+    /// Reads the next packet from the ring, or says why there is none.
+    fn fetch(&mut self, ctx: &mut SliceCtx<'_>) -> Result<Self::Current, SliceEnd>;
+    /// Runs the packet on: `Some` when the slice ends before it finished.
+    fn execute(cur: &mut Self::Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd>;
+    /// The packet finished: moves past it (`Some` if that stops the queue;
+    /// the packet then stays current).
+    fn retire(&mut self, cur: Self::Current, ctx: &mut SliceCtx<'_>) -> Option<SliceEnd>;
+}
+
+/// Runs packets until the slice's budget is spent, the queue is idle, a
+/// packet waits, faults or stops the queue.
+pub(crate) fn run_packets<E: PacketEngine>(engine: &mut E, ctx: &mut SliceCtx<'_>) -> SliceEnd {
+    loop {
+        if ctx.spent() {
+            return SliceEnd::Budget;
+        }
+        let mut cur = match *engine.current() {
+            Some(c) => c,
+            None => match engine.fetch(ctx) {
+                Ok(c) => c,
+                Err(end) => return end,
+            },
+        };
+        let end = E::execute(&mut cur, ctx);
+        *engine.current() = Some(cur);
+        if let Some(end) = end {
+            return end;
+        }
+        if let Some(end) = engine.retire(cur, ctx) {
+            return end;
+        }
+        *engine.current() = None;
+        ctx.completed();
+    }
+}
+
 /// The engine of a queue.
 #[derive(Debug)]
 pub(crate) enum Engine {
