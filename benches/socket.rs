@@ -524,8 +524,21 @@ fn bind_throughput(sock: &mut Client<Sock>, local: &mut Client<Local>, quick: bo
 
 /// A 4,096-op map batch and its unmap batch (one submit each) at growing
 /// numbers of existing mappings.
-fn bind_levels(sock: &mut Client<Sock>, local: &mut Client<Local>, quick: bool) -> Vec<String> {
+/// The guests of [`bind_levels`]: one whose VM gets the existing
+/// mappings, one whose VM stays empty (the baseline), for each path.
+struct LevelGuests<'a> {
+    sock: &'a mut Client<Sock>,
+    sock_empty: &'a mut Client<Sock>,
+    local: &'a mut Client<Local>,
+    local_empty: &'a mut Client<Local>,
+}
+
+fn bind_levels(g: LevelGuests<'_>, quick: bool) -> Vec<String> {
     println!("\n== VM_BIND of a 4,096-op batch at N existing mappings ==");
+    println!(
+        "(against the same batch on an empty VM, measured round by round in between: a second \
+         daemon for the socket, a second context in-process)"
+    );
     const POP: u64 = 1 << 40;
     const AT: u64 = 1 << 45;
     let levels: &[u64] = if quick {
@@ -534,56 +547,64 @@ fn bind_levels(sock: &mut Client<Sock>, local: &mut Client<Local>, quick: bool) 
         &[0, 10_000, 100_000, 1_000_000]
     };
     let mut population = 0u64;
-    let mut base: Option<[f64; 4]> = None;
     let mut rows = Vec::new();
     for &level in levels {
         let built = Instant::now();
         while population < level {
             let n = (level - population).min(BATCH as u64) as usize;
             let ops = map_ops(POP, population, n);
-            check_bind(&call(sock, &[Request::VmBind(VmBind::new(&ops))]), n);
-            check_bind(&call(local, &[Request::VmBind(VmBind::new(&ops))]), n);
+            check_bind(&call(g.sock, &[Request::VmBind(VmBind::new(&ops))]), n);
+            check_bind(&call(g.local, &[Request::VmBind(VmBind::new(&ops))]), n);
             population += n as u64;
         }
         let built = built.elapsed();
-        let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        // 21 rounds, the first of each (warm-up: poll budgets, caches)
-        // dropped; medians of the rest.
+        // socket map, unmap, then in-process map, unmap; each at this level
+        // and on the empty VM.
+        let mut t: [Vec<f64>; 8] = Default::default();
+        // 21 rounds, the first (warm-up: poll budgets, caches) dropped.
+        let maps = map_ops(AT, 0, BATCH);
+        let unmaps = unmap_ops(AT, 0, BATCH);
         for round in 0..22 {
-            for (g, c) in [0usize, 2].into_iter().zip([0, 1]) {
-                let maps = map_ops(AT, 0, BATCH);
-                let unmaps = unmap_ops(AT, 0, BATCH);
-                let (m, u) = if c == 0 {
-                    timed_pair(sock, &maps, &unmaps)
-                } else {
-                    timed_pair(local, &maps, &unmaps)
-                };
-                if round > 0 {
-                    t[g].push(m);
-                    t[g + 1].push(u);
+            let pairs = [
+                timed_pair(g.sock, &maps, &unmaps),
+                timed_pair(g.sock_empty, &maps, &unmaps),
+                timed_pair(g.local, &maps, &unmaps),
+                timed_pair(g.local_empty, &maps, &unmaps),
+            ];
+            if round > 0 {
+                for (i, (m, u)) in pairs.into_iter().enumerate() {
+                    t[2 * i].push(m);
+                    t[2 * i + 1].push(u);
                 }
             }
         }
         let med: Vec<f64> = t.into_iter().map(median).collect();
-        let b = *base.get_or_insert([med[0], med[1], med[2], med[3]]);
+        // (populated, empty) pairs: socket map, socket unmap, local map,
+        // local unmap.
+        let ratio = |i: usize| med[i] / med[i + 2];
         println!(
-            "{level:>9} mappings: socket map {:>7.2} ms ({:.2}x of 0), unmap {:>7.2} ms ({:.2}x); \
-             in-process map {:>7.2} ms ({:.2}x), unmap {:>7.2} ms ({:.2}x); built in {built:.1?}",
+            "{level:>9} mappings: socket map {:>5.2} ms ({:.2}x of empty), unmap {:>5.2} ms \
+             ({:.2}x); in-process map {:>5.2} ms ({:.2}x), unmap {:>5.2} ms ({:.2}x); built in \
+             {built:.1?}",
             med[0] * 1e3,
-            med[0] / b[0],
+            ratio(0),
             med[1] * 1e3,
-            med[1] / b[1],
-            med[2] * 1e3,
-            med[2] / b[2],
-            med[3] * 1e3,
-            med[3] / b[3],
+            ratio(1),
+            med[4] * 1e3,
+            ratio(4),
+            med[5] * 1e3,
+            ratio(5),
         );
         rows.push(format!(
-            "{level},{:.0},{:.0},{:.0},{:.0}",
+            "{level},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0},{:.0}",
             med[0] * 1e9,
             med[1] * 1e9,
+            med[4] * 1e9,
+            med[5] * 1e9,
             med[2] * 1e9,
-            med[3] * 1e9
+            med[3] * 1e9,
+            med[6] * 1e9,
+            med[7] * 1e9
         ));
     }
     rows
@@ -944,10 +965,22 @@ fn main() {
         summary.extend(rows.iter().map(|r| format!("bind,{r}")));
     }
     if common::wanted("levels") {
-        let rows = bind_levels(&mut sock, &mut local, quick);
+        let empty_daemon = Daemon::start(&[]);
+        let mut sock_empty = start(Sock::new(&empty_daemon));
+        let mut local_empty = start(Local::new(256 << 20));
+        let rows = bind_levels(
+            LevelGuests {
+                sock: &mut sock,
+                sock_empty: &mut sock_empty,
+                local: &mut local,
+                local_empty: &mut local_empty,
+            },
+            quick,
+        );
         write_csv(
             "socket_bind_levels",
-            "mappings,socket_map_ns,socket_unmap_ns,inprocess_map_ns,inprocess_unmap_ns",
+            "mappings,socket_map_ns,socket_unmap_ns,inprocess_map_ns,inprocess_unmap_ns,\
+             empty_socket_map_ns,empty_socket_unmap_ns,empty_inprocess_map_ns,empty_inprocess_unmap_ns",
             &rows,
         );
     }
