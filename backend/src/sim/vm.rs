@@ -87,6 +87,17 @@ struct RunState {
     device_time: Duration,
 }
 
+impl RunState {
+    /// Marks the dispatch finished, once: its status and faulting VA the
+    /// first time, `None` after.
+    fn finish(&mut self) -> Option<(DispatchStatus, GpuVa)> {
+        if std::mem::replace(&mut self.finished, true) {
+            return None;
+        }
+        Some(self.error.unwrap_or((DispatchStatus::Ok, GpuVa(0))))
+    }
+}
+
 /// A dispatch being executed.
 pub(crate) struct DispatchRun {
     queue: QueueId,
@@ -563,12 +574,7 @@ fn start_run(vm: &Arc<VmShared>, run: &Arc<DispatchRun>) {
                 None => break,
             }
         }
-        if st.live == 0 && !st.finished {
-            st.finished = true;
-            Some(st.error.map_or((DispatchStatus::Ok, GpuVa(0)), |e| e))
-        } else {
-            None
-        }
+        if st.live == 0 { st.finish() } else { None }
     };
     if let Some((status, va)) = ended_unstarted {
         complete_run(vm, run, status, va);
@@ -807,9 +813,8 @@ fn end_wave(wave: Wave) {
         let mut st = wave.run.state.lock();
         st.live = st.live.saturating_sub(1);
         let all_claimed = st.next >= wave.run.total || st.error.is_some();
-        if st.live == 0 && all_claimed && !st.finished {
-            st.finished = true;
-            Some(st.error.map_or((DispatchStatus::Ok, GpuVa(0)), |e| e))
+        if st.live == 0 && all_claimed {
+            st.finish()
         } else {
             None
         }
