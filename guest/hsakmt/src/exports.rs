@@ -2,6 +2,14 @@
 //! (`vgncKmtQueryCounters`, version `VGNC_DEBUG_1`). Each checks its
 //! pointers, takes the thunk, and runs under `catch_unwind` so that no
 //! panic crosses into C.
+//!
+//! # Safety
+//!
+//! Every export has the contract of its declaration in Debian's
+//! `hsakmt.h`: a non-NULL pointer argument points to memory of the type
+//! (or the array of the length) it names, valid for the call; NULL is
+//! refused where the C API allows it to be passed. That one contract is
+//! why the functions carry no `# Safety` section each.
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -55,6 +63,11 @@ fn run(f: impl FnOnce(&Thunk) -> Result<(), HsakmtStatus>) -> HsakmtStatus {
 }
 
 /// `*p = v` for an out-pointer, refusing NULL.
+///
+/// # Safety
+///
+/// A non-NULL `p` points to writable memory for one `T` (it may be
+/// unaligned).
 unsafe fn put<T>(p: *mut T, v: T) -> Result<(), HsakmtStatus> {
     if p.is_null() {
         return Err(HSAKMT_STATUS_INVALID_PARAMETER);
@@ -66,6 +79,10 @@ unsafe fn put<T>(p: *mut T, v: T) -> Result<(), HsakmtStatus> {
 }
 
 /// Copies `items` into the caller's array of `n`.
+///
+/// # Safety
+///
+/// A non-NULL `p` points to writable memory for `n` values of `T`.
 unsafe fn put_array<T: Copy>(p: *mut T, n: u32, items: &[T]) -> Result<(), HsakmtStatus> {
     if n == 0 {
         return Ok(());
